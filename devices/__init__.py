@@ -1,0 +1,1 @@
+"""vfio-user device emulators bundled with jailer."""

@@ -1,0 +1,1 @@
+"""A vfio-user protocol library: sans-I/O codec and state machine, socket transport, server and client."""

@@ -1,0 +1,3 @@
+from jailer.cli import main
+
+main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up jailer on a fresh Debian 12 machine: system packages, then a venv with the project.
+# Idempotent; run as root (apt). Set JAILER_SKIP_APT=1 to skip the system packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+apt_packages=(
+    python3 python3-venv python3-dev gcc libcap-dev libseccomp2 libseccomp-dev
+    util-linux iproute2 bubblewrap procps systemd
+)
+if [ "${JAILER_SKIP_APT:-0}" != 1 ]; then
+    missing=()
+    for p in "${apt_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+fi
+
+# Debian's interpreter, by absolute path: a version-manager shim costs >100 ms per start.
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
