@@ -42,6 +42,12 @@ def _click_main(argv):
         def list_commands(self, ctx):
             return ["run", *sorted(SUBCOMMANDS)]
 
+        def format_commands(self, ctx, formatter):
+            rows = [("run", "Run a program inside the sandbox a profile describes.")]
+            rows += [(name, SUBCOMMANDS[name][1]) for name in sorted(SUBCOMMANDS)]
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
         def get_command(self, ctx, name):
             if name == "run":
                 return click.Command("run", help="Run a program inside the sandbox a profile describes "
