@@ -1,0 +1,276 @@
+"""`jailer selftest PROFILE`: prove from inside that a profile's sandbox holds.
+
+The profile is copied with only its [program] replaced by the escape probe
+(jailer.escape_probe, on the python runtime with the jailer package bound read-only),
+and run with `jailer run`: same namespaces, mounts, seccomp filter, limits and fds.
+The host side sets up what the probe must not reach (a marker file outside every bind,
+a sleeping host process, a TCP listener on 127.0.0.1, a terminal on stdin), then reads
+the probe's JSON report and prints one verdict per check.
+
+For each check decided by the seccomp filter, the outcome the profile's rules call for
+is computed from the plan (argument rules compared at the kernel's width: ioctl's
+request is 32 bits) and shown next to the observed one.
+
+The probe's own Python start-up and its fork/pipe/wait4 must be allowed by the profile's
+filter: a profile for a native program whose filter refuses them cannot be self-tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+
+from jailer import escape_probe as probe
+from jailer.errors import JailerError
+
+SANDBOX_TIMEOUT = 120
+MARKER_DIRS = ("/tmp", "/var/tmp", "/root", "/home")
+# Kinds the launcher creates itself from the profile; any other required fd is supplied here.
+SELF_CREATED_FDS = ("unix-listener", "memfd", "eventfd", "file")
+ACTION_SEVERITY = ("allow", "log", "errno", "trap", "kill_thread", "kill")
+IOCTL_REQUEST_ARG = 1
+KERNEL_ARG_WIDTH = {("ioctl", IOCTL_REQUEST_ARG): 32}   # args the kernel truncates before use
+
+# check name -> (syscall, its arguments as the probe passes them, None = not compared)
+SECCOMP_DECIDED = {
+    "ptrace_traceme": ("ptrace", (probe.PTRACE_TRACEME,)),
+    "ptrace_attach_pid1": ("ptrace", (probe.PTRACE_SEIZE, 1)),
+    "mount_tmpfs": ("mount", ()),
+    "user_namespace": ("unshare", (probe.CLONE_NEWUSER,)),
+    "tiocsti": ("ioctl", (None, probe.TIOCSTI)),
+    "tiocsti_high_bits": ("ioctl", (None, probe.TIOCSTI_HIGH_BITS)),
+    "clone3": ("clone3", ()),
+    "io_uring_setup": ("io_uring_setup", ()),
+    "bpf": ("bpf", (probe.BPF_MAP_CREATE,)),
+    "perf_event_open": ("perf_event_open", ()),
+    "keyctl": ("keyctl", (probe.KEYCTL_GET_KEYRING_ID,)),
+    "add_key": ("add_key", ()),
+    "init_module": ("init_module", ()),
+}
+
+
+class SelftestError(JailerError):
+    """The probe could not be run inside the sandbox, so nothing was proven."""
+
+
+# --- what the profile's seccomp rules call for ---------------------------------------------
+
+def _condition_holds(syscall, condition, args):
+    if condition.index >= len(args) or args[condition.index] is None:
+        return None
+    width = KERNEL_ARG_WIDTH.get((syscall, condition.index), 64)
+    mask = (1 << width) - 1
+    value, wanted = args[condition.index] & mask, condition.value & mask
+    if condition.op == "masked_eq":
+        return value & (condition.mask & mask) == wanted
+    return {"eq": value == wanted, "ne": value != wanted, "lt": value < wanted, "le": value <= wanted,
+            "gt": value > wanted, "ge": value >= wanted}[condition.op]
+
+
+def seccomp_action(seccomp, syscall, args):
+    """(action, errno) the filter should apply to syscall(args); the most severe matching rule wins.
+
+    Returns None when a rule depends on an argument the probe does not fix (a fd number).
+    """
+    if not seccomp.enabled:
+        return "allow", None
+    matching = []
+    for rule in seccomp.rules:
+        if rule.syscall != syscall:
+            continue
+        holds = [_condition_holds(syscall, condition, args) for condition in rule.args]
+        if None in holds:
+            return None
+        if all(holds):
+            matching.append(rule)
+    if not matching:
+        return seccomp.default_action, seccomp.default_errno
+    rule = max(matching, key=lambda r: ACTION_SEVERITY.index(r.action))
+    return rule.action, rule.errno
+
+
+def expected_outcome(action):
+    """The probe outcome an action produces; None when the kernel decides (allow, log)."""
+    if action is None:
+        return None
+    name, code = action
+    if name in ("kill", "kill_thread", "trap"):
+        return "signal:SIGSYS"
+    if name == "errno":
+        return probe.errno_name(code)
+    return None
+
+
+def expectations(plan):
+    return {check: expected_outcome(seccomp_action(plan.seccomp, syscall, args))
+            for check, (syscall, args) in SECCOMP_DECIDED.items()}
+
+
+# --- the probe's run ----------------------------------------------------------------------
+
+def probe_arguments(plan, targets):
+    """Probe options that make it check the plan's own fds, limits and the host targets."""
+    args = ["--marker", targets.marker, "--host-pid", str(targets.host_pid),
+            "--tcp-port", str(targets.tcp_port),
+            "--expect-fds", ",".join(str(n) for n in sorted({0, 1, 2, *(fd.number for fd in plan.fds)}))]
+    for limit in plan.limits.rlimits:
+        args += ["--rlimit", f"{limit.name}={limit.soft}:{limit.hard}"]
+    if plan.limits.cgroup and plan.limits.cgroup.memory_max:
+        args += ["--memory-hog", str(2 * plan.limits.cgroup.memory_max)]
+    return args
+
+
+def probe_profile(data, probe_args, socket_dir):
+    """The profile's TOML data with the program replaced by the probe.
+
+    unix-listener sockets move to socket_dir, so a self-test never replaces the socket
+    of a device that is running from the same profile.
+    """
+    derived = dict(data)
+    derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", *probe_args],
+                          "modules": ["jailer"]}
+    derived["fds"] = [dict(fd, path=os.path.join(socket_dir, f"{fd['name']}.sock"))
+                      if fd.get("kind") == "unix-listener" and "path" in fd else fd
+                      for fd in data.get("fds", [])]
+    return derived
+
+
+class HostTargets(contextlib.ExitStack):
+    """What the sandboxed probe must not reach; everything is removed on exit."""
+
+    def __init__(self, binds):
+        super().__init__()
+        self.binds = [os.path.realpath(bind.source) for bind in binds]
+
+    def __enter__(self):
+        super().__enter__()
+        self.marker = self._marker_file()
+        sleeper = subprocess.Popen(["sleep", str(SANDBOX_TIMEOUT)], stdin=subprocess.DEVNULL)
+        self.callback(sleeper.wait)
+        self.callback(sleeper.kill)
+        self.host_pid = sleeper.pid
+        listener = self.enter_context(socket.create_server(("127.0.0.1", 0)))
+        self.tcp_port = listener.getsockname()[1]
+        self.terminal, self.terminal_slave = os.openpty()
+        self.callback(os.close, self.terminal)
+        self.callback(os.close, self.terminal_slave)
+        self.scratch = self.enter_context(tempfile.TemporaryDirectory(prefix="jailer-selftest-"))
+        return self
+
+    def _marker_file(self):
+        for directory in MARKER_DIRS:
+            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                continue
+            if any(directory == b or directory.startswith(b.rstrip("/") + "/") for b in self.binds):
+                continue
+            folder = self.enter_context(tempfile.TemporaryDirectory(prefix="jailer-marker-", dir=directory))
+            os.chmod(folder, 0o755)
+            path = os.path.join(folder, f"marker-{uuid.uuid4().hex}")
+            with open(path, "w") as marker:
+                marker.write("host file: the sandbox must not read this\n")
+            os.chmod(path, 0o644)
+            return path
+        raise SelftestError(f"no writable host directory outside the profile's binds for the marker file "
+                            f"(tried {', '.join(MARKER_DIRS)})")
+
+
+def launcher_argv(profile_path):
+    return [sys.executable, "-m", "jailer", "run", profile_path]
+
+
+def run_in_sandbox(profile_path, targets):
+    """Run `jailer run` on the derived profile; returns (exit status, stdout, stderr)."""
+    try:
+        result = subprocess.run(launcher_argv(profile_path), stdin=targets.terminal_slave,
+                                capture_output=True, text=True, timeout=SANDBOX_TIMEOUT,
+                                start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        raise SelftestError(f"the sandboxed probe did not finish within {SANDBOX_TIMEOUT} s") from exc
+    return result.returncode, result.stdout, result.stderr
+
+
+def decode_status(status):
+    if status < 0:
+        return f"killed by {probe.signal_name(-status)}"
+    if status > 128 and status - 128 < signal.NSIG:
+        return f"exit status {status} (signal {probe.signal_name(status - 128)}?)"
+    return f"exit status {status}"
+
+
+def selftest(profile_path, euid=None):
+    """Run the probe inside the profile's sandbox; returns the report with verdicts and expectations."""
+    import toml
+
+    from jailer.profile import build_plan, load_profile
+
+    plan = build_plan(profile_path, euid=euid)
+    data = load_profile(profile_path)
+    with HostTargets(plan.filesystem.binds) as targets:
+        derived_path = os.path.join(targets.scratch, f"selftest-{plan.name}.toml")
+        with open(derived_path, "w") as derived:
+            toml.dump(probe_profile(data, probe_arguments(plan, targets), targets.scratch), derived)
+        os.chmod(targets.scratch, 0o755)
+        os.chmod(derived_path, 0o644)
+        probe_plan = build_plan(derived_path, euid=euid)
+        status, stdout, stderr = run_in_sandbox(derived_path, targets)
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        detail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise SelftestError(f"the probe gave no report inside the sandbox ({decode_status(status)}): {detail}. "
+                            "Its Python start-up, fork, pipe2 and wait4 must be allowed by the profile's seccomp "
+                            "filter") from None
+    wanted = expectations(probe_plan)
+    for check in report["checks"]:
+        expected = wanted.get(check["name"])
+        if expected is not None:
+            check["expected"] = expected
+            check["as_expected"] = check["outcome"] == expected
+    return {"profile": str(profile_path), "name": plan.name, "invocation": plan.invocation,
+            "overall": report["overall"], "sandbox_exit": decode_status(status), **{
+                key: report[key] for key in ("uid", "gid", "seccomp", "escaped", "checks")}}
+
+
+def format_report(report):
+    lines = [f"jailer selftest {report['profile']} ({report['invocation']} invocation, probe uid "
+             f"{report['uid']}, Seccomp {report['seccomp']})"]
+    width = max(len(check["name"]) for check in report["checks"])
+    for check in report["checks"]:
+        verdict = check["verdict"].upper() if check["verdict"] != probe.BLOCKED else check["verdict"]
+        line = f"  {verdict:<8} {check['name']:<{width}}  {check['outcome']}"
+        if "expected" in check and not check["as_expected"]:
+            line += f"  (profile calls for {check['expected']})"
+        if check.get("detail"):
+            line += f"  [{check['detail']}]"
+        lines.append(line)
+    counts = {}
+    for check in report["checks"]:
+        counts[check["verdict"]] = counts.get(check["verdict"], 0) + 1
+    summary = ", ".join(f"{n} {verdict}" for verdict, n in sorted(counts.items()))
+    lines.append(f"overall: {report['overall']} ({summary})")
+    return "\n".join(lines)
+
+
+def _command():
+    import click
+
+    @click.command("selftest", help="Run the escape probe inside PROFILE's sandbox and print a verdict per "
+                   "check. Exit status 0 when every escape was blocked, 1 otherwise.")
+    @click.argument("profile", type=click.Path(dir_okay=False))
+    @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+    def selftest_command(profile, as_json):
+        report = selftest(profile)
+        click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+        sys.exit(0 if report["overall"] == probe.BLOCKED else 1)
+
+    return selftest_command
+
+
+selftest_command = _command()
