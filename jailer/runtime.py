@@ -207,10 +207,17 @@ class _Linker:
         self.conf_dirs = ld_so_conf_dirs()
         self.default_dirs = default_library_dirs()
         self.visited = set()
+        self.elf_cache = {}
+        self.found_cache = {}
+
+    def elf(self, path):
+        if path not in self.elf_cache:
+            self.elf_cache[path] = read_elf(path)
+        return self.elf_cache[path]
 
     def expose_closure(self, path):
         """Expose `path`'s interpreter and library closure; returns the sonames that were not found."""
-        info = read_elf(path)
+        info = self.elf(path)
         if info is None:
             return []
         missing = []
@@ -230,12 +237,21 @@ class _Linker:
                 real = self.exposure.add(found)
                 if real not in self.visited:
                     self.visited.add(real)
-                    queue.append((found, read_elf(real)))
+                    queue.append((found, self.elf(real)))
         return missing
 
     def find(self, soname, obj, obj_info, root_info):
         if "/" in soname:
             return soname if os.path.exists(soname) else None
+        if obj_info.rpath or obj_info.runpath:
+            return self.search(soname, obj, obj_info, root_info)
+        # Without a search path of its own, where a library is found depends only on its name.
+        key = (soname, root_info.elf_class, root_info.machine)
+        if key not in self.found_cache:
+            self.found_cache[key] = self.search(soname, obj, obj_info, root_info)
+        return self.found_cache[key]
+
+    def search(self, soname, obj, obj_info, root_info):
         origin = os.path.dirname(obj)
         dirs = [*(() if obj_info.runpath else obj_info.rpath), *obj_info.runpath, *self.conf_dirs,
                 *self.default_dirs]
@@ -247,7 +263,7 @@ class _Linker:
             candidate = os.path.join(directory, soname)
             if not os.path.isfile(candidate):
                 continue
-            candidate_info = read_elf(candidate)
+            candidate_info = self.elf(os.path.realpath(candidate))
             if candidate_info and (candidate_info.elf_class, candidate_info.machine) == (root_info.elf_class,
                                                                                          root_info.machine):
                 return candidate
