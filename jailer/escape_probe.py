@@ -5,7 +5,7 @@ outside a sandbox the probe must report the escapes, which is how it is tested.
 Standalone on purpose: stdlib + ctypes only, no other jailer module, so it runs in
 a minimal Python runtime.
 
-Every attempt that could be killed by seccomp runs in a forked child; the child's
+Every attempt runs in a forked child, so a seccomp kill ends only the child; the child's
 fate (errno, exit code, or the signal that killed it) is the outcome. A check's
 verdict is "blocked" when the attempt was refused (one of the check's denial
 errnos, or the child was killed), "escaped" when it worked or got past the
@@ -30,10 +30,10 @@ BLOCKED, ESCAPED, SKIPPED, ERROR = "blocked", "escaped", "skipped", "error"
 
 # Syscall numbers per architecture (asm/unistd.h), only those the probe calls raw.
 SYSCALL_NUMBERS = {
-    "x86_64": {"ioctl": 16, "ptrace": 101, "mount": 165, "umount2": 166, "init_module": 175,
+    "x86_64": {"ioctl": 16, "clone": 56, "ptrace": 101, "mount": 165, "umount2": 166, "init_module": 175,
                "add_key": 248, "keyctl": 250, "unshare": 272, "perf_event_open": 298, "bpf": 321,
                "io_uring_setup": 425, "clone3": 435},
-    "aarch64": {"ioctl": 29, "ptrace": 117, "mount": 40, "umount2": 39, "init_module": 105,
+    "aarch64": {"ioctl": 29, "clone": 220, "ptrace": 117, "mount": 40, "umount2": 39, "init_module": 105,
                 "add_key": 217, "keyctl": 219, "unshare": 97, "perf_event_open": 241, "bpf": 280,
                 "io_uring_setup": 425, "clone3": 435},
 }
@@ -208,6 +208,15 @@ def unshare_user():
     return syscall("unshare", CLONE_NEWUSER)
 
 
+def clone_new_user():
+    """The same escape through clone(2), whose flags a filter can see (unlike clone3's)."""
+    pid = syscall("clone", CLONE_NEWUSER | signal.SIGCHLD, 0, 0, 0, 0)
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return "created a process in a new user namespace"
+
+
 def tiocsti(fd, request):
     """Push one byte into the terminal's input queue (a NUL: harmless if it lands)."""
     byte = ctypes.c_char(b"\0")
@@ -293,16 +302,14 @@ def skipped(name, why):
 def check_host_file_read(options):
     if not options.marker:
         return skipped("host_file_read", "no --marker given")
-    outcome = attempt(read_file, options.marker)
-    return check("host_file_read", verdict_for(outcome, {errno.ENOENT, errno.EACCES, errno.EPERM,
-                                                         errno.ENOTDIR}), outcome, path=options.marker)
+    return syscall_check("host_file_read", read_file, options.marker,
+                         denials=SECCOMP_DENIALS | {errno.ENOENT, errno.ENOTDIR}) | {"path": options.marker}
 
 
 def check_readonly_write(options):
     path = options.readonly_path or os.path.abspath(__file__)
-    outcome = attempt(open_for_writing, path)
-    return check("readonly_write", verdict_for(outcome, {errno.EROFS, errno.EACCES, errno.EPERM}),
-                 outcome, path=path)
+    return syscall_check("readonly_write", open_for_writing, path,
+                         denials=SECCOMP_DENIALS | {errno.EROFS}) | {"path": path}
 
 
 def visible_pids():
@@ -340,9 +347,8 @@ def check_host_processes(options):
 def check_signal_host_pid(options):
     if not options.host_pid:
         return skipped("signal_host_pid", "no --host-pid given")
-    outcome = attempt(os.kill, options.host_pid, 0)
-    return check("signal_host_pid", verdict_for(outcome, {errno.ESRCH, errno.EPERM}), outcome,
-                 pid=options.host_pid)
+    return syscall_check("signal_host_pid", os.kill, options.host_pid, 0,
+                         denials=SECCOMP_DENIALS | {errno.ESRCH}) | {"pid": options.host_pid}
 
 
 def check_mount(options):
@@ -391,9 +397,8 @@ def check_connect(options):
 
 def check_proc_sys_write(options):
     path = "/proc/sys/kernel/hostname"
-    outcome = attempt(open_for_writing, path)
-    return check("proc_sys_write", verdict_for(outcome, {errno.EROFS, errno.EACCES, errno.EPERM,
-                                                         errno.ENOENT}), outcome, path=path)
+    return syscall_check("proc_sys_write", open_for_writing, path,
+                         denials=SECCOMP_DENIALS | {errno.EROFS, errno.ENOENT}) | {"path": path}
 
 
 def status_field_check(name, wanted):
@@ -504,6 +509,8 @@ CHECKS = {
     "mount_tmpfs": check_mount,
     "user_namespace": lambda options: syscall_check(
         "user_namespace", unshare_user, denials=SECCOMP_DENIALS | {errno.ENOSPC, errno.EUSERS}),
+    "clone_new_user": lambda options: syscall_check(
+        "clone_new_user", clone_new_user, denials=SECCOMP_DENIALS | {errno.ENOSPC, errno.EUSERS}),
     "tiocsti": lambda options: check_tiocsti("tiocsti", TIOCSTI),
     "tiocsti_high_bits": lambda options: check_tiocsti("tiocsti_high_bits", TIOCSTI_HIGH_BITS),
     "clone3": check_syscall("clone3", clone3_new_namespaces),

@@ -11,8 +11,11 @@ For each check decided by the seccomp filter, the outcome the profile's rules ca
 is computed from the plan (argument rules compared at the kernel's width: ioctl's
 request is 32 bits) and shown next to the observed one.
 
-The probe's own Python start-up and its fork/pipe/wait4 must be allowed by the profile's
-filter: a profile for a native program whose filter refuses them cannot be self-tested.
+The probe runs each attempt in a forked child. When the profile's filter has no rule
+for the syscalls that takes (clone without namespace flags, pipe2, wait4), the derived
+profile allows exactly those and the report lists them under "added_for_probe". The
+probe's Python start-up must be allowed by the profile itself: a profile for a native
+program whose filter refuses it cannot be self-tested.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ SECCOMP_DECIDED = {
     "ptrace_attach_pid1": ("ptrace", (probe.PTRACE_SEIZE, 1)),
     "mount_tmpfs": ("mount", ()),
     "user_namespace": ("unshare", (probe.CLONE_NEWUSER,)),
+    "clone_new_user": ("clone", (probe.CLONE_NEWUSER | signal.SIGCHLD,)),
     "tiocsti": ("ioctl", (None, probe.TIOCSTI)),
     "tiocsti_high_bits": ("ioctl", (None, probe.TIOCSTI_HIGH_BITS)),
     "clone3": ("clone3", ()),
@@ -53,6 +57,16 @@ SECCOMP_DECIDED = {
     "keyctl": ("keyctl", (probe.KEYCTL_GET_KEYRING_ID,)),
     "add_key": ("add_key", ()),
     "init_module": ("init_module", ()),
+}
+
+
+# CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET: a fork for the probe never needs them.
+CLONE_NAMESPACE_FLAGS = 0x7E020000
+PROBE_MACHINERY = {
+    "clone": {"syscall": "clone", "args": [{"index": 0, "op": "masked_eq", "mask": CLONE_NAMESPACE_FLAGS,
+                                            "value": 0}]},
+    "pipe2": {"syscall": "pipe2"},
+    "wait4": {"syscall": "wait4"},
 }
 
 
@@ -127,13 +141,26 @@ def probe_arguments(plan, targets):
     return args
 
 
-def probe_profile(data, probe_args, socket_dir):
+def machinery_missing(seccomp):
+    """The probe's fork/pipe/wait syscalls on which the filter has no rule (so its default would apply)."""
+    if not seccomp.enabled or seccomp.default_action in ("allow", "log"):
+        return []
+    ruled = {rule.syscall for rule in seccomp.rules}
+    return [name for name in PROBE_MACHINERY if name not in ruled]
+
+
+def probe_profile(data, probe_args, socket_dir, machinery=()):
     """The profile's TOML data with the program replaced by the probe.
 
-    unix-listener sockets move to socket_dir, so a self-test never replaces the socket
-    of a device that is running from the same profile.
+    `machinery` names PROBE_MACHINERY syscalls to add as rules. unix-listener sockets
+    move to socket_dir, so a self-test never replaces the socket of a device that is
+    running from the same profile.
     """
     derived = dict(data)
+    if machinery:
+        seccomp = dict(data.get("seccomp", {}))
+        seccomp["rule"] = [*seccomp.get("rule", []), *(PROBE_MACHINERY[name] for name in machinery)]
+        derived["seccomp"] = seccomp
     derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", *probe_args],
                           "modules": ["jailer"]}
     derived["fds"] = [dict(fd, path=os.path.join(socket_dir, f"{fd['name']}.sock"))
@@ -212,10 +239,11 @@ def selftest(profile_path, euid=None):
 
     plan = build_plan(profile_path, euid=euid)
     data = load_profile(profile_path)
+    added = machinery_missing(plan.seccomp)
     with HostTargets(plan.filesystem.binds) as targets:
         derived_path = os.path.join(targets.scratch, f"selftest-{plan.name}.toml")
         with open(derived_path, "w") as derived:
-            toml.dump(probe_profile(data, probe_arguments(plan, targets), targets.scratch), derived)
+            toml.dump(probe_profile(data, probe_arguments(plan, targets), targets.scratch, added), derived)
         os.chmod(targets.scratch, 0o755)
         os.chmod(derived_path, 0o644)
         probe_plan = build_plan(derived_path, euid=euid)
@@ -234,7 +262,7 @@ def selftest(profile_path, euid=None):
             check["expected"] = expected
             check["as_expected"] = check["outcome"] == expected
     return {"profile": str(profile_path), "name": plan.name, "invocation": plan.invocation,
-            "overall": report["overall"], "sandbox_exit": decode_status(status), **{
+            "overall": report["overall"], "sandbox_exit": decode_status(status), "added_for_probe": added, **{
                 key: report[key] for key in ("uid", "gid", "seccomp", "escaped", "checks")}}
 
 
@@ -250,6 +278,8 @@ def format_report(report):
         if check.get("detail"):
             line += f"  [{check['detail']}]"
         lines.append(line)
+    if report["added_for_probe"]:
+        lines.append(f"  (allowed for the probe's own forks: {', '.join(report['added_for_probe'])})")
     counts = {}
     for check in report["checks"]:
         counts[check["verdict"]] = counts.get(check["verdict"], 0) + 1

@@ -69,7 +69,7 @@ ALWAYS_ESCAPED = ["host_file_read", "host_processes", "signal_host_pid", "ptrace
                   "rlimits", "memory_limit"]
 # Escapes that need root's privileges on the host.
 ROOT_ESCAPED = ["readonly_write", "mount_tmpfs", "clone3", "bpf", "proc_sys_write", "capabilities",
-                "tiocsti", "tiocsti_high_bits", "user_namespace"]
+                "tiocsti", "tiocsti_high_bits", "user_namespace", "clone_new_user"]
 
 
 @pytest.mark.parametrize("name", ALWAYS_ESCAPED + ROOT_ESCAPED)
@@ -128,3 +128,4 @@ def test_errno_outside_the_denials_counts_as_escape():
 def test_child_that_hangs_is_killed_within_bound():
     outcome = escape_probe.in_child(lambda: __import__("time").sleep(30), timeout=0.2)
     assert outcome["signal"] == "SIGKILL"
+

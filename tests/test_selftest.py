@@ -67,6 +67,7 @@ def test_probe_profile_replaces_only_the_program_and_moves_sockets(tmp_path):
 
 def test_report_names_unexpected_outcomes():
     report = {"profile": "p.toml", "invocation": "root", "uid": 65534, "seccomp": "2", "overall": "escaped",
+              "added_for_probe": ["wait4"],
               "checks": [
                   {"name": "clone3", "verdict": "blocked", "outcome": "EPERM", "expected": "ENOSYS",
                    "as_expected": False},
@@ -76,4 +77,24 @@ def test_report_names_unexpected_outcomes():
     assert "  blocked  clone3   EPERM  (profile calls for ENOSYS)" in text
     assert "  ESCAPED  fds      unexpected fds [5]" in text
     assert "[no --rlimit given]" in text
+    assert "(allowed for the probe's own forks: wait4)" in text
     assert text.endswith("overall: escaped (1 blocked, 1 escaped, 1 skipped)")
+
+
+def test_probe_machinery_added_only_where_the_filter_has_no_rule():
+    plan = SeccompPlan(default_action="kill", rules=(SeccompRule("wait4"), SeccompRule("clone", action="errno",
+                                                                                        errno=1)))
+    assert selftest.machinery_missing(plan) == ["pipe2"]
+    assert selftest.machinery_missing(SeccompPlan(default_action="allow")) == []
+    derived = selftest.probe_profile({"seccomp": {"rule": [{"syscall": "read"}]}}, [], "/tmp", ["clone"])
+    assert derived["seccomp"]["rule"] == [{"syscall": "read"}, selftest.PROBE_MACHINERY["clone"]]
+
+
+def test_fork_for_the_probe_never_allows_namespace_flags():
+    clone = selftest.PROBE_MACHINERY["clone"]["args"][0]
+    plan = SeccompPlan(rules=(SeccompRule("clone", args=(ArgCondition(0, clone["op"], clone["value"],
+                                                                      mask=clone["mask"]),)),))
+    fork_flags = 0x01200000 | 17        # CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD, as glibc forks
+    assert selftest.seccomp_action(plan, "clone", (fork_flags,)) == ("allow", None)
+    for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000):
+        assert selftest.seccomp_action(plan, "clone", (fork_flags | flag,)) == ("kill", None)
