@@ -12,6 +12,10 @@ errnos, or the child was killed), "escaped" when it worked or got past the
 permission checks, "skipped" when its input was not given, "error" when the
 probe itself could not run it.
 
+Output: one JSON report, or with --stream JSON lines as the checks run (for launchers
+that kill the whole sandbox on a seccomp violation: the last "starting" line names the
+check that was in progress).
+
 Exit status: 0 every check blocked or skipped, 1 something escaped, 2 a check errored.
 """
 
@@ -352,20 +356,10 @@ def check_signal_host_pid(options):
 
 
 def check_mount(options):
-    target = "/"
-    for base in ("/tmp", "/dev/shm"):
-        if os.access(base, os.W_OK):
-            try:
-                target = os.path.join(base, f".jailer-probe-mnt-{os.getpid()}")
-                os.mkdir(target, 0o700)
-                break
-            except OSError:
-                target = "/"
-    try:
-        return syscall_check("mount_tmpfs", mount_tmpfs, target) | {"target": target}
-    finally:
-        if target != "/":
-            os.rmdir(target)
+    """Mount onto the probe's own (regular) file: refused without privilege, and with it the
+    kernel answers ENOTDIR after the permission checks, so nothing is ever attached."""
+    target = os.path.abspath(__file__)
+    return syscall_check("mount_tmpfs", mount_tmpfs, target) | {"target": target}
 
 
 def check_tiocsti(name, request):
@@ -439,17 +433,14 @@ def _libc_prctl(option, value):
 
 
 def open_fds():
-    fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        numbers = sorted(int(entry) for entry in os.listdir(fd) if int(entry) != fd)
-    finally:
-        os.close(fd)
+    """fd -> what it refers to. Listing /proc/self/fd opens a descriptor of its own, which is
+    closed again by the time its link is read: only the fds still open afterwards count."""
     targets = {}
-    for number in numbers:
+    for entry in sorted(os.listdir("/proc/self/fd"), key=int):
         try:
-            targets[number] = os.readlink(f"/proc/self/fd/{number}")
-        except OSError as exc:
-            targets[number] = errno_name(exc.errno)
+            targets[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
+        except FileNotFoundError:
+            continue
     return targets
 
 
@@ -463,7 +454,7 @@ def check_fds(options):
     verdict = ESCAPED if extra else BLOCKED
     outcome = f"unexpected fds {extra}" if extra else f"fds {sorted(held)}"
     return check("fds", verdict, {"outcome": outcome}, held={str(k): v for k, v in held.items()},
-                 expected=sorted(expected))
+                 manifest=sorted(expected))
 
 
 RLIMIT_NAMES = {name[len("RLIMIT_"):].lower(): getattr(resource, name)
@@ -481,7 +472,7 @@ def check_rlimits(options):
             differs.append(name)
     outcome = f"differ: {differs}" if differs else "as configured"
     return check("rlimits", ESCAPED if differs else BLOCKED, {"outcome": outcome}, found=found,
-                 expected={name: list(v) for name, v in options.rlimit.items()})
+                 configured={name: list(v) for name, v in options.rlimit.items()})
 
 
 def check_memory_limit(options):
@@ -531,13 +522,17 @@ CHECKS = {
 }
 
 
-def run_checks(options):
+def run_checks(options, emit=lambda event: None):
+    """Run the chosen checks in order; emit({"starting": name}) before each, {"result": ...} after."""
     results = []
     for name in options.only or CHECKS:
+        emit({"starting": name})
         try:
-            results.append(CHECKS[name](options))
+            result = CHECKS[name](options)
         except (ProbeError, OSError) as exc:
-            results.append(check(name, ERROR, {"outcome": "probe error"}, detail=str(exc)))
+            result = check(name, ERROR, {"outcome": "probe error"}, detail=str(exc))
+        emit({"result": result})
+        results.append(result)
     return results
 
 
@@ -550,19 +545,24 @@ def overall(results):
     return BLOCKED
 
 
-def report(results):
-    escaped = [r["name"] for r in results if r["verdict"] == ESCAPED]
-    status = proc_status_or_empty()
-    return {"probe": "jailer.escape_probe", "pid": os.getpid(), "uid": os.getuid(),
-            "gid": os.getgid(), "seccomp": status.get("Seccomp"), "overall": overall(results),
-            "escaped": escaped, "checks": results}
-
-
-def proc_status_or_empty():
+def context():
+    """Who and where the probe is: what every report starts with."""
     try:
-        return proc_status()
+        seccomp = proc_status().get("Seccomp")
     except OSError:
-        return {}
+        seccomp = None
+    return {"probe": "jailer.escape_probe", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+            "seccomp": seccomp}
+
+
+def report(results):
+    return {**context(), "overall": overall(results),
+            "escaped": [r["name"] for r in results if r["verdict"] == ESCAPED], "checks": results}
+
+
+def emit_line(event):
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
 
 
 def parse_rlimit(text):
@@ -607,6 +607,9 @@ def argument_parser():
     parser.add_argument("--memory-hog", type=int, metavar="BYTES",
                         help="allocate this much in a child: the memory limit must stop it")
     parser.add_argument("--only", type=parse_checks, help="comma-separated subset of checks")
+    parser.add_argument("--stream", action="store_true",
+                        help="JSON lines instead of one report: context, then starting/result per check, "
+                        "then overall; a sandbox killed mid-check leaves the check it was in named")
     parser.add_argument("--list", action="store_true", help="print the check names and exit")
     return parser
 
@@ -617,10 +620,15 @@ def main(argv=None):
         print("\n".join(CHECKS))
         return 0
     options.rlimit = dict(options.rlimit)
-    result = report(run_checks(options))
-    json.dump(result, sys.stdout, indent=1)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if options.stream:
+        emit_line({"context": context()})
+        result = report(run_checks(options, emit_line))
+        emit_line({"overall": result["overall"]})
+    else:
+        result = report(run_checks(options))
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return {BLOCKED: 0, ESCAPED: 1, ERROR: 2}[result["overall"]]
 
 

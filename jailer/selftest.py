@@ -34,6 +34,8 @@ from jailer import escape_probe as probe
 from jailer.errors import JailerError
 
 SANDBOX_TIMEOUT = 120
+CANARY_NAME = "readonly-canary"
+CANARY_TARGET = "/run/jailer-selftest/readonly-canary"
 MARKER_DIRS = ("/tmp", "/var/tmp", "/root", "/home")
 # Kinds the launcher creates itself from the profile; any other required fd is supplied here.
 SELF_CREATED_FDS = ("unix-listener", "memfd", "eventfd", "file")
@@ -131,7 +133,7 @@ def expectations(plan):
 
 def probe_arguments(plan, targets):
     """Probe options that make it check the plan's own fds, limits and the host targets."""
-    args = ["--marker", targets.marker, "--host-pid", str(targets.host_pid),
+    args = ["--marker", targets.marker, "--host-pid", str(targets.host_pid), "--readonly-path", CANARY_TARGET,
             "--tcp-port", str(targets.tcp_port),
             "--expect-fds", ",".join(str(n) for n in sorted({0, 1, 2, *(fd.number for fd in plan.fds)}))]
     for limit in plan.limits.rlimits:
@@ -149,24 +151,36 @@ def machinery_missing(seccomp):
     return [name for name in PROBE_MACHINERY if name not in ruled]
 
 
-def probe_profile(data, probe_args, socket_dir, machinery=()):
+def probe_profile(data, probe_args, scratch, machinery=()):
     """The profile's TOML data with the program replaced by the probe.
 
     `machinery` names PROBE_MACHINERY syscalls to add as rules. unix-listener sockets
-    move to socket_dir, so a self-test never replaces the socket of a device that is
-    running from the same profile.
+    move to scratch, so a self-test never replaces the socket of a device that is
+    running from the same profile. One read-only bind is added: a world-writable canary
+    file (see readonly_canary), so a write to it can only be refused by the mount itself.
     """
     derived = dict(data)
+    filesystem = dict(data.get("filesystem", {}))
+    filesystem["bind"] = [*filesystem.get("bind", []), {"source": os.path.join(scratch, CANARY_NAME),
+                                                         "target": CANARY_TARGET}]
+    derived["filesystem"] = filesystem
     if machinery:
         seccomp = dict(data.get("seccomp", {}))
         seccomp["rule"] = [*seccomp.get("rule", []), *(PROBE_MACHINERY[name] for name in machinery)]
         derived["seccomp"] = seccomp
-    derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", *probe_args],
+    derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", "--stream", *probe_args],
                           "modules": ["jailer"]}
-    derived["fds"] = [dict(fd, path=os.path.join(socket_dir, f"{fd['name']}.sock"))
+    derived["fds"] = [dict(fd, path=os.path.join(scratch, f"{fd['name']}.sock"))
                       if fd.get("kind") == "unix-listener" and "path" in fd else fd
-                      for fd in data.get("fds", [])]
+                      for fd in data.get("fds", []) if isinstance(fd, dict)]
     return derived
+
+
+def readonly_canary(path):
+    """A file anyone may write by its mode (whoever owns it), bound read-only into the sandbox."""
+    with open(path, "w") as canary:
+        canary.write("the sandbox must not be able to write this\n")
+    os.chmod(path, 0o666)
 
 
 class HostTargets(contextlib.ExitStack):
@@ -189,6 +203,7 @@ class HostTargets(contextlib.ExitStack):
         self.callback(os.close, self.terminal)
         self.callback(os.close, self.terminal_slave)
         self.scratch = self.enter_context(tempfile.TemporaryDirectory(prefix="jailer-selftest-"))
+        readonly_canary(os.path.join(self.scratch, CANARY_NAME))
         return self
 
     def _marker_file(self):
@@ -208,26 +223,84 @@ class HostTargets(contextlib.ExitStack):
                             f"(tried {', '.join(MARKER_DIRS)})")
 
 
-def launcher_argv(profile_path):
-    return [sys.executable, "-m", "jailer", "run", profile_path]
+def supplied_fds(fds, scratch, stack):
+    """(--fd options, fd numbers) for the required fds the launcher does not create itself."""
+    options, numbers = [], []
+    for spec in fds:
+        if not spec.required or spec.kind == "eventfd" or (spec.kind in ("unix-listener", "file") and spec.path) \
+                or (spec.kind == "memfd" and spec.size is not None):
+            continue
+        if spec.kind == "unix-stream":
+            ours, theirs = (stack.enter_context(end) for end in socket.socketpair())
+            fd = theirs.fileno()
+        elif spec.kind == "unix-listener":
+            listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            listener.bind(os.path.join(scratch, f"{spec.name}.sock"))
+            listener.listen()
+            fd = listener.fileno()
+        elif spec.kind == "memfd":
+            fd = os.memfd_create(spec.name)
+            os.ftruncate(fd, 4096)
+            stack.callback(os.close, fd)
+        else:
+            fd = os.open(os.path.join(scratch, f"{spec.name}.file"), os.O_RDWR | os.O_CREAT, 0o600)
+            stack.callback(os.close, fd)
+        options += ["--fd", f"{spec.name}={fd}"]
+        numbers.append(fd)
+    return options, numbers
 
 
-def run_in_sandbox(profile_path, targets):
-    """Run `jailer run` on the derived profile; returns (exit status, stdout, stderr)."""
+def run_in_sandbox(profile_path, targets, fd_options, fds, checks):
+    """One `jailer run` of the derived profile on `checks`; returns (exit status, events, stderr)."""
+    argv = [sys.executable, "-m", "jailer", "run", *fd_options, profile_path, "--", "--only", ",".join(checks)]
     try:
-        result = subprocess.run(launcher_argv(profile_path), stdin=targets.terminal_slave,
-                                capture_output=True, text=True, timeout=SANDBOX_TIMEOUT,
-                                start_new_session=True)
+        result = subprocess.run(argv, stdin=targets.terminal_slave, capture_output=True, text=True,
+                                pass_fds=fds, timeout=SANDBOX_TIMEOUT, start_new_session=True)
     except subprocess.TimeoutExpired as exc:
         raise SelftestError(f"the sandboxed probe did not finish within {SANDBOX_TIMEOUT} s") from exc
-    return result.returncode, result.stdout, result.stderr
+    events = []
+    for line in result.stdout.splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return result.returncode, events, result.stderr
+
+
+def run_probe(profile_path, targets, fd_options, fds):
+    """(probe context, results of every check), re-running the probe on the remaining checks
+    whenever the sandbox ends inside one (a launcher may kill the whole sandbox on a seccomp
+    violation): that check's outcome is the signal that ended the sandbox."""
+    results, context, remaining = {}, None, list(probe.CHECKS)
+    while remaining:
+        status, events, stderr = run_in_sandbox(profile_path, targets, fd_options, fds, remaining)
+        started = None
+        for event in events:
+            context = event.get("context", context)
+            if "starting" in event:
+                started = event["starting"]
+            elif "result" in event:
+                results[event["result"]["name"]] = event["result"]
+                started = None
+        remaining = [name for name in remaining if name not in results]
+        if not remaining:
+            break
+        if started is None or status <= 128:
+            detail = (stderr.strip().splitlines() or ["no output"])[-1]
+            raise SelftestError(f"the probe did not run inside the sandbox ({decode_status(status)}): {detail}. "
+                                "The profile's seccomp filter must allow the probe's Python start-up")
+        name = probe.signal_name(status - 128)
+        results[started] = probe.check(started, probe.BLOCKED, {"outcome": f"signal:{name}", "signal": name},
+                                       detail="the sandbox was ended")
+        remaining.remove(started)
+    return context, [results[name] for name in probe.CHECKS]
 
 
 def decode_status(status):
     if status < 0:
         return f"killed by {probe.signal_name(-status)}"
-    if status > 128 and status - 128 < signal.NSIG:
-        return f"exit status {status} (signal {probe.signal_name(status - 128)}?)"
+    if status > 128:
+        return f"exit status {status} (signal {probe.signal_name(status - 128)})"
     return f"exit status {status}"
 
 
@@ -247,23 +320,17 @@ def selftest(profile_path, euid=None):
         os.chmod(targets.scratch, 0o755)
         os.chmod(derived_path, 0o644)
         probe_plan = build_plan(derived_path, euid=euid)
-        status, stdout, stderr = run_in_sandbox(derived_path, targets)
-    try:
-        report = json.loads(stdout)
-    except json.JSONDecodeError:
-        detail = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise SelftestError(f"the probe gave no report inside the sandbox ({decode_status(status)}): {detail}. "
-                            "Its Python start-up, fork, pipe2 and wait4 must be allowed by the profile's seccomp "
-                            "filter") from None
+        fd_options, fds = supplied_fds(probe_plan.fds, targets.scratch, targets)
+        context, checks = run_probe(derived_path, targets, fd_options, fds)
     wanted = expectations(probe_plan)
-    for check in report["checks"]:
-        expected = wanted.get(check["name"])
-        if expected is not None:
-            check["expected"] = expected
-            check["as_expected"] = check["outcome"] == expected
+    for check in checks:
+        if wanted.get(check["name"]) is not None:
+            check["expected"] = wanted[check["name"]]
+            check["as_expected"] = check["outcome"] == check["expected"]
     return {"profile": str(profile_path), "name": plan.name, "invocation": plan.invocation,
-            "overall": report["overall"], "sandbox_exit": decode_status(status), "added_for_probe": added, **{
-                key: report[key] for key in ("uid", "gid", "seccomp", "escaped", "checks")}}
+            "overall": probe.overall(checks), "added_for_probe": added,
+            "uid": context["uid"], "gid": context["gid"], "seccomp": context["seccomp"],
+            "escaped": [check["name"] for check in checks if check["verdict"] == probe.ESCAPED], "checks": checks}
 
 
 def format_report(report):

@@ -57,10 +57,12 @@ def test_probe_profile_replaces_only_the_program_and_moves_sockets(tmp_path):
                     {"name": "mem", "kind": "memfd", "number": 4, "size": 4096}]}
     derived = selftest.probe_profile(data, ["--marker", "/x"], str(tmp_path))
     assert derived["program"] == {"runtime": "python", "modules": ["jailer"],
-                                  "argv": ["-m", "jailer.escape_probe", "--marker", "/x"]}
+                                  "argv": ["-m", "jailer.escape_probe", "--stream", "--marker", "/x"]}
     assert derived["fds"][0]["path"] == str(tmp_path / "sock.sock")
     assert derived["fds"][1] == data["fds"][1]
-    assert {k: v for k, v in derived.items() if k not in ("program", "fds")} == \
+    assert derived["filesystem"]["bind"] == [{"source": str(tmp_path / selftest.CANARY_NAME),
+                                              "target": selftest.CANARY_TARGET}]
+    assert {k: v for k, v in derived.items() if k not in ("program", "fds", "filesystem")} == \
         {k: v for k, v in data.items() if k not in ("program", "fds")}
     assert data["fds"][0]["path"] == "/run/dev.sock"
 
