@@ -1,24 +1,15 @@
 """cgroups, best-effort layers and fail-closed refusals, for real."""
 
 import os
-import tempfile
-
-from engine_sandbox import plan_for, run, status_events
+from engine_sandbox import plan_for, run, run_with_status
 from jailer.plan import CgroupPlan, LimitsPlan, NamespacesPlan
 
 HOG = "exec python3 -c 'blocks = []\nwhile True: blocks.append(b\"x\" * (8 << 20))'"
 
 
-def _run_with_status(plan, invocation="root"):
-    with tempfile.TemporaryFile("w+") as status:
-        result = run(plan, "--status-fd", str(status.fileno()), pass_fds=[status.fileno()], invocation=invocation)
-        status.seek(0)
-        return result, status_events(status.read())
-
-
 def test_cgroup_memory_limit_stops_a_memory_hog_and_the_cgroup_is_removed():
     limits = LimitsPlan(cgroup=CgroupPlan(memory_max=48 << 20, pids_max=32))
-    result, events = _run_with_status(plan_for("root", HOG, limits=limits))
+    result, events = run_with_status(plan_for("root", HOG, limits=limits))
     assert result.returncode == 128 + 9, result.stderr   # the OOM killer, inside the cgroup only
     layers = events[1]["layers"]
     assert set(layers["cgroup"]) == {"memory", "pids"}
@@ -31,7 +22,7 @@ def test_cgroup_memory_limit_stops_a_memory_hog_and_the_cgroup_is_removed():
 def test_cgroup_limits_are_written_and_the_program_sees_its_own_cgroup_as_root():
     limits = LimitsPlan(cgroup=CgroupPlan(pids_max=7, memory_max=64 << 20, cpu_quota_us=50000))
     script = "cat /proc/self/cgroup | grep -E ':(pids|memory|cpu):'"
-    result, events = _run_with_status(plan_for("root", script, limits=limits))
+    result, events = run_with_status(plan_for("root", script, limits=limits))
     assert result.returncode == 0, result.stderr
     assert sorted(line.split(":", 1)[1] for line in result.stdout.split()) == ["cpu:/", "memory:/", "pids:/"]
     assert set(events[1]["layers"]["cgroup"]) == {"memory", "pids", "cpu"}
@@ -58,7 +49,7 @@ def test_required_layer_that_cannot_be_applied_is_refused():
 def test_best_effort_layer_is_skipped_and_reported():
     limits = LimitsPlan(cgroup=CgroupPlan(memory_max=64 << 20))
     plan = plan_for("user", "echo ran", limits=limits, best_effort=frozenset({"cgroup"}))
-    result, events = _run_with_status(plan, invocation="user")
+    result, events = run_with_status(plan, invocation="user")
     assert result.returncode == 0 and result.stdout.strip() == "ran"
     assert "jailer: layer 'cgroup' skipped (best effort): " in result.stderr
     assert "cgroup" in events[1]["skipped"] and "cgroup" not in events[1]["layers"]

@@ -3,13 +3,12 @@
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import replace
 
 import pytest
 
-from engine_sandbox import INVOCATIONS, SYSTEM_DIRS, plan_for, readable_tempdir, run, status_events
+from engine_sandbox import INVOCATIONS, SYSTEM_DIRS, plan_for, readable_tempdir, run, run_with_status
 from jailer.plan import (Bind, FilesystemPlan, LimitsPlan, NamespacesPlan, Rlimit, Tmpfs)
 
 
@@ -121,10 +120,7 @@ def test_sigterm_kills_a_plain_sleep(pid1):
 
 
 def test_status_fd_reports_started_enforced_and_exited():
-    with tempfile.TemporaryFile("w+") as status:
-        result = run(plan_for("root", "exit 4"), "--status-fd", str(status.fileno()), pass_fds=[status.fileno()])
-        status.seek(0)
-        events = status_events(status.read())
+    result, events = run_with_status(plan_for("root", "exit 4"))
     assert result.returncode == 4
     assert [e["event"] for e in events] == ["started", "enforced", "exited"]
     assert isinstance(events[0]["pid"], int) and events[0]["pid"] > 1
@@ -137,11 +133,7 @@ def test_status_fd_reports_started_enforced_and_exited():
 
 
 def test_killed_program_exits_like_a_shell():
-    with tempfile.TemporaryFile("w+") as status:
-        result = run(plan_for("root", "kill -KILL $$"), "--status-fd", str(status.fileno()),
-                     pass_fds=[status.fileno()])
-        status.seek(0)
-        events = status_events(status.read())
+    result, events = run_with_status(plan_for("root", "kill -KILL $$"))
     assert result.returncode == 128 + 9
     assert events[-1] == {"event": "exited", "signal": 9}
 
