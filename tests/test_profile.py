@@ -367,3 +367,34 @@ def test_profile_module_import_stays_cheap():
                           "if m in ('toml', 'pyseccomp', 'click', 'difflib', 'jailer.runtime')))"],
                          capture_output=True, text=True, check=True, cwd=REPO, env={**os.environ})
     assert out.stdout.strip() == "[]"
+
+
+def test_python_group_is_enough_to_start_python_and_import_the_devices(tmp_path):
+    """The "@python" group, loaded as a kill-by-default filter right before exec, runs the python runtime."""
+    import subprocess
+    import sys
+
+    import pyseccomp
+
+    profile = write(tmp_path, '[program]\nruntime = "python"\nmodules = ["devices"]\nargv = ["-c", '
+                    '"import devices, click, toml, json, selectors, socket, struct; print(\'ok\')"]\n'
+                    '[seccomp]\nallow = ["@python"]\n')
+    plan = build_plan(profile, environ={})
+
+    def confine():
+        confined = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
+        for rule in plan.seccomp.rules:
+            confined.add_rule(pyseccomp.ALLOW, rule.syscall)
+        confined.load()
+
+    done = subprocess.run(plan.program.argv, env=dict(plan.environment), preexec_fn=confine, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+
+
+def test_the_man_page_example_is_a_valid_profile(tmp_path):
+    page = (REPO / "man" / "jailer-profile.5").read_text()
+    example = page.split(".SH EXAMPLE\n.EX\n", 1)[1].split("\n.EE\n", 1)[0].replace("\\-", "-")
+    plan = build_plan(write(tmp_path, example), euid=0, environ={})
+    assert plan.name == "gpio0" and plan.fds[0].number == 3 and plan.program.runtime == "python"
+    assert SeccompRule("socket", action="errno", errno=13) in plan.seccomp.rules
