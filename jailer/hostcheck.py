@@ -16,6 +16,7 @@ import os
 
 import click
 
+from jailer.errors import UsageError
 from jailer.inspect import profile_command
 
 CLONE_FLAGS = {
@@ -234,22 +235,27 @@ def _probe_as(uid, gid, probe):
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        status = 1
         try:
             os.close(read_end)
             if (uid, gid) != (os.geteuid(), os.getegid()):
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
-            os.write(write_end, json.dumps(probe()).encode())
-            status = 0
+            result = {"result": probe()}
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
-            os._exit(status)
+            os.write(write_end, json.dumps(result).encode())
+            os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     os.waitpid(pid, 0)
-    return json.loads(data) if data else {}
+    answer = json.loads(data) if data else {"error": "the probe process died"}
+    if "error" in answer:
+        raise UsageError(f"cannot probe the host as uid {uid}, gid {gid}: {answer['error']} (answering for "
+                         "another user with --as-user needs root)")
+    return answer["result"]
 
 
 def _probe_namespaces(user_namespace):

@@ -345,11 +345,15 @@ class _PlanBuilder:
             return P.ProgramPlan(argv=tuple(argv) or ("",), executable=executable or "/", cwd=cwd), None
         from jailer import runtime
 
-        if runtime_name == "python":
-            resolved = runtime.python_runtime(argv, modules, r.get(section, "program", "site", _boolean, False),
-                                              r.fail)
-        else:
-            resolved = runtime.native_runtime(argv, executable, r.fail)
+        try:
+            if runtime_name == "python":
+                resolved = runtime.python_runtime(argv, modules, r.get(section, "program", "site", _boolean, False),
+                                                  r.fail)
+            else:
+                resolved = runtime.native_runtime(argv, executable, r.fail)
+        except OSError as exc:
+            r.fail("program.runtime", f"found {runtime_name!r}, whose files cannot be resolved: {exc}")
+            resolved = None
         if resolved is None:
             return P.ProgramPlan(argv=tuple(argv), executable=executable or "/", cwd=cwd), None
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,

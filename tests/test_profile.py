@@ -77,8 +77,8 @@ proc = false
 devices = ["/dev/null"]
 
 [[filesystem.bind]]
-source = "/etc/hostname"
-target = "/etc/hostname"
+source = "/etc/passwd"
+target = "/etc/users"
 
 [[filesystem.bind]]
 source = "/nonexistent/state"
@@ -166,7 +166,7 @@ def test_every_section_maps_onto_the_plan(tmp_path):
     assert plan.identity == IdentityPlan(1000, 1001, (IdMap(1000, 1000),), (IdMap(1001, 1001),))
     fs = plan.filesystem
     assert fs.root_size == 2 << 20 and not fs.readonly_root and not fs.proc and fs.devices == ("/dev/null",)
-    assert fs.binds[-2:] == (Bind("/etc/hostname", "/etc/hostname"),
+    assert fs.binds[-2:] == (Bind("/etc/passwd", "/etc/users"),
                              Bind("/nonexistent/state", "/state", writable=True, optional=True))
     assert fs.tmpfs == (Tmpfs("/tmp", 16 << 20, 0o1777),)
     assert fs.symlinks[-1] == Symlink("/etc/mtab", "/proc/self/mounts")
