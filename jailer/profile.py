@@ -320,6 +320,10 @@ class _PlanBuilder:
             return P.ProgramPlan(argv=("",), executable="/"), None
         runtime_name = r.get(section, "program", "runtime", _choice(P.RUNTIMES), "native")
         argv = r.require(section, "program", "argv", _string_list, "an array of strings") or []
+        if "argv" in section and section["argv"] == []:
+            r.wrong("program.argv", [], "at least one element" + (" (the interpreter's arguments, e.g. "
+                                                                 '["-m", "module"])' if runtime_name == "python"
+                                                                 else " (the program)"))
         for index, arg in enumerate(argv):
             for fd in _FD_PLACEHOLDER.findall(arg):
                 if fd not in fd_names:

@@ -281,6 +281,8 @@ def test_example_profiles_are_valid():
     ("[seccomp]\nallow = [\"@default\"]\n", "P: program: missing, expected a [program] table with at least argv"),
     ("[program]\nargv = \"/bin/true\"\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.argv: found "/bin/true", expected an array of non-empty strings'),
+    ("[program]\nargv = []\n[seccomp]\nallow = [\"@default\"]\n",
+     "P: program.argv: found an array, expected at least one element (the program)"),
     ("[program]\nargv = [\"no-such-program-anywhere\"]\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.argv[0]: found "no-such-program-anywhere", expected an absolute path or a program in '
      "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
