@@ -400,3 +400,65 @@ def test_the_man_page_example_is_a_valid_profile(tmp_path):
     plan = build_plan(write(tmp_path, example), euid=0, environ={})
     assert plan.name == "gpio0" and plan.fds[0].number == 3 and plan.program.runtime == "python"
     assert SeccompRule("socket", action="errno", errno=13) in plan.seccomp.rules
+
+
+DEVICE_SERVER = """
+import mmap, os, selectors, signal, socket, struct, sys
+signal.signal(signal.SIGTERM, lambda *_: None)
+listener = socket.socket(fileno=int(sys.argv[1]))
+client, _ = listener.accept()
+selector = selectors.DefaultSelector()
+selector.register(client, selectors.EVENT_READ)
+selector.select(timeout=10)
+message, ancillary, _, _ = client.recvmsg(64, socket.CMSG_SPACE(2 * 4))
+dma_fd, irq_fd = struct.unpack("2i", ancillary[0][2])
+dma = mmap.mmap(dma_fd, 4096)
+dma[:len(message)] = message.upper()
+os.eventfd_write(irq_fd, 1)
+client.sendall(b"done")
+"""
+
+
+def test_vfio_user_group_serves_a_client_passing_dma_and_irq_descriptors(tmp_path):
+    """The descriptor traffic of a vfio-user server, under a kill-by-default filter built from "@vfio-user"."""
+    import socket
+    import struct
+    import subprocess
+
+    import pyseccomp
+
+    profile = write(tmp_path, '[program]\nruntime = "python"\nargv = ["-c", ' + json.dumps(DEVICE_SERVER)
+                    + ', "{fd:listener}"]\n[seccomp]\nallow = ["@vfio-user"]\n[[fds]]\nname = "listener"\nkind = "unix-listener"\n'
+                    'number = 3\n')
+    plan = build_plan(profile, environ={})
+
+    def confine():
+        confined = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
+        for rule in plan.seccomp.rules:
+            confined.add_rule(pyseccomp.ALLOW, rule.syscall)
+        confined.load()
+
+    path = str(tmp_path / "dev.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        argv = [arg.replace("{fd:listener}", str(listener.fileno())) for arg in plan.program.argv]
+        server = subprocess.Popen(argv, env=dict(plan.environment), preexec_fn=confine,
+                                  pass_fds=(listener.fileno(),), stderr=subprocess.PIPE, text=True)
+        dma_fd, irq_fd = os.memfd_create("dma"), os.eventfd(0)
+        os.ftruncate(dma_fd, 4096)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(20)
+                client.connect(path)
+                client.sendmsg([b"dma-write"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 struct.pack("2i", dma_fd, irq_fd))])
+                assert client.recv(4) == b"done"
+            assert server.wait(timeout=20) == 0, server.stderr.read()
+            assert os.pread(dma_fd, 9, 0) == b"DMA-WRITE" and os.eventfd_read(irq_fd) == 1
+        finally:
+            server.kill()
+            server.wait()
+            server.stderr.close()
+            os.close(dma_fd)
+            os.close(irq_fd)
