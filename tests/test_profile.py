@@ -371,25 +371,29 @@ def test_profile_module_import_stays_cheap():
     assert out.stdout.strip() == "[]"
 
 
-def test_python_group_is_enough_to_start_python_and_import_the_devices(tmp_path):
-    """The "@python" group, loaded as a kill-by-default filter right before exec, runs the python runtime."""
-    import subprocess
-    import sys
-
+def allow_only(plan):
+    """A preexec function loading a kill-by-default filter that allows exactly the plan's syscalls."""
     import pyseccomp
-
-    profile = write(tmp_path, '[program]\nruntime = "python"\nmodules = ["devices"]\nargv = ["-c", '
-                    '"import devices, click, toml, json, selectors, socket, struct; print(\'ok\')"]\n'
-                    '[seccomp]\nallow = ["@python"]\n')
-    plan = build_plan(profile, environ={})
 
     def confine():
         confined = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
         for rule in plan.seccomp.rules:
             confined.add_rule(pyseccomp.ALLOW, rule.syscall)
         confined.load()
+    return confine
 
-    done = subprocess.run(plan.program.argv, env=dict(plan.environment), preexec_fn=confine, capture_output=True,
+
+def test_python_group_is_enough_to_start_python_and_import_the_devices(tmp_path):
+    """The "@python" group, loaded as a kill-by-default filter right before exec, runs the python runtime."""
+    import subprocess
+    import sys
+
+    profile = write(tmp_path, '[program]\nruntime = "python"\nmodules = ["devices"]\nargv = ["-c", '
+                    '"import devices, click, toml, json, selectors, socket, struct; print(\'ok\')"]\n'
+                    '[seccomp]\nallow = ["@python"]\n')
+    plan = build_plan(profile, environ={})
+
+    done = subprocess.run(plan.program.argv, env=dict(plan.environment), preexec_fn=allow_only(plan), capture_output=True,
                           text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
 
@@ -425,25 +429,17 @@ def test_vfio_user_group_serves_a_client_passing_dma_and_irq_descriptors(tmp_pat
     import struct
     import subprocess
 
-    import pyseccomp
-
     profile = write(tmp_path, '[program]\nruntime = "python"\nargv = ["-c", ' + json.dumps(DEVICE_SERVER)
                     + ', "{fd:listener}"]\n[seccomp]\nallow = ["@vfio-user"]\n[[fds]]\nname = "listener"\nkind = "unix-listener"\n'
                     'number = 3\n')
     plan = build_plan(profile, environ={})
-
-    def confine():
-        confined = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
-        for rule in plan.seccomp.rules:
-            confined.add_rule(pyseccomp.ALLOW, rule.syscall)
-        confined.load()
 
     path = str(tmp_path / "dev.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
         listener.listen(1)
         argv = [arg.replace("{fd:listener}", str(listener.fileno())) for arg in plan.program.argv]
-        server = subprocess.Popen(argv, env=dict(plan.environment), preexec_fn=confine,
+        server = subprocess.Popen(argv, env=dict(plan.environment), preexec_fn=allow_only(plan),
                                   pass_fds=(listener.fileno(),), stderr=subprocess.PIPE, text=True)
         dma_fd, irq_fd = os.memfd_create("dma"), os.eventfd(0)
         os.ftruncate(dma_fd, 4096)
