@@ -458,3 +458,15 @@ def test_vfio_user_group_serves_a_client_passing_dma_and_irq_descriptors(tmp_pat
             server.stderr.close()
             os.close(dma_fd)
             os.close(irq_fd)
+
+
+@pytest.mark.parametrize("name", ["true.toml", "python-hello.toml"])
+def test_example_programs_run_under_their_own_seccomp_rules(name):
+    import subprocess
+
+    plan = build_plan(str(EXAMPLES / name), environ={})
+    assert all(rule.action == "allow" and not rule.args for rule in plan.seccomp.rules)
+    # close_fds=False: after the filter is loaded the harness must do nothing but execve, like the launcher.
+    done = subprocess.run(plan.program.argv, executable=plan.program.executable, env=dict(plan.environment),
+                          preexec_fn=allow_only(plan), close_fds=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
