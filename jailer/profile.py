@@ -44,7 +44,8 @@ RULE_KEYS = ("syscall", "action", "errno", "args")
 ARG_KEYS = ("index", "op", "value", "mask")
 LIMIT_KEYS = tuple(sorted(SIZE_RLIMITS + COUNT_RLIMITS)) + ("cgroup",)
 RLIMIT_KEYS = ("soft", "hard")
-CGROUP_KEYS = ("memory", "pids", "cpu", "cpu_period_us", "parent")
+CGROUP_KEYS = ("memory", "pids", "cpu", "parent")
+CPU_KEYS = ("quota_us", "period_us")
 FD_KEYS = ("name", "kind", "number", "path", "size", "mode", "required")
 NETWORK_KEYS = ("mode", "host_ifname", "sandbox_ifname", "host_address", "sandbox_address")
 ENVIRONMENT_KEYS = ("set", "pass")
@@ -545,11 +546,17 @@ class _PlanBuilder:
         cgroup = None
         if "cgroup" in section:
             entry = r.table(section["cgroup"], "limits.cgroup", CGROUP_KEYS)
-            period = r.get(entry, "limits.cgroup", "cpu_period_us", _integer(1000, 1000000), 100000)
+            period = P.CgroupPlan.cpu_period_us
+            if isinstance(entry.get("cpu"), dict):
+                cpu = r.table(entry["cpu"], "limits.cgroup.cpu", CPU_KEYS)
+                period = r.get(cpu, "limits.cgroup.cpu", "period_us", _integer(1000, 1000000), period)
+                quota = r.require(cpu, "limits.cgroup.cpu", "quota_us", _integer(1000), "an integer >= 1000")
+            else:
+                quota = r.get(entry, "limits.cgroup", "cpu", _cpu_quota(period))
             cgroup = P.CgroupPlan(
                 memory_max=r.get(entry, "limits.cgroup", "memory", parse_size),
                 pids_max=r.get(entry, "limits.cgroup", "pids", _integer(1)),
-                cpu_quota_us=r.get(entry, "limits.cgroup", "cpu", _cpu_quota(period)),
+                cpu_quota_us=quota,
                 cpu_period_us=period,
                 parent=r.get(entry, "limits.cgroup", "parent", _matching(
                     re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z"),
@@ -667,7 +674,8 @@ def _cpu_quota(period):
         match = _PERCENT.match(value) if isinstance(value, str) else None
         if match and float(match.group(1)) > 0:
             return max(1000, round(float(match.group(1)) * period / 100))
-        raise _Invalid('a share of one CPU like "50%" (above 100% for several CPUs)')
+        raise _Invalid('a share of one CPU like "50%" (above 100% for several CPUs) or a table like '
+                       '{ quota_us = 50000, period_us = 100000 }')
     return convert
 
 

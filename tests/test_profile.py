@@ -190,6 +190,12 @@ def test_every_section_maps_onto_the_plan(tmp_path):
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
+def test_cpu_quota_as_a_table(tmp_path):
+    plan = build_plan(write(tmp_path, BASE + "[limits.cgroup]\ncpu = { quota_us = 20000, period_us = 50000 }\n"),
+                      euid=0)
+    assert plan.limits.cgroup == CgroupPlan(cpu_quota_us=20000, cpu_period_us=50000)
+
+
 def test_unprivileged_invocation_maps_the_inside_ids_to_the_caller(tmp_path):
     path = write(tmp_path, FULL)
     plan = build_plan(path, euid=1234, egid=2345, environ={})
@@ -260,7 +266,10 @@ def test_example_profiles_are_valid():
      "P: limits.nofiles: found unknown key, expected one of as, core, cpu, data, fsize, locks, memlock, msgqueue, "
      "nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack, cgroup (did you mean 'nofile'?)"),
     (BASE + "[limits.cgroup]\ncpu = \"fast\"\n",
-     'P: limits.cgroup.cpu: found "fast", expected a share of one CPU like "50%" (above 100% for several CPUs)'),
+     'P: limits.cgroup.cpu: found "fast", expected a share of one CPU like "50%" (above 100% for several CPUs) '
+     "or a table like { quota_us = 50000, period_us = 100000 }"),
+    (BASE + "[limits.cgroup]\ncpu = { period_us = 50000 }\n",
+     "P: limits.cgroup.cpu.quota_us: missing, expected an integer >= 1000"),
     (BASE + "[network]\nmode = \"bridge\"\n",
      'P: network.mode: found "bridge", expected one of none, loopback, veth'),
     (BASE + "[network]\nmode = \"veth\"\nhost_address = \"10.0.0.1/30\"\nsandbox_address = \"10.9.0.2/30\"\n",
