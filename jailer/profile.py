@@ -67,6 +67,24 @@ def load_profile(path):
         return toml.loads(text)
     except toml.TomlDecodeError as exc:
         raise ProfileError([f"{path}:{exc.lineno}:{exc.colno}: TOML syntax error: {_toml_message(exc.msg)}"]) from None
+    except Exception as exc:  # the toml package trips over some malformed input instead of reporting it
+        line = _first_failing_line(toml, text, type(exc))
+        raise ProfileError([f"{path}:{line}:1: TOML syntax error: cannot parse this line (the parser failed with "
+                            f"{type(exc).__name__}; check for mixed-type arrays and unbalanced quotes or brackets)"]
+                           ) from None
+
+
+def _first_failing_line(toml, text, error):
+    """The first line whose inclusion makes the parser fail with `error` (1 if none is found)."""
+    lines = text.splitlines()
+    for count in range(1, len(lines) + 1):
+        try:
+            toml.loads("\n".join(lines[:count]))
+        except error:
+            return count
+        except Exception:
+            continue
+    return 1
 
 
 def _toml_message(message):

@@ -341,6 +341,9 @@ def test_all_problems_are_collected_at_once(tmp_path):
     ("name = \"x\"\nname = \"y\"\n", "P:2:1: TOML syntax error: Duplicate keys!"),
     ("[program]\nargv = [\"/bin/true\"]\n[namespaces]\nuser = tru\n",
      "P:4:1: TOML syntax error: invalid value 'tru'"),
+    ("[program]\nargv = [\"/bin/true\"]\nruntime = [ \"/bin/true\", false,]\n",
+     "P:3:1: TOML syntax error: cannot parse this line (the parser failed with IndexError; check for mixed-type "
+     "arrays and unbalanced quotes or brackets)"),
 ])
 def test_toml_syntax_errors_name_the_file_line_and_column(tmp_path, text, expected):
     assert problems(tmp_path, text) == [expected]
