@@ -217,6 +217,8 @@ class _Launch:
                     elif fd == exec_r:
                         poller.unregister(exec_r)
                         exec_open = False
+                        while self._receive(sock, block=False):   # an exec failure is reported first
+                            pass
                         self._exec_done()
                     elif fd == wake_r:
                         _drain(wake_r)
@@ -365,6 +367,8 @@ class _Launch:
 
     def _forward_signals(self):
         while self.pending_signals:
+            if not self.started and self.program_pid is not None and not self.error:
+                return   # the program is being exec'd: deliver once it runs
             signum = self.pending_signals.pop(0)
             if not self.started:
                 self._kill_sandbox(self.setup_pid)   # interrupted during set-up: tear it down

@@ -44,7 +44,8 @@ RULE_KEYS = ("syscall", "action", "errno", "args")
 ARG_KEYS = ("index", "op", "value", "mask")
 LIMIT_KEYS = tuple(sorted(SIZE_RLIMITS + COUNT_RLIMITS)) + ("cgroup",)
 RLIMIT_KEYS = ("soft", "hard")
-CGROUP_KEYS = ("memory", "pids", "cpu", "cpu_period_us", "parent")
+CGROUP_KEYS = ("memory", "pids", "cpu", "parent")
+CPU_KEYS = ("quota_us", "period_us")
 FD_KEYS = ("name", "kind", "number", "path", "size", "mode", "required")
 NETWORK_KEYS = ("mode", "host_ifname", "sandbox_ifname", "host_address", "sandbox_address")
 ENVIRONMENT_KEYS = ("set", "pass")
@@ -66,6 +67,24 @@ def load_profile(path):
         return toml.loads(text)
     except toml.TomlDecodeError as exc:
         raise ProfileError([f"{path}:{exc.lineno}:{exc.colno}: TOML syntax error: {_toml_message(exc.msg)}"]) from None
+    except Exception as exc:  # the toml package trips over some malformed input instead of reporting it
+        line = _first_failing_line(toml, text, type(exc))
+        raise ProfileError([f"{path}:{line}:1: TOML syntax error: cannot parse this line (the parser failed with "
+                            f"{type(exc).__name__}; check for mixed-type arrays and unbalanced quotes or brackets)"]
+                           ) from None
+
+
+def _first_failing_line(toml, text, error):
+    """The first line whose inclusion makes the parser fail with `error` (1 if none is found)."""
+    lines = text.splitlines()
+    for count in range(1, len(lines) + 1):
+        try:
+            toml.loads("\n".join(lines[:count]))
+        except error:
+            return count
+        except Exception:
+            continue
+    return 1
 
 
 def _toml_message(message):
@@ -320,6 +339,10 @@ class _PlanBuilder:
             return P.ProgramPlan(argv=("",), executable="/"), None
         runtime_name = r.get(section, "program", "runtime", _choice(P.RUNTIMES), "native")
         argv = r.require(section, "program", "argv", _string_list, "an array of strings") or []
+        if "argv" in section and section["argv"] == []:
+            r.wrong("program.argv", [], "at least one element" + (" (the interpreter's arguments, e.g. "
+                                                                 '["-m", "module"])' if runtime_name == "python"
+                                                                 else " (the program)"))
         for index, arg in enumerate(argv):
             for fd in _FD_PLACEHOLDER.findall(arg):
                 if fd not in fd_names:
@@ -345,11 +368,15 @@ class _PlanBuilder:
             return P.ProgramPlan(argv=tuple(argv) or ("",), executable=executable or "/", cwd=cwd), None
         from jailer import runtime
 
-        if runtime_name == "python":
-            resolved = runtime.python_runtime(argv, modules, r.get(section, "program", "site", _boolean, False),
-                                              r.fail)
-        else:
-            resolved = runtime.native_runtime(argv, executable, r.fail)
+        try:
+            if runtime_name == "python":
+                resolved = runtime.python_runtime(argv, modules, r.get(section, "program", "site", _boolean, False),
+                                                  r.fail)
+            else:
+                resolved = runtime.native_runtime(argv, executable, r.fail)
+        except OSError as exc:
+            r.fail("program.runtime", f"found {runtime_name!r}, whose files cannot be resolved: {exc}")
+            resolved = None
         if resolved is None:
             return P.ProgramPlan(argv=tuple(argv), executable=executable or "/", cwd=cwd), None
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,
@@ -537,11 +564,17 @@ class _PlanBuilder:
         cgroup = None
         if "cgroup" in section:
             entry = r.table(section["cgroup"], "limits.cgroup", CGROUP_KEYS)
-            period = r.get(entry, "limits.cgroup", "cpu_period_us", _integer(1000, 1000000), 100000)
+            period = P.CgroupPlan.cpu_period_us
+            if isinstance(entry.get("cpu"), dict):
+                cpu = r.table(entry["cpu"], "limits.cgroup.cpu", CPU_KEYS)
+                period = r.get(cpu, "limits.cgroup.cpu", "period_us", _integer(1000, 1000000), period)
+                quota = r.require(cpu, "limits.cgroup.cpu", "quota_us", _integer(1000), "an integer >= 1000")
+            else:
+                quota = r.get(entry, "limits.cgroup", "cpu", _cpu_quota(period))
             cgroup = P.CgroupPlan(
                 memory_max=r.get(entry, "limits.cgroup", "memory", parse_size),
                 pids_max=r.get(entry, "limits.cgroup", "pids", _integer(1)),
-                cpu_quota_us=r.get(entry, "limits.cgroup", "cpu", _cpu_quota(period)),
+                cpu_quota_us=quota,
                 cpu_period_us=period,
                 parent=r.get(entry, "limits.cgroup", "parent", _matching(
                     re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z"),
@@ -659,7 +692,8 @@ def _cpu_quota(period):
         match = _PERCENT.match(value) if isinstance(value, str) else None
         if match and float(match.group(1)) > 0:
             return max(1000, round(float(match.group(1)) * period / 100))
-        raise _Invalid('a share of one CPU like "50%" (above 100% for several CPUs)')
+        raise _Invalid('a share of one CPU like "50%" (above 100% for several CPUs) or a table like '
+                       '{ quota_us = 50000, period_us = 100000 }')
     return convert
 
 
