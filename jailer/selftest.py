@@ -287,8 +287,10 @@ def run_probe(profile_path, targets, fd_options, fds):
             break
         if started is None or status <= 128:
             detail = (stderr.strip().splitlines() or ["no output"])[-1]
-            raise SelftestError(f"the probe did not run inside the sandbox ({decode_status(status)}): {detail}. "
-                                "The profile's seccomp filter must allow the probe's Python start-up")
+            hint = (". The profile's seccomp filter must allow the probe's Python start-up"
+                    if status > 128 and not results else "")
+            raise SelftestError(f"the probe did not run inside the sandbox ({decode_status(status)}): "
+                                f"{detail}{hint}")
         name = probe.signal_name(status - 128)
         results[started] = probe.check(started, probe.BLOCKED, {"outcome": f"signal:{name}", "signal": name},
                                        detail="the sandbox was ended")

@@ -1,4 +1,11 @@
-"""jailer selftest: what the profile's rules call for, the derived profile, the report."""
+"""jailer selftest: what the profile's rules call for, the derived profile, the report, the command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from jailer import escape_probe as probe
 from jailer import selftest
@@ -100,3 +107,53 @@ def test_fork_for_the_probe_never_allows_namespace_flags():
     assert selftest.seccomp_action(plan, "clone", (fork_flags,)) == ("allow", None)
     for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000):
         assert selftest.seccomp_action(plan, "clone", (fork_flags | flag,)) == ("kill", None)
+
+
+# --- the command, on real sandboxes --------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROFILES = os.path.join(REPO, "tests", "profiles")
+
+
+def selftest_command(*args):
+    return subprocess.run([sys.executable, "-m", "jailer.selftest", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the tight profile's memory limit needs root (cgroup v1)")
+def test_tight_profile_passes_with_a_verdict_per_check():
+    result = selftest_command(os.path.join(PROFILES, "escape-tight.toml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("jailer selftest ") and "Seccomp 2" in lines[0]
+    verdicts = {line.split()[1]: line.split()[0] for line in lines[1:-1]}
+    assert verdicts == {name: "blocked" for name in probe.CHECKS}
+    assert lines[-1] == f"overall: blocked ({len(probe.CHECKS)} blocked)"
+
+
+def test_leaky_profile_fails_naming_each_open_door():
+    result = selftest_command("--json", os.path.join(PROFILES, "escape-leaky.toml"))
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["overall"] == "escaped"
+    assert {"host_processes", "tcp_loopback", "ptrace_traceme", "user_namespace", "clone_new_user", "clone3",
+            "keyctl", "add_key"} <= set(report["escaped"]), report["escaped"]
+    assert report["added_for_probe"] == []          # an allow-all filter needs nothing added
+    checks = {check["name"]: check for check in report["checks"]}
+    assert checks["seccomp_mode"]["verdict"] == "blocked"   # a filter is loaded, it just allows everything
+    assert checks["capabilities"]["verdict"] == "blocked"
+
+
+def test_profile_that_cannot_run_python_is_refused_in_one_line():
+    """A native program's kill-by-default filter stops the probe's interpreter: said, not hidden."""
+    result = selftest_command(os.path.join(REPO, "profiles", "examples", "true.toml"))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("jailer: the probe did not run inside the sandbox")
+
+
+def test_missing_profile_is_a_profile_error():
+    result = selftest_command("/nonexistent/profile.toml")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "jailer: /nonexistent/profile.toml: cannot read the profile: No such file or directory"
