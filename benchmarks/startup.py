@@ -25,7 +25,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROFILE = os.path.join(REPO, "profiles", "examples", "true.toml")
 SYSTEM_PYTHON = "/usr/bin/python3"
-UNPRIVILEGED = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
+UNPRIVILEGED_UID = 65534
+UNPRIVILEGED = ("setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups",
+                "--inh-caps=-all")
 PROJECT_PACKAGES = ("jailer", "devices")
 TARGET_RATIO = 2.0   # jailer should cost at most twice bwrap
 
@@ -58,6 +60,7 @@ def world_readable_copy(dest, repo=REPO):
         if os.path.isdir(os.path.join(repo, package)):
             shutil.copytree(os.path.join(repo, package), os.path.join(project, package), ignore=ignore)
     shutil.copytree(site_packages, libs, ignore=ignore, symlinks=True)
+    precompile(dest)
     for root, dirs, files in os.walk(dest):
         os.chmod(root, 0o755)
         for name in files:
@@ -139,12 +142,29 @@ def loop_medians(commands, runs, warmup):
     return medians
 
 
+def precompile(directory):
+    """Write the bytecode a real install has, even when PYTHONDONTWRITEBYTECODE is set here."""
+    import compileall
+
+    compileall.compile_dir(directory, quiet=2)
+
+
+def own_home(scratch, uid):
+    """A home directory for uid, so jailer's per-user plan cache works as it would for that user."""
+    home = os.path.join(scratch, f"home-{uid}")
+    os.makedirs(home, 0o700, exist_ok=True)
+    os.chown(home, uid, uid)
+    return home
+
+
 def measure(unprivileged, runs, warmup, scratch):
     """Medians in ms per command for one identity, plus the commands that could not run."""
     jailer_argv, pythonpath = jailer_command(unprivileged, scratch)
-    env = dict(os.environ)
+    env = {key: value for key, value in os.environ.items() if key != "XDG_CACHE_HOME"}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    if unprivileged:
+        env["HOME"] = own_home(scratch, UNPRIVILEGED_UID)
     commands = {"jailer": jailer_argv, **peer_commands()}
     failures = {}
     for name, argv in list(commands.items()):
@@ -188,6 +208,9 @@ def main(argv=None):
         return 0
     identities = {"root": False, "unprivileged": True} if os.geteuid() == 0 else {"unprivileged": False}
     rows, failures = {}, {}
+    for package in PROJECT_PACKAGES:
+        if os.path.isdir(os.path.join(REPO, package)):
+            precompile(os.path.join(REPO, package))
     with tempfile.TemporaryDirectory(prefix="jailer-bench-") as scratch:
         os.chmod(scratch, 0o777)
         for identity, drop in identities.items():
