@@ -416,20 +416,17 @@ def check_seccomp_mode(options):
 
 
 def check_no_new_privs(options):
-    before = status_field_check("no_new_privs", {"NoNewPrivs": "1"})
-    unset = in_child(lambda: _libc_prctl(PR_SET_NO_NEW_PRIVS, 0))
-    after = status_field_check("no_new_privs", {"NoNewPrivs": "1"})
-    verdict = BLOCKED if before["verdict"] == after["verdict"] == BLOCKED else ESCAPED
-    return check("no_new_privs", verdict, {"outcome": before["outcome"]}, unset_attempt=unset["outcome"])
+    return status_field_check("no_new_privs", {"NoNewPrivs": "1"})
 
 
-def _libc_prctl(option, value):
+def unset_no_new_privs():
+    """prctl(PR_SET_NO_NEW_PRIVS, 0): the kernel only ever accepts 1 (EINVAL); a filter may refuse first."""
     ctypes.set_errno(0)
-    if _libc.prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0),
                    ctypes.c_ulong(0)) == -1:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-    return int(proc_status().get("NoNewPrivs", "-1"))
+    return f"NoNewPrivs={proc_status().get('NoNewPrivs')} after the call"
 
 
 def open_fds():
@@ -515,6 +512,8 @@ CHECKS = {
     "proc_sys_write": check_proc_sys_write,
     "capabilities": check_capabilities,
     "no_new_privs": check_no_new_privs,
+    "no_new_privs_unset": lambda options: syscall_check(
+        "no_new_privs_unset", unset_no_new_privs, denials=SECCOMP_DENIALS | {errno.EINVAL}),
     "seccomp_mode": check_seccomp_mode,
     "fds": check_fds,
     "rlimits": check_rlimits,

@@ -164,6 +164,7 @@ TIGHT_OUTCOMES = {
     "capabilities": "CapInh=0000000000000000, CapPrm=0000000000000000, CapEff=0000000000000000, "
                     "CapBnd=0000000000000000, CapAmb=0000000000000000",
     "no_new_privs": "NoNewPrivs=1",
+    "no_new_privs_unset": "EINVAL",
     "seccomp_mode": "Seccomp=2",
     "fds": "fds [0, 1, 2]",
     "rlimits": "as configured",

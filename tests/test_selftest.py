@@ -157,3 +157,23 @@ def test_missing_profile_is_a_profile_error():
     result = selftest_command("/nonexistent/profile.toml")
     assert result.returncode == 2
     assert result.stderr.strip() == "jailer: /nonexistent/profile.toml: cannot read the profile: No such file or directory"
+
+
+def python_examples():
+    import glob
+
+    import toml
+
+    paths = sorted(glob.glob(os.path.join(REPO, "profiles", "examples", "*.toml")))
+    return [path for path in paths if toml.load(path).get("program", {}).get("runtime") == "python"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="example profiles' cgroup limits need root (cgroup v1)")
+@pytest.mark.parametrize("profile", python_examples(), ids=os.path.basename)
+def test_shipped_python_examples_hold(profile):
+    """Every example a user may copy must pass its own self-test."""
+    result = selftest_command("--json", profile)
+    report = json.loads(result.stdout) if result.stdout else result.stderr
+    assert isinstance(report, dict), report
+    assert report["escaped"] == [] and result.returncode == 0, [c for c in report["checks"]
+                                                                 if c["verdict"] != "blocked"]
