@@ -252,7 +252,9 @@ def supplied_fds(fds, scratch, stack):
 
 def run_in_sandbox(profile_path, targets, fd_options, fds, checks):
     """One `jailer run` of the derived profile on `checks`; returns (exit status, events, stderr)."""
-    argv = [sys.executable, "-m", "jailer", "run", *fd_options, profile_path, "--", "--only", ",".join(checks)]
+    # --no-cache: the derived profile is used once, its cache entry would only be left behind.
+    argv = [sys.executable, "-m", "jailer", "run", "--no-cache", *fd_options, profile_path,
+            "--", "--only", ",".join(checks)]
     try:
         result = subprocess.run(argv, stdin=targets.terminal_slave, capture_output=True, text=True,
                                 pass_fds=fds, timeout=SANDBOX_TIMEOUT, start_new_session=True)
