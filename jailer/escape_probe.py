@@ -61,6 +61,7 @@ SECCOMP_DENIALS = {errno.EPERM, errno.EACCES, errno.ENOSYS}
 CHILD_TIMEOUT = 5.0
 MEMORY_HOG_TIMEOUT = 30.0
 MEMORY_HOG_STEP = 4 << 20
+MEMORY_HOG_REPORTS = 256
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -117,7 +118,9 @@ def in_child(action, *args, timeout=CHILD_TIMEOUT):
     """Run action(*args) in a forked child so a seccomp kill ends only the child.
 
     Returns the outcome dict of attempt(), or {"outcome": "signal:SIGSYS", "signal": ...}
-    when the child was killed, or an exit code if it died without reporting.
+    when the child was killed, or an exit code if it died without reporting. An action
+    may call progress(value) first (see report_progress); the last value reported is
+    kept as "progress", so a killed child still says how far it got.
     """
     read_end, write_end = os.pipe()
     try:
@@ -129,24 +132,37 @@ def in_child(action, *args, timeout=CHILD_TIMEOUT):
     if pid == 0:
         os.close(read_end)
         status = 0
+        global _progress_fd
+        _progress_fd = write_end
         try:
-            payload = json.dumps(attempt(action, *args)).encode()
-            os.write(write_end, payload)
+            os.write(write_end, json.dumps(attempt(action, *args)).encode() + b"\n")
         except BaseException:
             status = 70
         os._exit(status)
     os.close(write_end)
     try:
         status = _wait_bounded(pid, timeout)
-        payload = _read_all(read_end)
+        lines = [json.loads(line) for line in _read_all(read_end).splitlines()]
     finally:
         os.close(read_end)
+    progress = [line["progress"] for line in lines if "progress" in line]
+    result = [line for line in lines if "outcome" in line]
     if os.WIFSIGNALED(status):
         name = signal_name(os.WTERMSIG(status))
-        return {"outcome": f"signal:{name}", "signal": name}
-    if payload:
-        return json.loads(payload)
-    return {"outcome": f"exit:{os.WEXITSTATUS(status)}", "exit_code": os.WEXITSTATUS(status)}
+        outcome = {"outcome": f"signal:{name}", "signal": name}
+    elif result:
+        outcome = result[-1]
+    else:
+        outcome = {"outcome": f"exit:{os.WEXITSTATUS(status)}", "exit_code": os.WEXITSTATUS(status)}
+    return outcome | ({"progress": progress[-1]} if progress else {})
+
+
+_progress_fd = None
+
+
+def report_progress(value):
+    """Called by an action running under in_child: how far it got, in case it is killed."""
+    os.write(_progress_fd, json.dumps({"progress": value}).encode() + b"\n")
 
 
 def _wait_bounded(pid, timeout):
@@ -282,10 +298,15 @@ def connect_tcp(host, port):
 
 
 def memory_hog(limit):
+    """Allocate and touch up to limit bytes, reporting the total after each step.
+
+    At most MEMORY_HOG_REPORTS reports, so they always fit the result pipe's buffer."""
+    step = max(MEMORY_HOG_STEP, -(-limit // MEMORY_HOG_REPORTS))
     chunks = []
-    while len(chunks) * MEMORY_HOG_STEP < limit:
-        chunks.append(b"\x5a" * MEMORY_HOG_STEP)    # touched pages, not just reserved
-    return len(chunks) * MEMORY_HOG_STEP
+    while len(chunks) * step < limit:
+        chunks.append(b"\x5a" * step)    # touched pages, not just reserved
+        report_progress(len(chunks) * step)
+    return len(chunks) * step
 
 
 # --- the checks ----------------------------------------------------------------------------
@@ -480,7 +501,8 @@ def check_memory_limit(options):
         verdict = BLOCKED
     else:
         verdict = ESCAPED
-    return check("memory_limit", verdict, outcome, bytes=options.memory_hog)
+    return check("memory_limit", verdict, outcome, bytes=options.memory_hog,
+                 allocated_before_end=outcome.pop("progress", 0))
 
 
 def check_syscall(name, action):

@@ -252,3 +252,12 @@ def test_sandbox_selftest_passes_overall(tight_reports, invocation):
     assert not escaped, escaped
     if invocation == "root":
         assert status == 0 and report["overall"] == "blocked"
+
+
+def test_memory_hog_is_stopped_below_the_cgroup_limit(tight_reports):
+    """OOM-killed while the sandbox as a whole reached limits.cgroup.memory (64M), not before it started."""
+    if "root" not in tight_reports:
+        pytest.skip("cgroup v1 limits need root")
+    check = by_name(tight_reports["root"][1])["memory_limit"]
+    assert check["outcome"] == "signal:SIGKILL", check
+    assert 0 < check["allocated_before_end"] < 64 << 20, check
