@@ -91,6 +91,8 @@ def parse(argv) -> Arguments:
 
 
 def cache_dir() -> str:
+    if os.environ.get("JAILER_CACHE_DIR"):
+        return os.environ["JAILER_CACHE_DIR"]
     if os.geteuid() == 0:
         return "/var/cache/jailer"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
