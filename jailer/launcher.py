@@ -461,6 +461,7 @@ class _Child:
 
             syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
             syscalls.setfsgid(plan.identity.gid)
+        self._die_with(self.launcher_pid)   # unshare and setfs[ug]id cleared the parent-death signal
         if "pid_namespace" not in entered:
             self.inside()
             return
