@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import _socket
 import fcntl
+import gc
 import marshal
 import os
 import select
@@ -363,6 +364,7 @@ class _Launch:
         if self.error or self.program_pid is None or self.started:
             return
         self.started = True
+        gc.enable()   # run_cli turned it off for the start-up; the launcher now only supervises
         if self.plan.seccomp.enabled and "seccomp" not in self.enforcement.skipped:
             self.enforcement.applied["seccomp"] = {
                 "rules": len(self.plan.seccomp.rules), "default": self.plan.seccomp.default_action,
@@ -487,9 +489,12 @@ class _Child:
         plan, attempt = self.plan, self.enforcement.attempt
         os.umask(0o022)
         if "net_namespace" in self.enforcement.applied:
-            from jailer import network
+            if plan.network.mode == "none":
+                self.enforcement.applied["network"] = {"mode": "none"}
+            else:
+                from jailer import network
 
-            attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
+                attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
         pivoted = False
         if "mount_namespace" in self.enforcement.applied:
             from jailer import mounts
