@@ -474,12 +474,14 @@ class _PlanBuilder:
             readonly_root=r.get(section, "filesystem", "readonly_root", _boolean, True))
 
     def merge_runtime(self, runtime, binds, symlinks, targets):
-        """Runtime entries first, then the profile's. A runtime path inside an identity bind of the profile
-        (same source and target) is visible through it; inside any other entry it would be hidden."""
+        """Runtime entries first, then the profile's. The launcher mounts parents before children, so a
+        runtime path inside a profile tmpfs is mounted on top of it, and one inside an identity bind (same
+        source and target) is already visible through it; inside another bind or a symlink it cannot be."""
         from jailer.runtime import covered
 
         identity = [b.target for b in binds if b.source == b.target]
-        hiding = [target for target in targets if target not in identity]
+        hiding = [target for target, key in targets.items()
+                  if target not in identity and key.startswith(("filesystem.bind", "filesystem.symlink"))]
         for target in hiding:
             hidden = [e.target for e in (*runtime.binds, *runtime.symlinks) if covered(e.target, [target])]
             if hidden:

@@ -304,9 +304,12 @@ def test_example_profiles_are_valid():
     ("[program]\nargv = [\"/bin/true\"]\ncwd = \"/work\"\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.cwd: found "/work", expected "/" or a directory the sandbox has: a tmpfs or directory bind target, '
      "a directory inside such a bind, or a parent of a target"),
-    (BASE + "[[filesystem.tmpfs]]\ntarget = \"/usr/lib\"\n",
-     'P: filesystem.tmpfs[0].target: found "/usr/lib", expected a target that does not hide the runtime\'s '
+    (BASE + "[[filesystem.bind]]\nsource = \"/etc\"\ntarget = \"/usr/lib\"\n",
+     'P: filesystem.bind[0].target: found "/usr/lib", expected a target that does not hide the runtime\'s '
      "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    (BASE + "[[filesystem.symlink]]\ntarget = \"/lib64\"\npoints_to = \"/elsewhere\"\n",
+     'P: filesystem.symlink[0].target: found "/lib64", expected a target that does not hide the runtime\'s '
+     "/lib64"),
     ("[seccomp]\nallow = [\"@default\"]\n", "P: program: missing, expected a [program] table with at least argv"),
     ("[program]\nargv = \"/bin/true\"\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.argv: found "/bin/true", expected an array of non-empty strings'),
