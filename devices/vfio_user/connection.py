@@ -147,7 +147,16 @@ class ServerHandler:
     Commands are handed over already decoded; `fds` is a list the handler removes the
     fds it keeps from (the rest are closed). Raise DecodeError or DeviceError to reply
     with that errno.
+
+    For the REGION_READ/WRITE hot path the handler also exposes `read_limits` and
+    `write_limits` (per region index: bytes accessible, -1 = refused; updated in place)
+    and `device_read`/`device_write` (the device model's own methods, called only for
+    accesses within those limits). Anything outside them goes through region_read/
+    region_write, which explain the refusal.
     """
+
+    read_limits: list = []
+    write_limits: list = []
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
         raise NotImplementedError
@@ -200,49 +209,59 @@ class ServerConnection(FrameReader):
         buf = self.buf
         out = self.outgoing
         handler = self.handler
+        read_limits = handler.read_limits
+        write_limits = handler.write_limits
+        fast = self.state is READY and not self._fds
         while True:
             pos = self.start
             avail = self.end - pos
             if avail < 16:
                 return
-            msg_id, cmd, size, flags, err = _HEADER.unpack_from(buf, pos)
-            # Hot path: a well-formed REGION_READ/WRITE without fds once negotiated.
-            if (cmd == _REGION_READ and size == _ACCESS_SIZE and flags == 0 and avail >= size
-                    and not self._fds and self.state is READY):
-                self.start = pos + size
-                offset, region, count = P.REGION_ACCESS.unpack_from(buf, pos + 16)
-                try:
-                    data = handler.region_read(region, offset, count)
-                except Exception as exc:           # noqa: BLE001 - turned into an error reply
-                    self._error(msg_id, cmd, flags, exc)
-                    data = None
-                if self._parked:
-                    self._run_parked()
-                if data is None:
-                    continue
-                if len(data) != count:
-                    self._error(msg_id, cmd, flags, DeviceError(
-                        f"region {region} read returned {len(data)} bytes instead of {count}", errno.EIO))
-                    continue
-                out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
-                                             offset, region, count) + data, None))
-                continue
-            if (cmd == _REGION_WRITE and flags & ~_NO_REPLY == 0 and avail >= size > _ACCESS_SIZE
-                    and not self._fds and self.state is READY):
-                offset, region, count = P.REGION_ACCESS.unpack_from(buf, pos + 16)
-                if size - _ACCESS_SIZE == count:
-                    self.start = pos + size
+            # Hot path: a well-formed REGION_READ/WRITE within bounds, no fds, once negotiated.
+            if avail >= _ACCESS_SIZE and fast:
+                msg_id, cmd, size, flags, _err, offset, region, count = _HDR_ACCESS.unpack_from(buf, pos)
+                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags:
                     try:
-                        handler.region_write(region, offset, bytes(buf[pos + _ACCESS_SIZE:pos + size]))
-                    except Exception as exc:       # noqa: BLE001 - turned into an error reply
-                        self._error(msg_id, cmd, flags, exc)
-                        flags = _NO_REPLY
-                    if not flags:
-                        out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0,
-                                                     offset, region, count), None))
-                    if self._parked:
-                        self._run_parked()
-                    continue
+                        limit = read_limits[region]
+                    except IndexError:
+                        limit = -1
+                    if offset + count <= limit:
+                        self.start = pos + _ACCESS_SIZE
+                        try:
+                            data = handler.device_read(region, offset, count)
+                        except Exception as exc:           # noqa: BLE001 - turned into an error reply
+                            self._error(msg_id, cmd, flags, exc)
+                            data = None
+                        if self._parked:
+                            self._run_parked()
+                        if data is not None:
+                            if len(data) == count:
+                                out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
+                                                             offset, region, count) + data, None))
+                            else:
+                                self._error(msg_id, cmd, flags, DeviceError(
+                                    f"region {region} read returned {len(data)} bytes instead of {count}",
+                                    errno.EIO))
+                        continue
+                elif cmd == _REGION_WRITE and size == _ACCESS_SIZE + count and not flags & ~_NO_REPLY \
+                        and avail >= size:
+                    try:
+                        limit = write_limits[region]
+                    except IndexError:
+                        limit = -1
+                    if offset + count <= limit and count:
+                        self.start = pos + size
+                        try:
+                            handler.device_write(region, offset, bytes(buf[pos + _ACCESS_SIZE:pos + size]))
+                        except Exception as exc:           # noqa: BLE001 - turned into an error reply
+                            self._error(msg_id, cmd, flags, exc)
+                            flags = _NO_REPLY
+                        if not flags:
+                            out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0,
+                                                         offset, region, count), None))
+                        if self._parked:
+                            self._run_parked()
+                        continue
             frame = self.next_frame()
             if frame is None:
                 return
