@@ -73,12 +73,20 @@ def listen_on_path(path: str) -> socket.socket:
         pass
     except OSError as exc:
         raise BackendError(f"cannot replace {path}: {exc.strerror}") from None
+    # Bind under a temporary name and rename once listening: whoever waits for the path
+    # to appear can connect at once.
+    staging = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        sock.bind(staging)
         sock.listen(1)
+        os.rename(staging, path)
     except OSError as exc:
         sock.close()
+        try:
+            os.unlink(staging)
+        except OSError:
+            pass
         raise BackendError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock
 
