@@ -70,7 +70,7 @@ class FrameReader:
         self.start = 0              # first unconsumed byte
         self.end = 0                # one past the last received byte
         self._base = 0              # stream position of buf[0]
-        self._fds: deque = deque()  # (stream position, [fds]) not yet given to a frame
+        self._fds: deque = deque()  # (stream start, end, [fds]) of reads whose fds no frame took yet
 
     def recv_views(self) -> list:
         """Buffers for recvmsg_into; the list is reused when the buffer is empty."""
@@ -101,7 +101,8 @@ class FrameReader:
 
     def received(self, nbytes: int, fds) -> None:
         if fds:
-            self._fds.append((self._base + self.end, list(fds)))
+            at = self._base + self.end
+            self._fds.append((at, at + nbytes, list(fds)))
         self.end += nbytes
 
     def next_frame(self) -> Frame | None:
@@ -121,23 +122,33 @@ class FrameReader:
                      self._take_fds(pos, size))
 
     def _take_fds(self, pos: int, size: int) -> list:
-        if not self._fds:
-            return []
+        """The fds that came with the frame at buf[pos:pos+size].
+
+        A UNIX stream recvmsg may return several messages but ends with the one whose
+        first bytes carried fds, so a read's fds belong to the last frame that starts
+        inside that read. Fds of a read in which no frame starts belong to nobody and
+        are closed.
+        """
         first = self._base + pos
         last = first + size
         taken = []
-        while self._fds and self._fds[0][0] < last:
-            at, fds = self._fds.popleft()
-            if at < first:       # belonged to nothing we could parse: never keep strays
+        while self._fds:
+            start, end, fds = self._fds[0]
+            if start <= first < end:
+                if last < end:
+                    break               # a later frame starts inside that read: its fds
+                taken.extend(fds)
+            elif end <= last:
                 close_fds(fds)
             else:
-                taken.extend(fds)
+                break                   # that read reaches past this frame
+            self._fds.popleft()
         return taken
 
     def close(self) -> None:
         """Close every fd received but not handed out."""
         while self._fds:
-            close_fds(self._fds.popleft()[1])
+            close_fds(self._fds.popleft()[2])
         self.start = self.end = 0
 
 
@@ -202,7 +213,8 @@ class ServerConnection(FrameReader):
         Raises FramingError when the stream is broken; the caller closes the connection.
         """
         if fds:
-            self._fds.append((self._base + self.end, list(fds)))
+            at = self._base + self.end
+            self._fds.append((at, at + nbytes, list(fds)))
         self.end += nbytes
         if self._parked:
             self._run_parked()

@@ -53,16 +53,19 @@ def test_stale_socket_is_replaced(tmp_path, start_server):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
     stale.close()
+    stale_inode = os.stat(path).st_ino
     server = start_server()
-
-    def connected():
-        try:
-            return Client.connect(server.path)
-        except Exception:
-            return None
-
-    with wait_for(connected, what="the new server on the stale path") as client:
+    wait_for(lambda: os.stat(path).st_ino != stale_inode, what="the new socket published")
+    with Client.connect(server.path) as client:
         assert client.device_info().num_irqs == 5
+
+
+def test_refuses_to_replace_a_regular_file(tmp_path):
+    path = tmp_path / "not-a-socket"
+    path.write_text("precious")
+    result = run("--socket-path", str(path))
+    assert result.returncode == 1 and "is not a socket" in result.stderr
+    assert path.read_text() == "precious"
 
 
 def test_fd_listening_socket(tmp_path):
