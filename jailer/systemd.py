@@ -21,6 +21,7 @@ from jailer.plan import FdSpec, Plan
 
 UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+$")
 DROP_IN_BASENAME = "50-jailer.conf"
+VFIO_USER_FD_NAME = "vfio-user"
 
 # Memory and tasks of the launcher itself, which shares the unit's cgroup with the device:
 # the profile's limits bound the device (jailer enforces them in its own sub-cgroup), the
@@ -61,11 +62,15 @@ class UnitRequest:
 
 
 def listener_spec(plan: Plan) -> FdSpec:
-    """The profile's one unix-listener fd: the vfio-user socket the unit is about."""
+    """The profile's vfio-user socket: its only unix-listener fd, or the one named 'vfio-user'
+    when there are several (a device may also listen on a control socket)."""
     listeners = [spec for spec in plan.fds if spec.kind == "unix-listener"]
+    if len(listeners) > 1:
+        listeners = [spec for spec in listeners if spec.name == VFIO_USER_FD_NAME]
     if len(listeners) != 1:
-        raise UsageError(f"{plan.source}: a systemd unit needs exactly one 'unix-listener' fd in the "
-                         f"profile (the vfio-user socket), found {len(listeners)}")
+        found = ", ".join(spec.name for spec in plan.fds if spec.kind == "unix-listener") or "none"
+        raise UsageError(f"{plan.source}: a systemd unit needs one 'unix-listener' fd for the vfio-user socket "
+                         f"(named '{VFIO_USER_FD_NAME}' if there are several), found {found}")
     return listeners[0]
 
 
@@ -128,8 +133,30 @@ def _under_tmp(path: str) -> bool:
     return any(path == d or path.startswith(d + "/") for d in ("/tmp", "/var/tmp"))
 
 
+def _host_paths(plan: Plan) -> list[str]:
+    return [b.source for b in plan.filesystem.binds] + [spec.path for spec in plan.fds if spec.path]
+
+
+def _writable_places(plan: Plan, request: UnitRequest) -> tuple[list[str], list[str]]:
+    """(RuntimeDirectory= entries, ReadWritePaths= entries) for what jailer writes on the host:
+    sockets it creates (in /run: a runtime directory systemd makes), writable binds and files."""
+    sockets = [spec.path for spec in plan.fds if spec.kind == "unix-listener" and spec.path
+               and spec.name != listener_spec(plan).name]
+    if not request.socket_activation:
+        sockets.append(request.socket_path)
+    runtime_dirs, writable = [], [b.source for b in plan.filesystem.binds if b.writable]
+    writable += [spec.path for spec in plan.fds if spec.kind == "file" and "w" in spec.mode]
+    for path in sockets:
+        runtime_dir = _runtime_directory(path)
+        if runtime_dir:
+            runtime_dirs.append(runtime_dir)
+        else:
+            writable.append(os.path.dirname(path))
+    return sorted(set(runtime_dirs)), sorted(set(writable))
+
+
 def _protect_home(plan: Plan, request: UnitRequest) -> Directive:
-    used = [request.profile, request.jailer, *(b.source for b in plan.filesystem.binds)]
+    used = [request.profile, request.jailer, request.socket_path, *_host_paths(plan)]
     in_home = [p for p in used if any(p == d or p.startswith(d + "/") for d in HOME_DIRS)]
     if in_home:
         return Directive("ProtectHome", "read-only", f"{in_home[0]} is below a home directory")
@@ -173,20 +200,16 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
     d.append(Directive("AmbientCapabilities", "", "nothing is handed to executed programs", list_valued=True))
     d.append(Directive("ProtectSystem", "strict", "the launcher writes nothing on the host but its "
                        "socket and cgroups (/sys stays writable for them)"))
-    writable = sorted({b.source for b in plan.filesystem.binds if b.writable})
-    runtime_dir = None
-    if not request.socket_activation:
-        runtime_dir = _runtime_directory(request.socket_path)
-        if runtime_dir is None:
-            writable.append(os.path.dirname(request.socket_path))
-    if runtime_dir:
-        d.append(Directive("RuntimeDirectory", runtime_dir, "created writable for the socket jailer "
-                           "binds, removed when the unit stops", list_valued=True))
+    runtime_dirs, writable = _writable_places(plan, request)
+    if runtime_dirs:
+        d.append(Directive("RuntimeDirectory", " ".join(unit_quote(p) for p in runtime_dirs),
+                           "created writable for the sockets jailer creates, removed when the unit stops",
+                           list_valued=True))
         d.append(Directive("RuntimeDirectoryMode", "0755", "the vfio-user client must reach the socket"))
     if writable:
         d.append(Directive("ReadWritePaths", " ".join(unit_quote(p) for p in writable),
-                           "the socket directory and the profile's writable binds", list_valued=True))
-    tmp_paths = [p for p in [request.socket_path, *(b.source for b in plan.filesystem.binds)] if _under_tmp(p)]
+                           "where jailer creates sockets and writes files for the profile", list_valued=True))
+    tmp_paths = [p for p in [request.socket_path, *_host_paths(plan)] if _under_tmp(p)]
     if tmp_paths:
         d.append(Directive("PrivateTmp", "no", f"{tmp_paths[0]} must be the host's, not a private /tmp"))
     else:

@@ -146,6 +146,17 @@ def test_directives_follow_the_plan(jailer_exe):
     assert "ExecStart" in values and values["ExecStart"].endswith("--socket-path /tmp/idio16/sock")
 
 
+def test_control_socket_and_written_files_are_writable(jailer_exe):
+    plan = device_plan(fds=(FdSpec("control", "unix-listener", 4, path="/run/idio16/control.sock"),
+                            FdSpec("vfio-user", "unix-listener", 3),
+                            FdSpec("log", "file", 5, path="/var/log/idio16.log", mode="w"),
+                            FdSpec("config", "file", 6, path="/etc/idio16.conf")))
+    request = make_request(plan, "/p.toml", jailer_exe, socket_activation=True)
+    values = {d.key: d.value for d in service_directives(plan, request)}
+    assert values["RuntimeDirectory"] == "idio16"       # the control socket; vfio-user comes from systemd
+    assert values["ReadWritePaths"] == "/var/log/idio16.log"
+
+
 def test_resource_limits_add_launcher_headroom(jailer_exe):
     plan = device_plan()
     values = {d.key: d.value for d in service_directives(plan, make_request(plan, "/p.toml", jailer_exe))}
@@ -186,8 +197,11 @@ def test_bad_requests_name_the_option(jailer_exe, kwargs, message):
 
 
 def test_plan_without_listener_is_refused(jailer_exe):
-    with pytest.raises(UsageError, match="exactly one 'unix-listener'"):
+    with pytest.raises(UsageError, match="one 'unix-listener' fd for the vfio-user socket .*found none"):
         make_request(device_plan(fds=()), "/p.toml", jailer_exe)
+    two = (FdSpec("a", "unix-listener", 3), FdSpec("b", "unix-listener", 4))
+    with pytest.raises(UsageError, match="named 'vfio-user' if there are several.*found a, b"):
+        make_request(device_plan(fds=two), "/p.toml", jailer_exe)
     with pytest.raises(UsageError, match="absolute path to the jailer"):
         make_request(device_plan(), "/p.toml", "jailer")
 
