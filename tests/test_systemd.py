@@ -280,3 +280,76 @@ def test_launcher_stack_runs_under_memory_deny_write_execute():
     result = subprocess.run([sys.executable, "-c", MDWE_FILTER, LAUNCHER_STACK], capture_output=True,
                             text=True, timeout=60)
     assert result.stdout.strip() == "launcher-ok, W|X refused", result.stderr
+
+
+# --- The command, from a real profile through jailer.profile.build_plan. ---
+
+PROFILE = """
+name = "idio16"
+
+[program]
+argv = ["/bin/true", "--fd={fd:vfio-user}"]
+
+[seccomp]
+allow = ["@default"]
+
+[limits.cgroup]
+memory = "64M"
+pids = 8
+
+[[fds]]
+name = "vfio-user"
+kind = "unix-listener"
+number = 3
+"""
+
+
+@pytest.fixture
+def profile(tmp_path):
+    path = tmp_path / "idio16.toml"
+    path.write_text(PROFILE)
+    return path
+
+
+def run_command(*args):
+    from click.testing import CliRunner
+
+    from jailer.systemd import systemd_command
+
+    return CliRunner().invoke(systemd_command, [str(a) for a in args])
+
+
+def test_command_writes_verifiable_units(profile, tmp_path, jailer_exe):
+    out = tmp_path / "units"
+    result = run_command(profile, "--socket", "--name", "idio16", "--output-dir", out, "--jailer", jailer_exe)
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(out / "idio16.service"), str(out / "idio16.socket")]
+    verify(out / "idio16.service", out / "idio16.socket")
+    service = (out / "idio16.service").read_text()
+    assert f"ExecStart={jailer_exe} run {profile}\n" in service
+    assert f"MemoryMax={(64 << 20) + (64 << 20)}" in service
+    assert "ListenStream=/run/jailer/idio16/vfio-user.sock" in (out / "idio16.socket").read_text()
+    assert exposure(analyze("security", "--offline=yes", str(out / "idio16.service"))) <= EXPOSURE_THRESHOLD
+
+
+def test_command_drop_in_and_systemd_run(profile, tmp_path, jailer_exe):
+    result = run_command(profile, "--drop-in", "qemu-idio16.service", "--output-dir", tmp_path,
+                         "--jailer", jailer_exe, "--socket-path", "/run/vm1/idio16.sock")
+    assert result.exit_code == 0, result.output
+    conf = tmp_path / "qemu-idio16.service.d" / "50-jailer.conf"
+    assert result.output.strip() == str(conf)
+    assert "--socket-path /run/vm1/idio16.sock" in conf.read_text()
+    result = run_command(profile, "--print-systemd-run", "--jailer", jailer_exe)
+    assert result.output.startswith("systemd-run --unit=jailer-idio16 ")
+    assert result.output.rstrip().endswith(f"-- {jailer_exe} run {profile} --socket-path "
+                                           "/run/jailer/jailer-idio16/vfio-user.sock")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--socket-group", "kvm"], "--socket-group needs --socket"),
+    (["--socket", "--drop-in", "x.service"], "--drop-in and --socket are exclusive"),
+    (["--drop-in", "noext"], "expected a full unit name"),
+])
+def test_command_usage_errors(profile, tmp_path, jailer_exe, args, message):
+    result = run_command(profile, "--output-dir", tmp_path, "--jailer", jailer_exe, *args)
+    assert isinstance(result.exception, UsageError) and message in str(result.exception)
