@@ -160,3 +160,66 @@ def test_listing_command(tree):
     result = CliRunner().invoke(descriptors_command, [*dirs, "--json", "--type", "nvme"])
     [only] = json.loads(result.output)
     assert only["type"] == "nvme" and only["path"] == str(levels[1] / "60-nvme.json")
+
+
+# --- The documents' examples are the real thing: parsed and validated here. ---
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def fenced_blocks(path: Path, language: str) -> list[str]:
+    import re
+
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def assert_vfio_user_device(argument: str) -> None:
+    device = json.loads(argument)
+    assert device["driver"] == "vfio-user-pci"
+    assert device["socket"]["type"] == "unix" and device["socket"]["path"].startswith("/run/jailer/")
+
+
+def test_qemu_command_line_in_docs():
+    import re
+    import shlex
+
+    [command] = [b for b in fenced_blocks(DOCS / "qemu-libvirt.md", "sh") if "qemu-system" in b]
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert_vfio_user_device(argv[argv.index("-device") + 1])
+    memory = dict(item.split("=", 1) for item in argv[argv.index("-object") + 1].split(",")[1:])
+    machine = dict(item.split("=", 1) for item in argv[argv.index("-machine") + 1].split(",")[1:])
+    assert argv[argv.index("-object") + 1].startswith("memory-backend-memfd,")
+    assert memory["share"] == "on" and machine["memory-backend"] == memory["id"]
+    assert memory["size"] == argv[argv.index("-m") + 1]
+    assert re.search(r"QEMU 10\.1 or newer", (DOCS / "qemu-libvirt.md").read_text())
+
+
+def test_libvirt_domain_in_docs():
+    import xml.etree.ElementTree as ET
+
+    [domain_xml] = fenced_blocks(DOCS / "qemu-libvirt.md", "xml")
+    domain = ET.fromstring(domain_xml)
+    assert domain.tag == "domain" and domain.get("type") == "kvm"
+    assert domain.find("memoryBacking/source").get("type") == "memfd"
+    assert domain.find("memoryBacking/access").get("mode") == "shared"
+    args = [a.get("value") for a in domain.find(f"{QEMU_NS}commandline").findall(f"{QEMU_NS}arg")]
+    assert args[0] == "-device"
+    assert_vfio_user_device(args[1])
+
+
+def test_descriptor_examples_in_docs():
+    descriptor_doc, capabilities_doc = fenced_blocks(DOCS / "vfio-user-descriptor.md", "json")
+    example = json.loads(descriptor_doc)
+    parse(example, "docs/vfio-user-descriptor.md")
+    assert example == json.loads((SHIPPED / "50-gpio-pci-idio-16.json").read_text())
+    parse_capabilities(json.loads(capabilities_doc), "docs/vfio-user-descriptor.md")
+
+
+@pytest.mark.parametrize("doc", ["qemu-libvirt.md", "systemd.md"])
+def test_shell_snippets_in_docs_parse(doc):
+    import subprocess
+
+    for block in fenced_blocks(DOCS / doc, "sh"):
+        result = subprocess.run(["sh", "-n"], input=block, capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0, f"{doc}: {result.stderr}\n{block}"

@@ -353,3 +353,14 @@ def test_command_drop_in_and_systemd_run(profile, tmp_path, jailer_exe):
 def test_command_usage_errors(profile, tmp_path, jailer_exe, args, message):
     result = run_command(profile, "--output-dir", tmp_path, "--jailer", jailer_exe, *args)
     assert isinstance(result.exception, UsageError) and message in str(result.exception)
+
+
+@needs_root
+def test_bounding_set_does_not_limit_a_new_user_namespace():
+    """Why CapabilityBoundingSet= bounds only jailer's host-side work: a process whose bounding
+    set lacks CAP_SYS_ADMIN still mounts inside a user namespace it creates."""
+    drop_then_mount = ("import os, prctl; prctl.capbset.sys_admin = False; "
+                       "os.execvp('unshare', ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', "
+                       "'mount -t tmpfs x /mnt && echo mounted'])")
+    result = subprocess.run([sys.executable, "-c", drop_then_mount], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "mounted", result.stderr
