@@ -5,30 +5,8 @@ import struct
 import pytest
 
 from devices.gpio_pci_idio16 import Idio16
-from devices.vfio_user.device import BAR2, CONFIG, DeviceError, DeviceHost
-
-
-class RecordingHost(DeviceHost):
-    """The device's view of a vfio-user server, reduced to the INTx line level."""
-
-    def __init__(self):
-        self.levels = []
-
-    @property
-    def asserted(self):
-        return bool(self.levels) and self.levels[-1]
-
-    def set_intx(self, asserted):
-        self.levels.append(asserted)
-
-    def signal_irq(self, index, vector):
-        raise AssertionError("IDIO-16 has only INTx")
-
-    def dma_read(self, iova, length):
-        raise AssertionError("IDIO-16 does no DMA")
-
-    def dma_write(self, iova, data):
-        raise AssertionError("IDIO-16 does no DMA")
+from devices.vfio_user.device import BAR2, CONFIG, DeviceError
+from test_pci import RecordingHost
 
 
 class Guest:

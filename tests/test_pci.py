@@ -202,14 +202,20 @@ def test_reset_and_snapshot_restore():
 
 
 class RecordingHost(DeviceHost):
+    """A device's view of a vfio-user server, reduced to the INTx levels it was told."""
+
     def __init__(self):
         self.levels = []
+
+    @property
+    def asserted(self):
+        return bool(self.levels) and self.levels[-1]
 
     def set_intx(self, asserted):
         self.levels.append(asserted)
 
     def signal_irq(self, index, vector):
-        raise AssertionError("no edge interrupts expected")
+        raise AssertionError("only INTx expected")
 
     def dma_read(self, iova, length):
         raise AssertionError("no DMA expected")
