@@ -16,6 +16,7 @@ import os
 
 import click
 
+from jailer.errors import UsageError
 from jailer.inspect import profile_command
 
 CLONE_FLAGS = {
@@ -45,7 +46,7 @@ USERNS_SYSCTLS = ("user/max_user_namespaces", "kernel/unprivileged_userns_clone"
                  "Print the report as JSON.")
 def check_command(plan, as_json, ids):
     uid, gid = ids
-    host = host_facts(uid, gid, plan.namespaces.user)
+    host = host_facts(plan, uid, gid)
     layers = assess(plan, host)
     refused = [layer for layer in layers if layer["required"] and not layer["available"]]
     if as_json:
@@ -57,10 +58,13 @@ def check_command(plan, as_json, ids):
         raise SystemExit(3)
 
 
-def host_facts(uid, gid, user_namespace=True):
-    """What this kernel offers, with namespace probes run as uid/gid (an unprivileged caller's
-    namespaces are tried inside a new user namespace when `user_namespace`, as the launcher does)."""
+def host_facts(plan, uid, gid):
+    """What this kernel offers `plan`, probed as uid/gid (an unprivileged caller's namespaces are tried
+    inside a new user namespace when the plan has one, as the launcher does)."""
     release = os.uname()
+    user_namespace = plan.namespaces.user
+    paths = [b.source for b in plan.filesystem.binds if not b.optional or os.path.lexists(b.source)]
+    paths += list(plan.filesystem.devices)
     return {
         "kernel": release.release,
         "machine": release.machine,
@@ -69,6 +73,7 @@ def host_facts(uid, gid, user_namespace=True):
         "seccomp": _seccomp_facts(),
         "landlock_abi": _landlock_abi(),
         "cgroup": _cgroup_facts(uid, gid),
+        "unreachable_paths": _probe_as(uid, gid, lambda: _unreachable(paths)),
     }
 
 
@@ -90,9 +95,14 @@ def assess(plan, host):
         add(layer, result == 0, _unshare_reason(layer, result, host, root, ns.user),
             _unshare_fix(layer, host, root, ns.user))
     if ns.mount:
-        add("pivot_root", unshare["mount_namespace"] == 0,
-            "" if unshare["mount_namespace"] == 0 else "needs the new mount namespace",
-            "make the mount namespace available (see mount_namespace)")
+        unreachable = host["unreachable_paths"]
+        if unshare["mount_namespace"] != 0:
+            add("pivot_root", False, "needs the new mount namespace",
+                "make the mount namespace available (see mount_namespace)")
+        else:
+            add("pivot_root", not unreachable, "cannot open bind sources as this caller: " + "; ".join(
+                f"{path} ({error})" for path, error in unreachable[:3]) + (" ..." if len(unreachable) > 3 else ""),
+                "make them and their parent directories searchable by the caller, or start jailer as root")
     if plan.landlock.enabled:
         abi = host["landlock_abi"]
         add("landlock", isinstance(abi, int), f"ABI {abi}" if isinstance(abi, int) else abi,
@@ -234,22 +244,27 @@ def _probe_as(uid, gid, probe):
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        status = 1
         try:
             os.close(read_end)
             if (uid, gid) != (os.geteuid(), os.getegid()):
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
-            os.write(write_end, json.dumps(probe()).encode())
-            status = 0
+            result = {"result": probe()}
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
-            os._exit(status)
+            os.write(write_end, json.dumps(result).encode())
+            os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     os.waitpid(pid, 0)
-    return json.loads(data) if data else {}
+    answer = json.loads(data) if data else {"error": "the probe process died"}
+    if "error" in answer:
+        raise UsageError(f"cannot probe the host as uid {uid}, gid {gid}: {answer['error']} (answering for "
+                         "another user with --as-user needs root)")
+    return answer["result"]
 
 
 def _probe_namespaces(user_namespace):
@@ -265,6 +280,17 @@ def _probe_namespaces(user_namespace):
         _, status = os.waitpid(pid, 0)
         results[layer] = os.waitstatus_to_exitcode(status)
     return results
+
+
+def _unreachable(paths):
+    """[path, errno name] for each path the current ids cannot open (O_PATH, as the launcher does)."""
+    failed = []
+    for path in dict.fromkeys(paths):
+        try:
+            os.close(os.open(path, os.O_PATH | os.O_CLOEXEC))
+        except OSError as exc:
+            failed.append([path, errno.errorcode.get(exc.errno, str(exc.errno))])
+    return failed
 
 
 def _seccomp_facts():

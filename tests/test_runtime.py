@@ -135,6 +135,14 @@ def test_python_runtime_binds_interpreter_libc_loader_stdlib_and_site_packages()
         assert os.path.join(os.path.realpath(sys.prefix), "pyvenv.cfg") in sources
 
 
+def test_python_script_given_by_path_is_bound(tmp_path):
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello')\n")
+    result, problems = problems_of(runtime.python_runtime, [str(script), "--flag"], [], False)
+    assert problems == [] and str(script) in [b.source for b in result.binds]
+    assert result.argv == (sys.executable, "-S", str(script), "--flag")
+
+
 @needs_root
 def test_resolved_python_runtime_really_runs_in_an_empty_root(tmp_path):
     code = ("import os, devices, click, toml, prctl; print('ok', os.getuid(), os.path.exists('/etc/passwd'), "
