@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import _socket
 import fcntl
+import gc
 import marshal
 import os
 import select
@@ -125,7 +126,7 @@ class _Launch:
         self.listener = None
         self.notifications = None
         self.grab = None                # (pidfd, fd number, deadline) while taking the listener
-        self.handshake = None           # (pid, sync fd, nr of read): the child's own wait for "go"
+        self.handshake = None           # (pid, nr of read, sync fd): the child's own wait for "go"
         self.started = False
         self.reported = set()
         self.pending_signals = []
@@ -218,7 +219,8 @@ class _Launch:
             while True:
                 for fd, events in poller.poll(1 if self.grab else None):
                     if fd == sock.fileno():
-                        self._receive(sock)
+                        if not self._receive(sock) and events & select.POLLHUP:
+                            poller.unregister(fd)   # every child end is closed
                     elif fd == exec_r:
                         poller.unregister(exec_r)
                         exec_open = False
@@ -252,6 +254,8 @@ class _Launch:
             data, ancillary, _, _ = sock.recvmsg(65536, _socket.CMSG_SPACE(12), 0 if block else _socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
+        except ConnectionResetError:   # the sandbox ended with our "go" unread (its read was refused)
+            return True
         if not data:
             return False
         sender = None
@@ -318,8 +322,8 @@ class _Launch:
         self.listener = fd
         names = self.options.syscall_names() if self.options.syscall_names else seccomp.syscall_names()
         self.notifications = seccomp.Notifications(fd, self.plan.seccomp, names, self._kill_sandbox)
-        read_nr = next((nr for nr, name in names.items() if name == "read"), -1)
-        self.handshake = self.handshake + (read_nr,)
+        program_pid, sync_number = self.handshake
+        self.handshake = (program_pid, next((nr for nr, name in names.items() if name == "read"), -1), sync_number)
         poller.register(fd, select.POLLIN)
         _send(sock.fileno(), "go")
 
@@ -328,12 +332,11 @@ class _Launch:
             notif = self.notifications.receive()
         except OSError:
             return
-        program_pid, sync_number, read_nr = self.handshake
-        if (not self.started and notif.pid == program_pid and notif.data.nr == read_nr
-                and notif.data.args[0] == sync_number):
-            # The child's own wait for "go" after loading the filter: release it, do not report it.
+        if self.handshake and (notif.pid, notif.data.nr, notif.data.args[0]) == self.handshake:
+            # The child's own wait for "go" after loading the filter, once: release it, do not report it.
             from jailer import syscalls
 
+            self.handshake = None
             try:
                 syscalls.seccomp_notif_fail(self.listener, notif.id, 1)
             except OSError:
@@ -361,6 +364,7 @@ class _Launch:
         if self.error or self.program_pid is None or self.started:
             return
         self.started = True
+        gc.enable()   # run_cli turned it off for the start-up; the launcher now only supervises
         if self.plan.seccomp.enabled and "seccomp" not in self.enforcement.skipped:
             self.enforcement.applied["seccomp"] = {
                 "rules": len(self.plan.seccomp.rules), "default": self.plan.seccomp.default_action,
@@ -459,6 +463,7 @@ class _Child:
 
             syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
             syscalls.setfsgid(plan.identity.gid)
+        self._die_with(self.launcher_pid)   # unshare and setfs[ug]id cleared the parent-death signal
         if "pid_namespace" not in entered:
             self.inside()
             return
@@ -484,9 +489,12 @@ class _Child:
         plan, attempt = self.plan, self.enforcement.attempt
         os.umask(0o022)
         if "net_namespace" in self.enforcement.applied:
-            from jailer import network
+            if plan.network.mode == "none":
+                self.enforcement.applied["network"] = {"mode": "none"}
+            else:
+                from jailer import network
 
-            attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
+                attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
         pivoted = False
         if "mount_namespace" in self.enforcement.applied:
             from jailer import mounts

@@ -53,8 +53,6 @@ def _split_cidr(cidr: str) -> tuple[str, int]:
 
 def setup_inside(network) -> dict:
     """The child's part: lo for loopback and veth, plus the addressed veth end."""
-    if network.mode == "none":
-        return {"mode": "none"}
     bring_up("lo")
     if network.mode == "veth":
         bring_up(network.sandbox_ifname, network.sandbox_address)

@@ -328,6 +328,9 @@ class _PlanBuilder:
             die_with_parent=r.get(self.data, "", "die_with_parent", _boolean, True),
             best_effort=frozenset(self.best_effort()),
         )
+        if not _directory_in_sandbox(program.cwd, plan.filesystem):
+            r.fail("program.cwd", f"found {_describe(program.cwd)}, expected \"/\" or a directory the sandbox "
+                   "has: a tmpfs or directory bind target, a directory inside such a bind, or a parent of a target")
         return plan
 
     def program(self, fd_names):
@@ -454,20 +457,38 @@ class _PlanBuilder:
                 symlinks.append(P.Symlink(target=target, points_to=points_to))
         devices = r.get(section, "filesystem", "devices", _string_list, [])
         for index, device in enumerate(devices):
+            key = f"filesystem.devices[{index}]"
             if not device.startswith("/dev/") or ".." in device.split("/"):
-                r.wrong(f"filesystem.devices[{index}]", device, 'a device node under /dev, like "/dev/null"')
+                r.wrong(key, device, 'a device node under /dev, like "/dev/null"')
+            elif not _is_device_node(device):
+                r.fail(key, f"found {_describe(device)}, which is not a device node on this host, expected an "
+                       "existing character or block device")
+            else:
+                claim(key, device)
         if runtime is not None:
-            # The profile's own entries win: a runtime path already inside one of them is visible through it.
-            from jailer.runtime import covered
-
-            claimed = list(targets)
-            binds = [b for b in runtime.binds if not covered(b.target, claimed)] + binds
-            symlinks = [s for s in runtime.symlinks if not covered(s.target, claimed)] + symlinks
+            binds, symlinks = self.merge_runtime(runtime, binds, symlinks, targets)
         return P.FilesystemPlan(
             root_size=r.get(section, "filesystem", "root_size", parse_size, P.FilesystemPlan.root_size),
             binds=tuple(binds), tmpfs=tuple(tmpfs), symlinks=tuple(symlinks), devices=tuple(devices),
             proc=r.get(section, "filesystem", "proc", _boolean, True),
             readonly_root=r.get(section, "filesystem", "readonly_root", _boolean, True))
+
+    def merge_runtime(self, runtime, binds, symlinks, targets):
+        """Runtime entries first, then the profile's. The launcher mounts parents before children, so a
+        runtime path inside a profile tmpfs is mounted on top of it, and one inside an identity bind (same
+        source and target) is already visible through it; inside another bind or a symlink it cannot be."""
+        from jailer.runtime import covered
+
+        identity = [b.target for b in binds if b.source == b.target]
+        hiding = [target for target, key in targets.items()
+                  if target not in identity and key.startswith(("filesystem.bind", "filesystem.symlink"))]
+        for target in hiding:
+            hidden = [e.target for e in (*runtime.binds, *runtime.symlinks) if covered(e.target, [target])]
+            if hidden:
+                self.r.fail(targets[target], f"found {_describe(target)}, expected a target that does not hide "
+                            f"the runtime's {hidden[0]}")
+        return ([b for b in runtime.binds if not covered(b.target, identity)] + binds,
+                [s for s in runtime.symlinks if not covered(s.target, identity)] + symlinks)
 
     def seccomp(self):
         r = self.r
@@ -674,6 +695,32 @@ class _PlanBuilder:
             else:
                 layers.append(layer)
         return layers
+
+
+def _is_device_node(path):
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def _directory_in_sandbox(path, fs):
+    """Whether `path` will be a directory of the new root when the program starts."""
+    if path == "/":
+        return True
+    targets = [b.target for b in fs.binds] + [t.target for t in fs.tmpfs] + [s.target for s in fs.symlinks] + \
+        list(fs.devices)
+    if any(target.startswith(path.rstrip("/") + "/") for target in targets):
+        return True  # created as a parent
+    if any(path == t.target for t in fs.tmpfs):
+        return True
+    for bind in fs.binds:
+        if path == bind.target or path.startswith(bind.target.rstrip("/") + "/"):
+            return os.path.isdir(bind.source + path[len(bind.target):])
+    return False
 
 
 def _cidr(value):

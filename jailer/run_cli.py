@@ -9,6 +9,7 @@ cache miss or when the plan needs them.
 
 from __future__ import annotations
 
+import gc
 import marshal
 import os
 import sys
@@ -91,6 +92,8 @@ def parse(argv) -> Arguments:
 
 
 def cache_dir() -> str:
+    if os.environ.get("JAILER_CACHE_DIR"):
+        return os.environ["JAILER_CACHE_DIR"]
     if os.geteuid() == 0:
         return "/var/cache/jailer"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -208,6 +211,9 @@ def resolve(profile: str, use_cache: bool = True):
 
 
 def main(argv) -> int:
+    # No garbage collection while starting: a collection in a forked child touches every
+    # object and copies the whole heap; the launcher turns it back on once the program runs.
+    gc.disable()
     if any(a in ("-h", "--help") for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
         sys.stdout.write(USAGE)
         return 0

@@ -95,6 +95,7 @@ def test_socket_path_listener_is_passed_and_removed_afterwards(invocation):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
         client.settimeout(10)
+        assert os.stat(path).st_uid == 65534   # as root: given to the sandbox's uid; as nobody: its own
         assert client.recv(100) == b"hi from the sandbox"
         client.close()
         assert popen.wait(timeout=10) == 0, popen.stderr.read()

@@ -1,8 +1,15 @@
 """cgroups, best-effort layers and fail-closed refusals, for real."""
 
 import os
-from engine_sandbox import plan_for, run, run_with_status
-from jailer.plan import CgroupPlan, LimitsPlan, NamespacesPlan
+import signal
+import tempfile
+import time
+from dataclasses import replace
+
+import pytest
+
+from engine_sandbox import INVOCATIONS, plan_for, run, run_with_status, status_events
+from jailer.plan import Bind, CgroupPlan, LimitsPlan, NamespacesPlan, NetworkPlan
 
 HOG = "exec python3 -c 'blocks = []\nwhile True: blocks.append(b\"x\" * (8 << 20))'"
 
@@ -60,3 +67,48 @@ def test_namespace_refused_for_an_unprivileged_caller_without_a_user_namespace()
     result = run(plan, invocation="user")
     assert result.returncode == 3
     assert result.stderr.startswith("jailer: cannot apply layer 'mount_namespace'")
+
+
+def test_cgroup_is_removed_when_a_later_layer_refuses_to_start():
+    limits = LimitsPlan(cgroup=CgroupPlan(pids_max=16))
+    plan = plan_for("root", "true", limits=limits)
+    plan = replace(plan, filesystem=replace(plan.filesystem, binds=plan.filesystem.binds + (
+        Bind("/nonexistent/source", "/data"),)))
+    before = _sandbox_cgroups()
+    result = run(plan)
+    assert result.returncode == 3 and "cannot apply layer 'pivot_root'" in result.stderr
+    assert _sandbox_cgroups() == before
+
+
+def _sandbox_cgroups():
+    found = set()
+    for root, directories, _ in os.walk("/sys/fs/cgroup/pids"):
+        found.update(os.path.join(root, d) for d in directories if d.startswith("enginetest."))
+    return found
+
+
+def test_loopback_is_up_only_when_the_plan_asks():
+    bind = "exec python3 -c \"import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print('bound')\""
+    assert run(plan_for("root", bind, network=NetworkPlan(mode="loopback"))).stdout.strip() == "bound"
+    refused = run(plan_for("root", bind))
+    assert refused.returncode != 0 and "bound" not in refused.stdout
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_sandbox_dies_with_the_launcher(invocation):
+    with tempfile.TemporaryFile("w+") as status:
+        popen = run(plan_for(invocation, "echo ready; exec sleep 30"), "--status-fd", str(status.fileno()),
+                    pass_fds=[status.fileno()], wait=False, invocation=invocation)
+        try:
+            assert popen.stdout.readline().strip() == "ready"
+            status.seek(0)
+            program = status_events(status.readline())[0]["pid"]
+            os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=10)
+            deadline = time.monotonic() + 5
+            while os.path.exists(f"/proc/{program}") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not os.path.exists(f"/proc/{program}")
+        finally:
+            popen.kill()
+            popen.wait()

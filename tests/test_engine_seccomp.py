@@ -69,3 +69,14 @@ def test_decide_picks_the_most_severe_matching_rule_or_the_default():
     assert decide(seccomp, "ioctl", [3, 0x1, 0, 0, 0, 0]) == ("kill", None)
     assert decide(seccomp, "read", [0] * 6) == ("allow", None)
     assert decide(seccomp, "ptrace", [0] * 6) == ("kill", None)
+
+
+def test_launchers_own_wait_after_loading_is_not_mistaken_for_the_programs():
+    # read is refused; the child's one read() between loading the filter and exec is the
+    # launcher's handshake: it must be released silently, and only the program's reads count.
+    seccomp = SeccompPlan(default_action="allow", rules=(SeccompRule("read", "kill"),))
+    result, events = run_with_status(plan_for("root", "true", seccomp=seccomp))
+    assert result.returncode == 128 + 31
+    kinds = [e["event"] for e in events]
+    assert kinds[:2] == ["started", "enforced"]   # the program was exec'd
+    assert events[2]["syscall"] == "read" and events[2]["pid"] == events[0]["pid"]

@@ -190,6 +190,14 @@ def test_every_section_maps_onto_the_plan(tmp_path):
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
+def test_identity_binds_cover_runtime_paths_and_cwd_may_lie_inside_binds(tmp_path):
+    text = (BASE.replace('argv = ["/bin/true"]', 'argv = ["/bin/true"]\ncwd = "/usr/share"')
+            + "[[filesystem.bind]]\nsource = \"/usr\"\n")
+    plan = build_plan(write(tmp_path, text), euid=0)
+    assert [b.target for b in plan.filesystem.binds] == ["/usr"]
+    assert {s.target for s in plan.filesystem.symlinks} == {"/bin", "/lib", "/lib64"}
+
+
 def test_cpu_quota_as_a_table(tmp_path):
     plan = build_plan(write(tmp_path, BASE + "[limits.cgroup]\ncpu = { quota_us = 20000, period_us = 50000 }\n"),
                       euid=0)
@@ -287,6 +295,21 @@ def test_example_profiles_are_valid():
     (BASE + "[enforcement]\nbest_effort = [\"cgroups\"]\n",
      'P: enforcement.best_effort[0]: found "cgroups", expected a layer name: one of ' + ", ".join(
          __import__("jailer.plan").plan.LAYERS) + " (did you mean 'cgroup'?)"),
+    (BASE + "[filesystem]\ndevices = [\"/dev/no-such-device\"]\n",
+     'P: filesystem.devices[0]: found "/dev/no-such-device", which is not a device node on this host, expected an '
+     "existing character or block device"),
+    (BASE + "[filesystem]\ndevices = [\"/dev/null\"]\n[[filesystem.bind]]\nsource = \"/dev/null\"\n",
+     'P: filesystem.devices[0]: found "/dev/null", expected a target not already used by '
+     "filesystem.bind[0].target"),
+    ("[program]\nargv = [\"/bin/true\"]\ncwd = \"/work\"\n[seccomp]\nallow = [\"@default\"]\n",
+     'P: program.cwd: found "/work", expected "/" or a directory the sandbox has: a tmpfs or directory bind target, '
+     "a directory inside such a bind, or a parent of a target"),
+    (BASE + "[[filesystem.bind]]\nsource = \"/etc\"\ntarget = \"/usr/lib\"\n",
+     'P: filesystem.bind[0].target: found "/usr/lib", expected a target that does not hide the runtime\'s '
+     "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    (BASE + "[[filesystem.symlink]]\ntarget = \"/lib64\"\npoints_to = \"/elsewhere\"\n",
+     'P: filesystem.symlink[0].target: found "/lib64", expected a target that does not hide the runtime\'s '
+     "/lib64"),
     ("[seccomp]\nallow = [\"@default\"]\n", "P: program: missing, expected a [program] table with at least argv"),
     ("[program]\nargv = \"/bin/true\"\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.argv: found "/bin/true", expected an array of non-empty strings'),
