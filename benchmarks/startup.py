@@ -114,11 +114,12 @@ def time_with_hyperfine(commands, env, runs, warmup, scratch, unprivileged):
                    stdout=subprocess.DEVNULL, check=True, timeout=600)
     with open(export) as handle:
         results = json.load(handle)["results"]
-    return {result["command"]: result["median"] * 1000 for result in results}
+    return {"wall": {result["command"]: result["median"] * 1000 for result in results},
+            "cpu": {result["command"]: (result["user"] + result["system"]) * 1000 for result in results}}
 
 
 def time_with_loop(commands, env, runs, warmup, unprivileged):
-    """Fallback timer: run this file under the chosen identity with --loop, read its medians."""
+    """Fallback timer: run this file under the chosen identity with --loop, read its figures."""
     argv = [sys.executable, os.path.abspath(__file__), "--loop", json.dumps(commands),
             "--runs", str(runs), "--warmup", str(warmup)]
     output = subprocess.run(as_identity(argv, unprivileged), env=env, stdin=subprocess.DEVNULL,
@@ -126,20 +127,23 @@ def time_with_loop(commands, env, runs, warmup, unprivileged):
     return json.loads(output)
 
 
-def loop_medians(commands, runs, warmup):
-    medians = {}
+def loop_figures(commands, runs, warmup):
+    """Median wall time and mean CPU time (user + system, children included) in ms per command."""
+    import statistics
+
+    figures = {"wall": {}, "cpu": {}}
     for name, argv in commands.items():
-        samples = []
+        walls, cpus = [], []
         for index in range(warmup + runs):
             start = time.perf_counter()
             pid = os.posix_spawnp(argv[0], argv, os.environ)
-            os.waitpid(pid, 0)
+            usage = os.wait4(pid, 0)[2]
             if index >= warmup:
-                samples.append((time.perf_counter() - start) * 1000)
-        samples.sort()
-        middle = len(samples) // 2
-        medians[name] = samples[middle] if len(samples) % 2 else (samples[middle - 1] + samples[middle]) / 2
-    return medians
+                walls.append((time.perf_counter() - start) * 1000)
+                cpus.append((usage.ru_utime + usage.ru_stime) * 1000)
+        figures["wall"][name] = statistics.median(walls)
+        figures["cpu"][name] = statistics.fmean(cpus)
+    return figures
 
 
 def precompile(directory):
@@ -158,7 +162,7 @@ def own_home(scratch, uid):
 
 
 def measure(unprivileged, runs, warmup, scratch):
-    """Medians in ms per command for one identity, plus the commands that could not run."""
+    """{"wall": medians, "cpu": means} in ms per command for one identity, and the commands that failed."""
     jailer_argv, pythonpath = jailer_command(unprivileged, scratch)
     env = {key: value for key, value in os.environ.items() if key != "XDG_CACHE_HOME"}
     if pythonpath:
@@ -173,7 +177,7 @@ def measure(unprivileged, runs, warmup, scratch):
             failures[name] = problem
             del commands[name]
     if not commands:
-        return {}, failures
+        return {"wall": {}, "cpu": {}}, failures
     if shutil.which("hyperfine"):
         return time_with_hyperfine(commands, env, runs, warmup, scratch, unprivileged), failures
     return time_with_loop(commands, env, runs, warmup, unprivileged), failures
@@ -185,8 +189,8 @@ def ratio(medians, numerator, denominator):
     return "-"
 
 
-def table(rows):
-    header = ("identity", "jailer ms", "bwrap ms", "unshare ms", "jailer/bwrap", "jailer/unshare")
+def table(rows, unit):
+    header = ("identity", f"jailer {unit}", f"bwrap {unit}", f"unshare {unit}", "jailer/bwrap", "jailer/unshare")
     lines = [header]
     for identity, medians in rows.items():
         lines.append((identity, *(f"{medians[n]:.2f}" if n in medians else "-"
@@ -204,7 +208,7 @@ def main(argv=None):
     parser.add_argument("--loop", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.loop:
-        json.dump(loop_medians(json.loads(options.loop), options.runs, options.warmup), sys.stdout)
+        json.dump(loop_figures(json.loads(options.loop), options.runs, options.warmup), sys.stdout)
         return 0
     identities = {"root": False, "unprivileged": True} if os.geteuid() == 0 else {"unprivileged": False}
     rows, failures = {}, {}
@@ -215,19 +219,23 @@ def main(argv=None):
         os.chmod(scratch, 0o777)
         for identity, drop in identities.items():
             rows[identity], failures[identity] = measure(drop, options.runs, options.warmup, scratch)
-    print(f"start-up of /bin/true in all namespaces, median of {options.runs} runs "
+    print(f"start-up of /bin/true in all namespaces, {options.runs} runs "
           f"({'hyperfine -N' if shutil.which('hyperfine') else 'fork/exec loop'}, {options.warmup} warm-ups)")
-    print(table(rows))
+    print("wall time, median:")
+    print(table({identity: figures["wall"] for identity, figures in rows.items()}, "ms"))
+    print("CPU time (user + system), mean: less sensitive to a busy machine")
+    print(table({identity: figures["cpu"] for identity, figures in rows.items()}, "cpu ms"))
     for identity, problems in failures.items():
         for problem in problems.values():
             print(f"not measured as {identity}: {problem}")
-    for identity, medians in rows.items():
+    for identity, figures in rows.items():
+        medians = figures["wall"]
         if "jailer" in medians and "bwrap" in medians:
             verdict = "within" if medians["jailer"] <= TARGET_RATIO * medians["bwrap"] else "OVER"
             print(f"{identity}: jailer is {verdict} the {TARGET_RATIO:g}x bwrap target")
     if options.json:
         with open(options.json, "w") as handle:
-            json.dump({"runs": options.runs, "medians_ms": rows, "failures": failures}, handle, indent=1)
+            json.dump({"runs": options.runs, "figures_ms": rows, "failures": failures}, handle, indent=1)
     return 0
 
 
