@@ -177,3 +177,20 @@ def test_shipped_python_examples_hold(profile):
     assert isinstance(report, dict), report
     assert report["escaped"] == [] and result.returncode == 0, [c for c in report["checks"]
                                                                  if c["verdict"] != "blocked"]
+
+
+def test_fd_manifest_is_supplied_and_is_all_the_probe_holds():
+    """The caller's stream fd is handed over, the profile's socket path is not touched, and the
+    probe holds exactly 0-2 plus the manifest; an errno-by-default filter answers ENOSYS everywhere."""
+    profile = os.path.join(PROFILES, "escape-fds.toml")
+    result = selftest_command("--json", profile)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, [c for c in report["checks"] if c["verdict"] != "blocked"]
+    checks = {check["name"]: check for check in report["checks"]}
+    held = checks["fds"]["held"]
+    assert sorted(map(int, held)) == [0, 1, 2, 3, 4, 5, 6]
+    assert held["3"].startswith("socket:") and held["4"].startswith("socket:")
+    assert held["5"].startswith("/memfd:guest-ram") and held["6"] == "anon_inode:[eventfd]"
+    assert not os.path.exists("/run/jailer-escape-fds.sock")
+    decided = [c for c in report["checks"] if "expected" in c]
+    assert decided and all(c["as_expected"] and c["outcome"] == "ENOSYS" for c in decided), decided
