@@ -51,7 +51,7 @@ MNT_DETACH = 2
 KEY_SPEC_PROCESS_KEYRING, KEY_SPEC_SESSION_KEYRING = -2, -3
 KEYCTL_GET_KEYRING_ID = 0
 BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
-PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK = 1, 0
+PERF_TYPE_SOFTWARE = 1
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 # Refusals a sandbox layer can produce (seccomp's errno is the profile's choice, so

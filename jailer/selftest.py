@@ -37,8 +37,6 @@ SANDBOX_TIMEOUT = 120
 CANARY_NAME = "readonly-canary"
 CANARY_TARGET = "/run/jailer-selftest/readonly-canary"
 MARKER_DIRS = ("/tmp", "/var/tmp", "/root", "/home")
-# Kinds the launcher creates itself from the profile; any other required fd is supplied here.
-SELF_CREATED_FDS = ("unix-listener", "memfd", "eventfd", "file")
 ACTION_SEVERITY = ("allow", "log", "errno", "trap", "kill_thread", "kill")
 IOCTL_REQUEST_ARG = 1
 KERNEL_ARG_WIDTH = {("ioctl", IOCTL_REQUEST_ARG): 32}   # args the kernel truncates before use
@@ -94,6 +92,8 @@ def seccomp_action(seccomp, syscall, args):
     """(action, errno) the filter should apply to syscall(args); the most severe matching rule wins.
 
     Returns None when a rule depends on an argument the probe does not fix (a fd number).
+    Independent of the launcher's own rule evaluation on purpose: this is the oracle the
+    compiled filter is checked against, and it compares at the kernel's argument width.
     """
     if not seccomp.enabled:
         return "allow", None
@@ -231,8 +231,8 @@ def supplied_fds(fds, scratch, stack):
                 or (spec.kind == "memfd" and spec.size is not None):
             continue
         if spec.kind == "unix-stream":
-            ours, theirs = (stack.enter_context(end) for end in socket.socketpair())
-            fd = theirs.fileno()
+            _own_end, their_end = (stack.enter_context(end) for end in socket.socketpair())
+            fd = their_end.fileno()
         elif spec.kind == "unix-listener":
             listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             listener.bind(os.path.join(scratch, f"{spec.name}.sock"))
