@@ -59,6 +59,7 @@ CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 SECCOMP_DENIALS = {errno.EPERM, errno.EACCES, errno.ENOSYS}
 
 CHILD_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
 MEMORY_HOG_TIMEOUT = 30.0
 MEMORY_HOG_STEP = 4 << 20
 MEMORY_HOG_REPORTS = 256
@@ -292,8 +293,11 @@ def init_module():
 
 def connect_tcp(host, port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
-        sock.connect((host, port))
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect((host, port))
+        except TimeoutError as exc:   # Python's own timeout carries no errno: nothing answered
+            raise OSError(errno.ETIMEDOUT, f"no answer within {CONNECT_TIMEOUT} s") from exc
         return f"connected to {host}:{port}"
 
 
@@ -405,7 +409,7 @@ def check_connect(options):
     if not options.tcp_port:
         return skipped("tcp_loopback", "no --tcp-port given")
     result = syscall_check("tcp_loopback", connect_tcp, options.tcp_host, options.tcp_port,
-                           denials=SECCOMP_DENIALS | {errno.ENETUNREACH, errno.ECONNREFUSED,
+                           denials=SECCOMP_DENIALS | {errno.ENETUNREACH, errno.ECONNREFUSED, errno.ETIMEDOUT,
                                                       errno.EAFNOSUPPORT, errno.EHOSTUNREACH})
     return result | {"address": f"{options.tcp_host}:{options.tcp_port}"}
 
