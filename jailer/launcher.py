@@ -307,15 +307,21 @@ class _Launch:
         from jailer import seccomp, syscalls
 
         pidfd, number, deadline = self.grab
-        try:
-            fd = syscalls.pidfd_getfd(pidfd, number)
-        except OSError:
+        fd = None
+        spin_until = time.monotonic() + 0.002   # the filter loads within microseconds of "ready"
+        while fd is None and time.monotonic() < spin_until:
+            try:
+                fd = syscalls.pidfd_getfd(pidfd, number)
+            except OSError:
+                os.sched_yield()
+                continue
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:seccomp notify":
+                os.close(fd)
+                fd = None
+        if fd is None:
             if time.monotonic() > deadline or self.error:
                 os.close(pidfd)
                 self.grab = None
-            return
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:seccomp notify":
-            os.close(fd)
             return
         os.close(pidfd)
         self.grab = None
