@@ -118,7 +118,6 @@ class _Launch:
         self.manifest = None
         self.cgroup = None
         self.setup_pid = None
-        self.pid1 = None                # outer pid of the sandbox's reaper
         self.program_pid = None         # outer pid of the program
         self.error = None               # _error_fields of the first failure
         self.program_status = None
@@ -265,8 +264,6 @@ class _Launch:
         kind, *fields = marshal.loads(data)
         if kind == "unshared":
             self._write_maps_and_release(sock, sender, *fields)
-        elif kind == "pid1":
-            self.pid1 = sender
         elif kind == "ready":
             self._ready(sender, *fields)
         elif kind == "skipped":
@@ -358,7 +355,7 @@ class _Launch:
                         f"'{event['action']}': {outcome}")
 
     def _kill_sandbox(self, pid):
-        for target in (pid, self.pid1, self.program_pid):
+        for target in (pid, self.program_pid):   # the program's end ends the pid namespace
             if target:
                 try:
                     os.kill(target, signal.SIGKILL)
@@ -390,7 +387,7 @@ class _Launch:
                 self.error = self.error or ("JailerError", "", f"interrupted by signal {signum} during set-up", "")
                 continue
             try:
-                os.kill(self.pid1 or self.program_pid, signum)
+                os.kill(self.program_pid, signum)
             except OSError:
                 pass
 
