@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jailer.errors import UsageError
 from jailer.plan import FdSpec, Plan
+from jailer.sdnotify import SD_LISTEN_FDS_START
 
 UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+$")
 DROP_IN_BASENAME = "50-jailer.conf"
@@ -60,6 +61,7 @@ class UnitRequest:
     socket_activation: bool = False
     socket_group: str | None = None
     explicit_socket_path: bool = True   # pass --socket-path (else the profile's own path is used)
+    listener_name: str = "vfio-user"    # the profile's unix-listener fd for the vfio-user socket
 
 
 def listener_spec(plan: Plan) -> FdSpec:
@@ -91,13 +93,17 @@ def make_request(plan: Plan, profile: str, jailer: str, name: str | None = None,
         raise UsageError(f"--socket-path {path!r}: expected an absolute path")
     return UnitRequest(name=name, profile=os.path.abspath(profile), jailer=jailer, socket_path=path,
                        socket_activation=socket_activation, socket_group=socket_group,
-                       explicit_socket_path=not (listener.path and socket_path in (None, listener.path)))
+                       explicit_socket_path=not (listener.path and socket_path in (None, listener.path)),
+                       listener_name=listener.name)
 
 
 def exec_argv(request: UnitRequest) -> list[str]:
-    """`jailer run`: a socket-activated unit hands the listener over in LISTEN_FDS instead."""
+    """`jailer run`; socket-activated, with the one socket systemd passes (always fd 3) named
+    explicitly, so the unit does not depend on LISTEN_FDS handling and says what it hands over."""
     argv = [request.jailer, "run", request.profile]
-    if not request.socket_activation and request.explicit_socket_path:
+    if request.socket_activation:
+        argv += ["--fd", f"{request.listener_name}={SD_LISTEN_FDS_START}"]
+    elif request.explicit_socket_path:
         argv += ["--socket-path", request.socket_path]
     return argv
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -82,7 +83,7 @@ def test_socket_activation_pair_verifies(tmp_path, jailer_exe):
     assert sorted(p.name for p in paths) == ["jailer-idio16.service", "jailer-idio16.socket"]
     verify(*paths)
     service, socket_unit = (p.read_text() for p in sorted(paths))
-    assert "--socket-path" not in service       # the listener arrives in LISTEN_FDS
+    assert "--socket-path" not in service and "--fd vfio-user=3" in service   # systemd's socket
     assert "Requires=jailer-idio16.socket" in service
     assert "FileDescriptorName=vfio-user" in socket_unit
     assert "SocketMode=0660" in socket_unit and "SocketGroup=kvm" in socket_unit
@@ -191,7 +192,7 @@ def test_systemd_run_line_carries_the_same_properties(jailer_exe):
     request = make_request(plan, "/p.toml", jailer_exe, socket_activation=True)
     argv = systemd_run_argv(plan, request)
     assert argv[:2] == ["systemd-run", "--unit=jailer-idio16"]
-    assert argv[argv.index("--") + 1:] == [jailer_exe, "run", "/p.toml"]
+    assert argv[argv.index("--") + 1:] == [jailer_exe, "run", "/p.toml", "--fd", "vfio-user=3"]
     properties = {a.split("=", 1)[1] for a in argv if a.startswith("--property=")}
     expected = {f"{d.key}={d.value}" for d in service_directives(plan, request) if d.key != "ExecStart"}
     assert properties == expected
@@ -338,7 +339,7 @@ def test_command_writes_verifiable_units(profile, tmp_path, jailer_exe):
     assert result.output.split() == [str(out / "idio16.service"), str(out / "idio16.socket")]
     verify(out / "idio16.service", out / "idio16.socket")
     service = (out / "idio16.service").read_text()
-    assert f"ExecStart={jailer_exe} run {profile}\n" in service
+    assert f"ExecStart={jailer_exe} run {profile} --fd vfio-user=3\n" in service
     assert f"MemoryMax={(64 << 20) + (64 << 20)}" in service
     assert "ListenStream=/run/jailer/idio16/vfio-user.sock" in (out / "idio16.socket").read_text()
     assert exposure(analyze("security", "--offline=yes", str(out / "idio16.service"))) <= EXPOSURE_THRESHOLD
@@ -481,8 +482,9 @@ number = 3
 """
 
 
-def run_in_emulated_unit(tmp_path, **overrides):
-    """Generate the service for UNIT_PROFILE, then run its ExecStart under the emulation."""
+def run_in_emulated_unit(tmp_path, socket_activation=False, **overrides):
+    """Generate the service for UNIT_PROFILE, then run its ExecStart under the emulation;
+    socket-activated, the listening socket is created here and arrives at fd 3, as from systemd."""
     from jailer.profile import build_plan
 
     profile = tmp_path / "device.toml"
@@ -490,9 +492,11 @@ def run_in_emulated_unit(tmp_path, **overrides):
     runtime = f"jailer-unit-test-{os.getpid()}"
     plan = build_plan(str(profile), euid=0)
     jailer = os.path.join(os.path.dirname(sys.executable), "jailer")
-    request = make_request(plan, str(profile), jailer, socket_path=f"/run/{runtime}/vfio-user.sock")
+    request = make_request(plan, str(profile), jailer, socket_path=f"/run/{runtime}/vfio-user.sock",
+                           socket_activation=socket_activation)
     settings = {d.key: d.value for d in service_directives(plan, request)}
-    assert settings["RuntimeDirectory"] == runtime and settings["PrivateNetwork"] == "yes"
+    assert settings.get("RuntimeDirectory") == (None if socket_activation else runtime)
+    assert settings["PrivateNetwork"] == "yes"
     assert settings["PrivateTmp"] == "no"      # the profile is in pytest's /tmp
     settings.update(overrides)
     writable = [f"/run/{runtime}", f"/var/cache/{settings['CacheDirectory']}"]
@@ -501,13 +505,20 @@ def run_in_emulated_unit(tmp_path, **overrides):
     os.makedirs(writable[1], mode=0o700, exist_ok=True)
     os.mkdir(writable[0])
     env = dict(os.environ, PRIVATE_TMP=settings["PrivateTmp"], PROTECT_HOME=settings["ProtectHome"],
-               PRIVATE_DEVICES=settings["PrivateDevices"], WRITABLE=" ".join(writable))
+               PRIVATE_DEVICES=settings["PrivateDevices"],
+               WRITABLE=" ".join(writable[1:] if socket_activation else writable))   # no RuntimeDirectory
+    unit = ["unshare", "--mount", "--net", "sh", "-c", UNIT_MOUNTS, "unit", str(root), sys.executable,
+            "-c", UNIT_PROCESS, json.dumps(settings), *exec_argv(request)]
+    activated = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        return settings, subprocess.run(
-            ["unshare", "--mount", "--net", "sh", "-c", UNIT_MOUNTS, "unit", str(root), sys.executable,
-             "-c", UNIT_PROCESS, json.dumps(settings), *exec_argv(request)],
-            capture_output=True, text=True, timeout=120, env=env)
+        if socket_activation:
+            activated.bind(request.socket_path)
+            activated.listen(1)
+            unit = ["bash", "-c", 'exec 3<&"$0"; exec "$@"', str(activated.fileno()), *unit]
+        return settings, subprocess.run(unit, capture_output=True, text=True, timeout=120, env=env,
+                                        pass_fds=(activated.fileno(),))
     finally:
+        activated.close()
         shutil.rmtree(writable[0])             # systemd removes a RuntimeDirectory= on stop
 
 
@@ -516,6 +527,15 @@ def test_jailer_runs_inside_the_emulated_unit(tmp_path):
     """With the cgroup required too: a user namespace leaves CAP_SYS_ADMIN & co. unneeded."""
     settings, result = run_in_emulated_unit(tmp_path)
     assert settings["CapabilityBoundingSet"] == "CAP_SETUID CAP_SETGID CAP_CHOWN CAP_SYS_PTRACE CAP_SYS_RESOURCE"
+    assert result.stdout == "device listening 1\n", result.stderr
+    assert result.returncode == 0
+
+
+@needs_root
+def test_socket_activated_jailer_runs_inside_the_emulated_unit(tmp_path):
+    """No CAP_CHOWN when systemd owns the socket: the device accepts on the passed listener."""
+    settings, result = run_in_emulated_unit(tmp_path, socket_activation=True)
+    assert settings["CapabilityBoundingSet"] == "CAP_SETUID CAP_SETGID CAP_SYS_PTRACE CAP_SYS_RESOURCE"
     assert result.stdout == "device listening 1\n", result.stderr
     assert result.returncode == 0
 
