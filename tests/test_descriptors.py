@@ -147,6 +147,18 @@ def test_print_capabilities_shape():
         parse_capabilities({"type": "gpio-pci-idio-16"}, "idio16 --print-capabilities")
 
 
+def test_a_real_backend_prints_valid_capabilities():
+    import subprocess
+    import sys
+
+    device = Path(__file__).resolve().parent / "vfio_user" / "testdevice.py"
+    result = subprocess.run([sys.executable, str(device), "--print-capabilities", "--socket-path", "/nonexistent"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    caps = parse_capabilities(json.loads(result.stdout), f"{device.name} --print-capabilities")
+    assert caps["type"] == "test-device" and "listen-fds" in caps["features"]
+
+
 def test_listing_command(tree):
     levels, put = tree
     put(0, "50-idio16.json", descriptor())
