@@ -31,11 +31,10 @@ def describe_fd(fd: int) -> str:
     except OSError:
         return "not an open descriptor"
     if stat.S_ISSOCK(st.st_mode):
-        family, kind, listening = _socket_info(fd)
+        family, kind, state = _socket_info(fd)
         names = {_socket.AF_UNIX: "AF_UNIX", _socket.AF_INET: "AF_INET", _socket.AF_INET6: "AF_INET6"}
         kinds = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "datagram", _socket.SOCK_SEQPACKET: "seqpacket"}
-        return (f"a {'listening' if listening else 'non-listening'} {names.get(family, f'family {family}')} "
-                f"{kinds.get(kind, f'type {kind}')} socket")
+        return f"a {state} {names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')} socket"
     if stat.S_ISREG(st.st_mode):
         return "a memfd" if _link(fd).startswith("/memfd:") else "a regular file"
     if stat.S_ISFIFO(st.st_mode):
@@ -55,10 +54,19 @@ def _link(fd: int) -> str:
         return "?"
 
 
-def _socket_info(fd: int) -> tuple[int, int, bool]:
+def _socket_info(fd: int) -> tuple[int, int, str]:
+    """(SO_DOMAIN, SO_TYPE, 'listening' / 'connected' / 'unconnected')."""
     sock = _socket.socket(fileno=os.dup(fd))
     try:
-        return sock.family, sock.type, bool(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN))
+        if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN):
+            state = "listening"
+        else:
+            try:
+                sock.getpeername()
+                state = "connected"
+            except OSError:
+                state = "unconnected"
+        return sock.family, sock.type, state
     finally:
         sock.close()
 

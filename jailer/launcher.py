@@ -169,6 +169,11 @@ class _Launch:
         parent_sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
         exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # Everything the children run is imported before the fork (after pivot_root jailer's
+        # files are gone, and importing once here is cheaper than in a copy-on-write child).
+        from jailer import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
+        if self.plan.network.mode != "none":
+            from jailer import network  # noqa: F401
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
         old_wakeup = signal.set_wakeup_fd(wake_w)
         launcher_pid = os.getpid()
@@ -217,6 +222,8 @@ class _Launch:
                     elif fd == exec_r:
                         poller.unregister(exec_r)
                         exec_open = False
+                        while self._receive(sock, block=False):   # an exec failure is reported first
+                            pass
                         self._exec_done()
                     elif fd == wake_r:
                         _drain(wake_r)
@@ -365,6 +372,8 @@ class _Launch:
 
     def _forward_signals(self):
         while self.pending_signals:
+            if not self.started and self.program_pid is not None and not self.error:
+                return   # the program is being exec'd: deliver once it runs
             signum = self.pending_signals.pop(0)
             if not self.started:
                 self._kill_sandbox(self.setup_pid)   # interrupted during set-up: tear it down
@@ -415,6 +424,7 @@ class _Child:
         self.bpf = bpf
         self.cgroup = cgroup
         self.user_namespace = False
+        self.last_cap = None
 
     def _die_with(self, parent_pid):
         """SIGKILL this process when its parent dies (and die now if it already has). The parent
@@ -428,10 +438,9 @@ class _Child:
 
     def setup(self):
         """Join the cgroup, unshare, wait for the maps; fork pid 1 when there is a pid namespace."""
-        # Everything the child will run is imported now: after pivot_root jailer's files are gone.
-        from jailer import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
-        if self.plan.network.mode != "none":
-            from jailer import network  # noqa: F401
+        from jailer import capabilities
+
+        self.last_cap = capabilities.last_capability()   # /proc may not exist in the new root
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)   # the launcher decides what reaches the program
         self._die_with(self.launcher_pid)
@@ -499,7 +508,7 @@ class _Child:
             attempt("rlimits", lambda: limits.apply_rlimits(plan.limits.rlimits))
         self.sock_fd, self.exec_w = fdlib.install(self.entries, [self.sock_fd, self.exec_w])
         os.setsid()
-        last_cap = capabilities.last_capability()
+        last_cap = self.last_cap
         attempt("capabilities", lambda: capabilities.drop_bounding_set(last_cap), capabilities.FIX)
         attempt("securebits", capabilities.lock_securebits, capabilities.FIX)
         capabilities.become(plan.identity.uid, plan.identity.gid,

@@ -1,8 +1,8 @@
 """`jailer run`: the start-up hot path, so it parses its own arguments and imports little.
 
 The resolved plan, its compiled seccomp filter and the syscall-name table are cached per
-profile (keyed on the profile's path, mtime and size, the caller's uid/gid, the
-environment and the jailer version; any mismatch or unreadable entry falls back to
+profile (keyed on the profile's path, mtime, size and contents, the caller's uid/gid,
+the environment variables the profile names and the jailer version; any mismatch or unreadable entry falls back to
 resolving the profile again). toml, click, pyseccomp and pyroute2 are only imported on a
 cache miss or when the plan needs them.
 """
@@ -98,13 +98,20 @@ def cache_dir() -> str:
 
 
 def _cache_key(path: str) -> tuple:
+    """What the resolved plan depends on. The environment counts only through the variables
+    the profile names as TOML strings (environment.pass takes exact names), so unrelated
+    variables, which change from run to run, do not defeat the cache."""
     import zlib
 
     from jailer import __version__
 
-    st = os.stat(path)
-    environment = zlib.crc32(marshal.dumps(sorted(os.environ.items())))
-    return (path, st.st_mtime_ns, st.st_size, st.st_ino, os.geteuid(), os.getegid(), environment, __version__)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        text = f.read()
+    passed = tuple(sorted((name, value) for name, value in os.environ.items()
+                          if f'"{name}"'.encode() in text or f"'{name}'".encode() in text))
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino, zlib.crc32(text), os.geteuid(), os.getegid(), passed,
+            __version__)
 
 
 def _cache_file(directory: str, path: str) -> str:
@@ -148,10 +155,32 @@ def _write_cache(directory: str, file: str, entry: dict) -> None:
         pass
 
 
+class PlanView:
+    """A cached plan, read-only, with the Plan's attribute names (lists become tuples).
+
+    Building the real Plan dataclasses costs more than the whole sandbox set-up (the
+    dataclass machinery compiles code at import), so a warm `jailer run` reads the cached
+    plan.to_dict() through this view instead; the cache is only written from a Plan that
+    build_plan has validated."""
+
+    def __init__(self, data: dict):
+        for name, value in data.items():
+            object.__setattr__(self, name, _view(value))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a cached plan is read-only")
+
+
+def _view(value):
+    if isinstance(value, dict):
+        return PlanView(value)
+    if isinstance(value, list):
+        return tuple(_view(item) for item in value)
+    return value
+
+
 def resolve(profile: str, use_cache: bool = True):
     """(plan, bpf, syscall names) for the profile, from the cache when it is valid."""
-    from jailer.plan import Plan
-
     path = os.path.abspath(profile)
     try:
         key = _cache_key(path)
@@ -162,8 +191,8 @@ def resolve(profile: str, use_cache: bool = True):
     entry = _read_cache(file, key) if use_cache else None
     if entry is not None:
         try:
-            return Plan.from_dict(entry["plan"]), entry["bpf"], entry["names"]
-        except (KeyError, TypeError, ValueError):
+            return PlanView(entry["plan"]), entry["bpf"], entry["names"]
+        except (KeyError, TypeError, AttributeError):
             pass
     from jailer.profile import build_plan
 

@@ -12,10 +12,10 @@ from jailer.run_cli import parse, run_plan
 
 
 def main(argv):
-    args = parse(argv)
-    with open(args.profile) as f:
-        plan = Plan.from_dict(json.load(f))
     try:
+        args = parse(argv)
+        with open(args.profile) as f:
+            plan = Plan.from_dict(json.load(f))
         return run_plan(plan, args)
     except JailerError as exc:
         for line in str(exc).splitlines():
