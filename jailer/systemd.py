@@ -61,7 +61,7 @@ class UnitRequest:
     socket_activation: bool = False
     socket_group: str | None = None
     explicit_socket_path: bool = True   # pass --socket-path (else the profile's own path is used)
-    listener_name: str = "vfio-user"    # the profile's unix-listener fd for the vfio-user socket
+    listener_name: str = VFIO_USER_FD_NAME   # the profile's unix-listener fd for the vfio-user socket
 
 
 def listener_spec(plan: Plan) -> FdSpec:
