@@ -296,7 +296,8 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
                   list_valued=True),
         Directive("SystemCallErrorNumber", "EPERM", "a refused call fails instead of killing the launcher"),
         Directive("KeyringMode", "private", "no access to other services' keys"),
-        Directive("UMask", "0077", "files and sockets jailer creates are its own"),
+        Directive("UMask", "0077", "files and sockets jailer creates are its own (for a client that is not "
+                  "root, let systemd own the socket: jailer systemd --socket --socket-group)"),
     ]
     d += _resource_directives(plan)
     return d
