@@ -118,7 +118,6 @@ class _Launch:
         self.manifest = None
         self.cgroup = None
         self.setup_pid = None
-        self.pid1 = None                # outer pid of the sandbox's reaper
         self.program_pid = None         # outer pid of the program
         self.error = None               # _error_fields of the first failure
         self.program_status = None
@@ -265,8 +264,6 @@ class _Launch:
         kind, *fields = marshal.loads(data)
         if kind == "unshared":
             self._write_maps_and_release(sock, sender, *fields)
-        elif kind == "pid1":
-            self.pid1 = sender
         elif kind == "ready":
             self._ready(sender, *fields)
         elif kind == "skipped":
@@ -307,15 +304,21 @@ class _Launch:
         from jailer import seccomp, syscalls
 
         pidfd, number, deadline = self.grab
-        try:
-            fd = syscalls.pidfd_getfd(pidfd, number)
-        except OSError:
+        fd = None
+        spin_until = time.monotonic() + 0.002   # the filter loads within microseconds of "ready"
+        while fd is None and time.monotonic() < spin_until:
+            try:
+                fd = syscalls.pidfd_getfd(pidfd, number)
+            except OSError:
+                os.sched_yield()
+                continue
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:seccomp notify":
+                os.close(fd)
+                fd = None
+        if fd is None:
             if time.monotonic() > deadline or self.error:
                 os.close(pidfd)
                 self.grab = None
-            return
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:seccomp notify":
-            os.close(fd)
             return
         os.close(pidfd)
         self.grab = None
@@ -352,7 +355,7 @@ class _Launch:
                         f"'{event['action']}': {outcome}")
 
     def _kill_sandbox(self, pid):
-        for target in (pid, self.pid1, self.program_pid):
+        for target in (pid, self.program_pid):   # the program's end ends the pid namespace
             if target:
                 try:
                     os.kill(target, signal.SIGKILL)
@@ -384,7 +387,7 @@ class _Launch:
                 self.error = self.error or ("JailerError", "", f"interrupted by signal {signum} during set-up", "")
                 continue
             try:
-                os.kill(self.pid1 or self.program_pid, signum)
+                os.kill(self.program_pid, signum)
             except OSError:
                 pass
 

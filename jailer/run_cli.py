@@ -149,6 +149,7 @@ def _write_cache(directory: str, file: str, entry: dict) -> None:
         st = os.stat(directory)
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             return
+        _prune(directory)
         temporary = f"{file}.{os.getpid()}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with open(fd, "wb") as f:
@@ -180,6 +181,22 @@ def _view(value):
     if isinstance(value, list):
         return tuple(_view(item) for item in value)
     return value
+
+
+def _prune(directory: str, limit: int = 256) -> None:
+    """Drop entries whose profile is gone (temporary profiles would pile up); only on a miss."""
+    for name in sorted(os.listdir(directory))[:limit]:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                profile = marshal.load(f)["key"][0]
+        except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError):
+            profile = None
+        if profile is None or not os.path.exists(profile):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def resolve(profile: str, use_cache: bool = True):

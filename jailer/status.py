@@ -40,6 +40,7 @@ class Enforcement:
     def _fail(self, layer, reason, fix):
         if layer not in self.best_effort:
             raise LayerError(layer, reason, fix)
+        self.applied.pop(layer, None)   # e.g. a cgroup made by the launcher that the child could not join
         self.skipped[layer] = reason + (f" (to fix: {fix})" if fix else "")
 
     def merge(self, applied, skipped):

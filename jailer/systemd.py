@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jailer.errors import UsageError
 from jailer.plan import FdSpec, Plan
+from jailer.sdnotify import SD_LISTEN_FDS_START
 
 UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+$")
 DROP_IN_BASENAME = "50-jailer.conf"
@@ -35,9 +36,10 @@ PSEUDO_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random"
 
 HOME_DIRS = ("/home", "/root", "/run/user")
 
-# Syscall groups neither jailer nor a device emulator has any use for.
-DENIED_SYSCALL_GROUPS = ("@clock", "@cpu-emulation", "@debug", "@module", "@obsolete", "@raw-io",
-                         "@reboot", "@swap")
+# Syscalls neither jailer nor a device emulator has any use for. Not all of @debug: jailer
+# takes the device's seccomp listener with pidfd_getfd, which is in that group.
+DENIED_SYSCALLS = ("@clock", "@cpu-emulation", "@module", "@obsolete", "@raw-io", "@reboot", "@swap",
+                   "ptrace", "perf_event_open", "lookup_dcookie")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class UnitRequest:
     socket_activation: bool = False
     socket_group: str | None = None
     explicit_socket_path: bool = True   # pass --socket-path (else the profile's own path is used)
+    listener_name: str = VFIO_USER_FD_NAME   # the profile's unix-listener fd for the vfio-user socket
 
 
 def listener_spec(plan: Plan) -> FdSpec:
@@ -90,13 +93,17 @@ def make_request(plan: Plan, profile: str, jailer: str, name: str | None = None,
         raise UsageError(f"--socket-path {path!r}: expected an absolute path")
     return UnitRequest(name=name, profile=os.path.abspath(profile), jailer=jailer, socket_path=path,
                        socket_activation=socket_activation, socket_group=socket_group,
-                       explicit_socket_path=not (listener.path and socket_path in (None, listener.path)))
+                       explicit_socket_path=not (listener.path and socket_path in (None, listener.path)),
+                       listener_name=listener.name)
 
 
 def exec_argv(request: UnitRequest) -> list[str]:
-    """`jailer run`: a socket-activated unit hands the listener over in LISTEN_FDS instead."""
+    """`jailer run`; socket-activated, with the one socket systemd passes (always fd 3) named
+    explicitly, so the unit does not depend on LISTEN_FDS handling and says what it hands over."""
     argv = [request.jailer, "run", request.profile]
-    if not request.socket_activation and request.explicit_socket_path:
+    if request.socket_activation:
+        argv += ["--fd", f"{request.listener_name}={SD_LISTEN_FDS_START}"]
+    elif request.explicit_socket_path:
         argv += ["--socket-path", request.socket_path]
     return argv
 
@@ -106,19 +113,30 @@ def exec_line(request: UnitRequest) -> str:
     return " ".join([unit_quote(command), *(unit_quote(a, variables=True) for a in args)])
 
 
-def _capabilities(plan: Plan) -> list[tuple[str, str]]:
+def _capabilities(plan: Plan, request: UnitRequest) -> list[tuple[str, str]]:
+    """What jailer needs on the host. Inside a user namespace it creates, it holds every
+    capability whatever the bounding set says, so namespaces, mounts, pivot_root and
+    dropping the device's capabilities need nothing here when the profile has one."""
     caps = [
-        ("CAP_SYS_ADMIN", "unshare mount/pid/ipc/uts/cgroup namespaces, mount, pivot_root"),
-        ("CAP_SETUID", "write uid_map for ids other than its own, setresuid to the sandbox uid"),
-        ("CAP_SETGID", "write gid_map, setgroups/setresgid to the sandbox gid"),
-        ("CAP_SETPCAP", "drop the device's bounding set and lock securebits"),
-        ("CAP_SYS_CHROOT", "chroot into the new root after pivot_root"),
-        ("CAP_KILL", "signal the device once it runs under another uid"),
+        ("CAP_SETUID", "write a uid_map for ids other than its own, switch to the sandbox uid"),
+        ("CAP_SETGID", "write a gid_map, switch to the sandbox groups"),
     ]
+    if _created_sockets(plan, request):
+        caps.append(("CAP_CHOWN", "hand the sockets it creates to the device's uid"))
+    if plan.seccomp.enabled and plan.seccomp.report:
+        caps.append(("CAP_SYS_PTRACE", "take the device's seccomp listener with pidfd_getfd (the device is "
+                     "not dumpable) to name refused syscalls; the ptrace syscall itself stays denied"))
+    if not plan.namespaces.user:
+        caps += [
+            ("CAP_SYS_ADMIN", "no user namespace: unshare the other namespaces, mount, pivot_root"),
+            ("CAP_SETPCAP", "no user namespace: drop the device's bounding set, lock securebits"),
+            ("CAP_SYS_CHROOT", "no user namespace: chroot into the new root"),
+            ("CAP_KILL", "no user namespace: signal the device under its own uid"),
+        ]
     if plan.limits.rlimits:
         caps.append(("CAP_SYS_RESOURCE", "set the profile's rlimits, which may exceed the current hard limits"))
     if plan.network.mode != "none":
-        caps.append(("CAP_NET_ADMIN", f"configure the device's '{plan.network.mode}' network"))
+        caps.append(("CAP_NET_ADMIN", f"configure the device's '{plan.network.mode}' network from the host"))
     return caps
 
 
@@ -137,13 +155,19 @@ def _host_paths(plan: Plan) -> list[str]:
     return [b.source for b in plan.filesystem.binds] + [spec.path for spec in plan.fds if spec.path]
 
 
-def _writable_places(plan: Plan, request: UnitRequest) -> tuple[list[str], list[str]]:
-    """(RuntimeDirectory= entries, ReadWritePaths= entries) for what jailer writes on the host:
-    sockets it creates (in /run: a runtime directory systemd makes), writable binds and files."""
+def _created_sockets(plan: Plan, request: UnitRequest) -> list[str]:
+    """Sockets jailer creates itself: all its listeners but one systemd passes in."""
     sockets = [spec.path for spec in plan.fds if spec.kind == "unix-listener" and spec.path
                and spec.name != listener_spec(plan).name]
     if not request.socket_activation:
         sockets.append(request.socket_path)
+    return sockets
+
+
+def _writable_places(plan: Plan, request: UnitRequest) -> tuple[list[str], list[str]]:
+    """(RuntimeDirectory= entries, ReadWritePaths= entries) for what jailer writes on the host:
+    sockets it creates (in /run: a runtime directory systemd makes), writable binds and files."""
+    sockets = _created_sockets(plan, request)
     runtime_dirs, writable = [], [b.source for b in plan.filesystem.binds if b.writable]
     writable += [spec.path for spec in plan.fds if spec.kind == "file" and "w" in spec.mode]
     for path in sockets:
@@ -193,7 +217,7 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
         Directive("NoNewPrivileges", "yes", "jailer sets no_new_privs on the device anyway and never "
                   "executes setuid helpers (it writes id maps itself)"),
     ]
-    caps = _capabilities(plan)
+    caps = _capabilities(plan, request)
     d.append(Directive("CapabilityBoundingSet", " ".join(c for c, _ in caps),
                        "what jailer needs as root: " + "; ".join(f"{c}: {why}" for c, why in caps),
                        list_valued=True))
@@ -209,7 +233,11 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
     if writable:
         d.append(Directive("ReadWritePaths", " ".join(unit_quote(p) for p in writable),
                            "where jailer creates sockets and writes files for the profile", list_valued=True))
-    tmp_paths = [p for p in [request.socket_path, *_host_paths(plan)] if _under_tmp(p)]
+    d.append(Directive("CacheDirectory", "jailer", "`jailer run` caches resolved plans and compiled filters "
+                       "in /var/cache/jailer, read-only otherwise under ProtectSystem=strict"))
+    d.append(Directive("CacheDirectoryMode", "0700", "jailer only trusts a private cache"))
+    tmp_paths = [p for p in [request.profile, request.jailer, request.socket_path, *_host_paths(plan)]
+                 if _under_tmp(p)]
     if tmp_paths:
         d.append(Directive("PrivateTmp", "no", f"{tmp_paths[0]} must be the host's, not a private /tmp"))
     else:
@@ -263,12 +291,13 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
         Directive("MemoryDenyWriteExecute", "yes", "neither the launcher (Python, libffi falls back to "
                   "double mapping) nor the device JITs; inherited by the device"),
         Directive("SystemCallArchitectures", "native", "no syscalls through a second ABI"),
-        Directive("SystemCallFilter", "~" + " ".join(DENIED_SYSCALL_GROUPS),
-                  "groups neither jailer nor the device uses; jailer adds the device's allow-list",
+        Directive("SystemCallFilter", "~" + " ".join(DENIED_SYSCALLS),
+                  "calls neither jailer nor the device uses; jailer adds the device's allow-list",
                   list_valued=True),
         Directive("SystemCallErrorNumber", "EPERM", "a refused call fails instead of killing the launcher"),
         Directive("KeyringMode", "private", "no access to other services' keys"),
-        Directive("UMask", "0077", "files and sockets jailer creates are its own"),
+        Directive("UMask", "0077", "files and sockets jailer creates are its own (for a client that is not "
+                  "root, let systemd own the socket: jailer systemd --socket --socket-group)"),
     ]
     d += _resource_directives(plan)
     return d
@@ -418,7 +447,8 @@ def _click_command():
                    "under `jailer run` inside systemd's own sandboxing.")
     @click.argument("profile", type=click.Path(exists=True, dir_okay=False))
     @click.option("--name", help="Unit name without suffix [default: jailer-<profile name>].")
-    @click.option("--socket-path", help="vfio-user socket [default: the profile's, else /run/jailer/NAME/vfio-user.sock].")
+    @click.option("--socket-path",
+                  help="vfio-user socket [default: the profile's, else /run/jailer/NAME/vfio-user.sock].")
     @click.option("--socket", "socket_activation", is_flag=True,
                   help="Also write NAME.socket: systemd owns the socket and passes it in LISTEN_FDS.")
     @click.option("--socket-group", help="Group allowed to connect to the socket (with --socket).")

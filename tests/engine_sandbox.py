@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -60,6 +61,7 @@ class _Runner:
             return drop + [sys.executable, str(RUNNER)], {}
         # The checkout is not readable by nobody: run a readable copy with the system interpreter.
         self.copy_dir = tempfile.mkdtemp(prefix="jailer-engine-")
+        atexit.register(shutil.rmtree, self.copy_dir, True)
         os.chmod(self.copy_dir, 0o755)
         shutil.copytree(REPO / "jailer", Path(self.copy_dir) / "jailer")
         shutil.copy(RUNNER, self.copy_dir)

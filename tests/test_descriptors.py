@@ -1,6 +1,9 @@
 """Descriptor discovery (vhost-user search path, merging, masking, priority) and validation."""
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +150,18 @@ def test_print_capabilities_shape():
         parse_capabilities({"type": "gpio-pci-idio-16"}, "idio16 --print-capabilities")
 
 
+def test_a_real_backend_prints_valid_capabilities():
+    import subprocess
+    import sys
+
+    device = Path(__file__).resolve().parent / "vfio_user" / "testdevice.py"
+    result = subprocess.run([sys.executable, str(device), "--print-capabilities", "--socket-path", "/nonexistent"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    caps = parse_capabilities(json.loads(result.stdout), f"{device.name} --print-capabilities")
+    assert caps["type"] == "test-device" and "listen-fds" in caps["features"]
+
+
 def test_listing_command(tree):
     levels, put = tree
     put(0, "50-idio16.json", descriptor())
@@ -223,3 +238,53 @@ def test_shell_snippets_in_docs_parse(doc):
     for block in fenced_blocks(DOCS / doc, "sh"):
         result = subprocess.run(["sh", "-n"], input=block, capture_output=True, text=True, timeout=10)
         assert result.returncode == 0, f"{doc}: {result.stderr}\n{block}"
+
+
+ACCEPT_ONCE_PROFILE = """
+name = "accept-once"
+
+[program]
+runtime = "python"
+argv = ["-c", "import socket; c = socket.socket(fileno=3).accept()[0]; c.sendall(b'device says hi')"]
+
+[seccomp]
+allow = ["@python", "accept4", "accept", "sendto", "getsockopt", "getsockname", "getpeername"]
+
+[[fds]]
+name = "vfio-user"
+kind = "unix-listener"
+number = 3
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs jailer as a libvirt hook would, as root")
+def test_hook_without_systemd_from_docs(tmp_path):
+    """The documented hook runs a real `jailer run`, returns once the status stream says
+    `started`, and a client can then talk to the device through the socket."""
+    import socket
+    import subprocess
+    import sys
+
+    [hook] = [b for b in fenced_blocks(DOCS / "qemu-libvirt.md", "sh") if "setsid jailer run" in b]
+    profile = tmp_path / "idio16.toml"
+    profile.write_text(ACCEPT_ONCE_PROFILE)
+    state = tmp_path / "state"
+    script = hook.replace("/etc/jailer/idio16.toml", str(profile)).replace("/run/jailer/vm1", str(state))
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    subprocess.run(["sh", "-e", "-c", script], check=True, timeout=30, env=env)
+    pid = int((state / "idio16.pid").read_text())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(state / "idio16.sock"))
+            assert client.recv(64) == b"device says hi"
+        for _ in range(100):
+            if '"event":"exited"' in (state / "idio16.status").read_text():
+                break
+            time.sleep(0.05)
+        assert '"event":"exited","code":0' in (state / "idio16.status").read_text()
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -101,6 +101,9 @@ def test_sandbox_dies_with_the_launcher(invocation):
                     pass_fds=[status.fileno()], wait=False, invocation=invocation)
         try:
             assert popen.stdout.readline().strip() == "ready"
+            deadline = time.monotonic() + 10
+            while not os.fstat(status.fileno()).st_size and time.monotonic() < deadline:
+                time.sleep(0.01)   # "started" is written once the launcher sees the exec
             status.seek(0)
             program = status_events(status.readline())[0]["pid"]
             os.kill(popen.pid, signal.SIGKILL)

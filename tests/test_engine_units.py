@@ -64,6 +64,15 @@ def test_cache_entry_is_used_only_for_its_key_and_only_when_private(tmp_path):
     os.chmod(file, 0o600)
     assert run_cli._read_cache(file, key) is None
 
+    gone = tmp_path / "gone.toml"   # an entry whose profile was deleted is pruned on the next write
+    gone.write_text("name = 'gone'\n")
+    gone_file = run_cli._cache_file(directory, str(gone))
+    run_cli._write_cache(directory, gone_file, {"key": run_cli._cache_key(str(gone)), "plan": {}, "bpf": None,
+                                                "names": None})
+    gone.unlink()
+    run_cli._write_cache(directory, file, {"key": key, "plan": {"x": 1}, "bpf": None, "names": None})
+    assert sorted(os.listdir(directory)) == [os.path.basename(file)]
+
 
 def test_status_encoder_writes_json():
     value = {"event": "x", "text": 'quote " back \\ nl \n tab \t \x01 é', "n": -3, "ok": True, "none": None,
