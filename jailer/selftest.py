@@ -376,16 +376,3 @@ def _command():
 
 selftest_command = _command()
 
-
-def main(argv=None):
-    """`python -m jailer.selftest`: the command outside `jailer`'s dispatcher, same error lines."""
-    try:
-        selftest_command.main(args=argv, prog_name="jailer selftest")
-    except JailerError as exc:
-        for line in str(exc).splitlines():
-            print(f"jailer: {line}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    main()

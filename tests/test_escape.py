@@ -194,7 +194,7 @@ def unprivileged_runner():
 
 def run_selftest(profile, prefix=(sys.executable,), env=None, cwd=REPO):
     """`jailer selftest --json PROFILE` in a fresh process; returns (exit status, report or stderr)."""
-    result = subprocess.run([*prefix, "-m", "jailer.selftest", "--json", profile], cwd=cwd, env=env,
+    result = subprocess.run([*prefix, "-m", "jailer", "selftest", "--json", profile], cwd=cwd, env=env,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
     if not result.stdout:
         return result.returncode, result.stderr

@@ -116,7 +116,7 @@ PROFILES = os.path.join(REPO, "tests", "profiles")
 
 
 def selftest_command(*args):
-    return subprocess.run([sys.executable, "-m", "jailer.selftest", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+    return subprocess.run([sys.executable, "-m", "jailer", "selftest", *args], cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=180)
 
 
