@@ -1,5 +1,6 @@
 """The escape probe, first unconfined (it must see every escape), then inside real sandboxes."""
 
+import contextlib
 import errno
 import json
 import os
@@ -172,24 +173,37 @@ TIGHT_OUTCOMES = {
 }
 
 
+def base_environment():
+    return {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+
+
+@contextlib.contextmanager
+def copied_packages_runner():
+    """(argv prefix, environment) running jailer as uid 65534 from a world-readable copy of the
+    project packages and the venv's site-packages, with /usr/bin/python3."""
+    from benchmarks.startup import SYSTEM_PYTHON, world_readable_copy
+
+    scratch = tempfile.mkdtemp(prefix="jailer-unprivileged-")   # pytest's own tmp is 0700
+    try:
+        os.chmod(scratch, 0o755)
+        env = base_environment()
+        env["PYTHONPATH"] = world_readable_copy(os.path.join(scratch, "tree"))
+        yield (*UNPRIVILEGED, SYSTEM_PYTHON), env
+    finally:
+        shutil.rmtree(scratch)
+
+
 @pytest.fixture(scope="session")
 def unprivileged_runner():
-    """(argv prefix, environment) running jailer as uid 65534.
+    """(argv prefix, environment) running jailer as uid 65534: straight from the checkout when
+    65534 can read it and the venv, else from a copy (a clone under 0700 /root)."""
+    from benchmarks.startup import readable_by_others
 
-    When 65534 cannot read the checkout or the venv (a clone under 0700 /root), the
-    packages are copied to a world-readable directory and run by /usr/bin/python3.
-    """
-    from benchmarks.startup import SYSTEM_PYTHON, readable_by_others, world_readable_copy
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
     if readable_by_others(os.path.join(REPO, "jailer", "selftest.py")) and readable_by_others(sys.executable):
-        yield (*UNPRIVILEGED, sys.executable), env
+        yield (*UNPRIVILEGED, sys.executable), base_environment()
         return
-    scratch = tempfile.mkdtemp(prefix="jailer-unprivileged-")   # pytest's own tmp is 0700
-    os.chmod(scratch, 0o755)
-    env["PYTHONPATH"] = world_readable_copy(os.path.join(scratch, "tree"))
-    yield (*UNPRIVILEGED, SYSTEM_PYTHON), env
-    shutil.rmtree(scratch)
+    with copied_packages_runner() as runner:
+        yield runner
 
 
 def run_selftest(profile, prefix=(sys.executable,), env=None, cwd=REPO):
@@ -201,18 +215,28 @@ def run_selftest(profile, prefix=(sys.executable,), env=None, cwd=REPO):
     return result.returncode, json.loads(result.stdout)
 
 
+def selftest_readable_copy(prefix, env):
+    """The tight profile's self-test from a copy of the profile that any user can read."""
+    with tempfile.TemporaryDirectory(prefix="jailer-escape-") as readable:   # pytest's own tmp is 0700
+        os.chmod(readable, 0o755)
+        copy = shutil.copy(TIGHT_PROFILE, readable)
+        os.chmod(copy, 0o644)
+        return run_selftest(copy, prefix, env, cwd="/")
+
+
 @pytest.fixture(scope="module")
 def tight_reports(unprivileged_runner):
     reports = {}
     if IS_ROOT:
         reports["root"] = run_selftest(TIGHT_PROFILE)
-    prefix, env = unprivileged_runner if IS_ROOT else ((sys.executable,), None)
-    with tempfile.TemporaryDirectory(prefix="jailer-escape-") as readable:   # pytest's own tmp is 0700
-        os.chmod(readable, 0o755)
-        copy = shutil.copy(TIGHT_PROFILE, readable)
-        os.chmod(copy, 0o644)
-        reports["unprivileged"] = run_selftest(copy, prefix, env, cwd="/")
+    reports["unprivileged"] = selftest_readable_copy(*(unprivileged_runner if IS_ROOT else ((sys.executable,), None)))
     return reports
+
+
+def not_blocked(report, invocation):
+    """Checks that did not hold; an unprivileged caller's memory limit is best effort in the profile."""
+    return [check for check in report["checks"] if check["verdict"] != "blocked"
+            and not (check["name"] == "memory_limit" and invocation == "unprivileged")]
 
 
 # Known engine bug (reported to the lead): the filter compares ioctl's request at 64 bits, so a
@@ -247,9 +271,7 @@ def test_sandbox_selftest_passes_overall(tight_reports, invocation):
         pytest.skip("the root invocation needs root")
     status, report = tight_reports[invocation]
     assert isinstance(report, dict), f"selftest gave no report (exit {status}): {report}"
-    escaped = [c for c in report["checks"] if c["verdict"] != "blocked"
-               and not (c["name"] == "memory_limit" and invocation == "unprivileged")]
-    assert not escaped, escaped
+    assert not not_blocked(report, invocation)
     if invocation == "root":
         assert status == 0 and report["overall"] == "blocked"
 
@@ -261,3 +283,13 @@ def test_memory_hog_is_stopped_below_the_cgroup_limit(tight_reports):
     check = by_name(tight_reports["root"][1])["memory_limit"]
     assert check["outcome"] == "signal:SIGKILL", check
     assert 0 < check["allocated_before_end"] < 64 << 20, check
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="setpriv to uid 65534 needs root")
+def test_unprivileged_sandbox_from_copied_packages():
+    """The path CI takes when the checkout sits under 0700 /root, exercised even when it does not."""
+    with copied_packages_runner() as (prefix, env):
+        status, report = selftest_readable_copy(prefix, env)
+    assert isinstance(report, dict), f"selftest gave no report (exit {status}): {report}"
+    assert report["uid"] == 65534 and report["invocation"] == "unprivileged"
+    assert not not_blocked(report, "unprivileged")
