@@ -156,7 +156,8 @@ def test_profile_that_cannot_run_python_is_refused_in_one_line():
 def test_missing_profile_is_a_profile_error():
     result = selftest_command("/nonexistent/profile.toml")
     assert result.returncode == 2
-    assert result.stderr.strip() == "jailer: /nonexistent/profile.toml: cannot read the profile: No such file or directory"
+    assert result.stderr.strip() == ("jailer: /nonexistent/profile.toml: cannot read the profile: "
+                                     "No such file or directory")
 
 
 def python_examples():
