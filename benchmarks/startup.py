@@ -118,10 +118,12 @@ def time_with_hyperfine(commands, env, runs, warmup, scratch, unprivileged):
             "cpu": {result["command"]: (result["user"] + result["system"]) * 1000 for result in results}}
 
 
-def time_with_loop(commands, env, runs, warmup, unprivileged):
-    """Fallback timer: run this file under the chosen identity with --loop, read its figures."""
-    argv = [sys.executable, os.path.abspath(__file__), "--loop", json.dumps(commands),
-            "--runs", str(runs), "--warmup", str(warmup)]
+def time_with_loop(commands, env, runs, warmup, scratch, unprivileged):
+    """Fallback timer: run a readable copy of this file (stdlib only) under the chosen
+    identity with --loop, and read its figures."""
+    script = shutil.copy(os.path.abspath(__file__), scratch)
+    os.chmod(script, 0o644)
+    argv = [SYSTEM_PYTHON, script, "--loop", json.dumps(commands), "--runs", str(runs), "--warmup", str(warmup)]
     output = subprocess.run(as_identity(argv, unprivileged), env=env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, check=True, timeout=600).stdout
     return json.loads(output)
@@ -180,7 +182,7 @@ def measure(unprivileged, runs, warmup, scratch):
         return {"wall": {}, "cpu": {}}, failures
     if shutil.which("hyperfine"):
         return time_with_hyperfine(commands, env, runs, warmup, scratch, unprivileged), failures
-    return time_with_loop(commands, env, runs, warmup, unprivileged), failures
+    return time_with_loop(commands, env, runs, warmup, scratch, unprivileged), failures
 
 
 def ratio(medians, numerator, denominator):
