@@ -6,7 +6,11 @@ is one seccomp(2) call in the process about to exec.
 
 Reporting (SeccompPlan.report): the deny actions (kill, kill_thread, errno, including the
 default action) compile to SECCOMP_RET_USER_NOTIF instead. The filter's listener fd goes
-to the launcher, which receives each notification, names the syscall, re-evaluates the
+to the launcher, which takes it from the child with pidfd_getfd (the child cannot send it:
+once the filter is loaded, sendmsg may itself be refused and would wait for a listener
+nobody holds yet; the child only waits in one read() for the launcher's go-ahead, which,
+if the filter refuses read, is the first notification and is answered silently). The
+launcher then receives each notification, names the syscall, re-evaluates the
 plan's rules for the syscall's arguments, and answers: errno rules fail the call with
 their errno; kill and kill_thread kill the whole sandbox (its status then reads SIGSYS,
 as the kernel's own action would). The launcher never answers CONTINUE, checks that a
