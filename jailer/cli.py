@@ -12,6 +12,10 @@ SUBCOMMANDS = {
     "show": ("jailer.inspect:show_command", "Print the sandbox plan a profile resolves to."),
     "check": ("jailer.hostcheck:check_command", "Validate a profile and report what this host can enforce."),
     "probe": ("devices.vfio_user.probe:probe_command", "Print what a vfio-user device offers."),
+    "selftest": ("jailer.selftest:selftest_command", "Run the escape probes inside a profile's sandbox and print a verdict."),
+    "systemd": ("jailer.systemd:systemd_command",
+                "Write systemd units (service, socket or drop-in) that run a profile under jailer run."),
+    "descriptors": ("jailer.descriptors:descriptors_command", "List the vfio-user backend descriptors in effect."),
 }
 
 

@@ -2,40 +2,36 @@
 
 Capabilities are probed, not guessed from version numbers: namespaces are tried with
 unshare() in throw-away child processes running with the invocation's ids (so
-`--as-user 1000` run by root answers for uid 1000), seccomp actions are asked of the kernel
-with SECCOMP_GET_ACTION_AVAIL and Landlock's ABI with landlock_create_ruleset(VERSION).
-Sysctls and mounts are only read to explain a refusal and name the fix.
+`--as-user 1000` run by root answers for uid 1000), Landlock's ABI is asked with
+landlock_create_ruleset(VERSION), and seccomp's actions are read from the kernel's own
+list (/proc/sys/kernel/seccomp/actions_avail). Sysctls and mounts are only read to explain
+a refusal and name the fix.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 
 import click
 
+from jailer import syscalls
+from jailer.errors import UsageError
 from jailer.inspect import profile_command
 
 CLONE_FLAGS = {
-    "user_namespace": 0x10000000,
-    "mount_namespace": 0x00020000,
-    "pid_namespace": 0x20000000,
-    "net_namespace": 0x40000000,
-    "ipc_namespace": 0x08000000,
-    "uts_namespace": 0x04000000,
-    "cgroup_namespace": 0x02000000,
+    "user_namespace": syscalls.CLONE_NEWUSER,
+    "mount_namespace": syscalls.CLONE_NEWNS,
+    "pid_namespace": syscalls.CLONE_NEWPID,
+    "net_namespace": syscalls.CLONE_NEWNET,
+    "ipc_namespace": syscalls.CLONE_NEWIPC,
+    "uts_namespace": syscalls.CLONE_NEWUTS,
+    "cgroup_namespace": syscalls.CLONE_NEWCGROUP,
 }
-SECCOMP_GET_ACTION_AVAIL = 2
-SECCOMP_ACTION_VALUES = {
-    "kill_process": 0x80000000, "kill_thread": 0x00000000, "trap": 0x00030000, "errno": 0x00050000,
-    "user_notif": 0x7FC00000, "trace": 0x7FF00000, "log": 0x7FFC0000, "allow": 0x7FFF0000,
-}
+SECCOMP_ACTIONS_AVAIL = "/proc/sys/kernel/seccomp/actions_avail"
 PLAN_ACTIONS = {"kill": "kill_process", "kill_thread": "kill_thread", "trap": "trap", "errno": "errno",
                 "log": "log", "allow": "allow"}
-LANDLOCK_CREATE_RULESET_VERSION = 1
-PR_GET_SECCOMP = 21
 CGROUP_CONTROLLERS = {"memory_max": "memory", "pids_max": "pids", "cpu_quota_us": "cpu"}
 USERNS_SYSCTLS = ("user/max_user_namespaces", "kernel/unprivileged_userns_clone",
                   "kernel/apparmor_restrict_unprivileged_userns")
@@ -45,7 +41,7 @@ USERNS_SYSCTLS = ("user/max_user_namespaces", "kernel/unprivileged_userns_clone"
                  "Print the report as JSON.")
 def check_command(plan, as_json, ids):
     uid, gid = ids
-    host = host_facts(uid, gid, plan.namespaces.user)
+    host = host_facts(plan, uid, gid)
     layers = assess(plan, host)
     refused = [layer for layer in layers if layer["required"] and not layer["available"]]
     if as_json:
@@ -57,10 +53,13 @@ def check_command(plan, as_json, ids):
         raise SystemExit(3)
 
 
-def host_facts(uid, gid, user_namespace=True):
-    """What this kernel offers, with namespace probes run as uid/gid (an unprivileged caller's
-    namespaces are tried inside a new user namespace when `user_namespace`, as the launcher does)."""
+def host_facts(plan, uid, gid):
+    """What this kernel offers `plan`, probed as uid/gid (an unprivileged caller's namespaces are tried
+    inside a new user namespace when the plan has one, as the launcher does)."""
     release = os.uname()
+    user_namespace = plan.namespaces.user
+    paths = [b.source for b in plan.filesystem.binds if not b.optional or os.path.lexists(b.source)]
+    paths += list(plan.filesystem.devices)
     return {
         "kernel": release.release,
         "machine": release.machine,
@@ -69,6 +68,7 @@ def host_facts(uid, gid, user_namespace=True):
         "seccomp": _seccomp_facts(),
         "landlock_abi": _landlock_abi(),
         "cgroup": _cgroup_facts(uid, gid),
+        "unreachable_paths": _probe_as(uid, gid, lambda: _unreachable(paths)),
     }
 
 
@@ -90,9 +90,14 @@ def assess(plan, host):
         add(layer, result == 0, _unshare_reason(layer, result, host, root, ns.user),
             _unshare_fix(layer, host, root, ns.user))
     if ns.mount:
-        add("pivot_root", unshare["mount_namespace"] == 0,
-            "" if unshare["mount_namespace"] == 0 else "needs the new mount namespace",
-            "make the mount namespace available (see mount_namespace)")
+        unreachable = host["unreachable_paths"]
+        if unshare["mount_namespace"] != 0:
+            add("pivot_root", False, "needs the new mount namespace",
+                "make the mount namespace available (see mount_namespace)")
+        else:
+            add("pivot_root", not unreachable, "cannot open bind sources as this caller: " + "; ".join(
+                f"{path} ({error})" for path, error in unreachable[:3]) + (" ..." if len(unreachable) > 3 else ""),
+                "make them and their parent directories searchable by the caller, or start jailer as root")
     if plan.landlock.enabled:
         abi = host["landlock_abi"]
         add("landlock", isinstance(abi, int), f"ABI {abi}" if isinstance(abi, int) else abi,
@@ -215,82 +220,81 @@ def _unshare_fix(layer, host, root, user_namespace):
     return f"use a kernel built with support for the {layer.replace('_', ' ')}"
 
 
-# Kernel calls. jailer/syscalls.py (the engine's ctypes wrappers) is not on this branch; these few
-# private ones should be unified with it.
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _syscall_number(name, fallback):
-    import pyseccomp
-
-    number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
-    return number if number >= 0 else fallback
-
-
 def _probe_as(uid, gid, probe):
     """Run `probe()` in a child process with the given ids; returns its JSON-able result."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        status = 1
         try:
             os.close(read_end)
             if (uid, gid) != (os.geteuid(), os.getegid()):
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
-            os.write(write_end, json.dumps(probe()).encode())
-            status = 0
+            result = {"result": probe()}
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
-            os._exit(status)
+            os.write(write_end, json.dumps(result).encode())
+            os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     os.waitpid(pid, 0)
-    return json.loads(data) if data else {}
+    answer = json.loads(data) if data else {"error": "the probe process died"}
+    if "error" in answer:
+        raise UsageError(f"cannot probe the host as uid {uid}, gid {gid}: {answer['error']} (answering for "
+                         "another user with --as-user needs root)")
+    return answer["result"]
 
 
 def _probe_namespaces(user_namespace):
     """errno of unshare() for each namespace (0 = works)."""
-    libc = _libc()
     user = CLONE_FLAGS["user_namespace"] if user_namespace and os.geteuid() != 0 else 0
     results = {}
     for layer, flag in CLONE_FLAGS.items():
         pid = os.fork()
         if pid == 0:
-            code = 0 if libc.unshare(flag | (user if layer != "user_namespace" else 0)) == 0 else ctypes.get_errno()
-            os._exit(code)
+            try:
+                syscalls.unshare(flag | (user if layer != "user_namespace" else 0))
+                os._exit(0)
+            except OSError as exc:
+                os._exit(exc.errno or 255)
         _, status = os.waitpid(pid, 0)
         results[layer] = os.waitstatus_to_exitcode(status)
     return results
 
 
+def _unreachable(paths):
+    """[path, errno name] for each path the current ids cannot open (O_PATH, as the launcher does)."""
+    failed = []
+    for path in dict.fromkeys(paths):
+        try:
+            os.close(os.open(path, os.O_PATH | os.O_CLOEXEC))
+        except OSError as exc:
+            failed.append([path, errno.errorcode.get(exc.errno, str(exc.errno))])
+    return failed
+
+
 def _seccomp_facts():
-    libc = _libc()
-    libc.prctl.restype = ctypes.c_int
-    if libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) < 0:
+    """Which seccomp return actions this kernel implements (the file exists with CONFIG_SECCOMP_FILTER)."""
+    try:
+        with open(SECCOMP_ACTIONS_AVAIL) as f:
+            available = set(f.read().split())
+    except OSError:
         return {"filter": False, "actions": {}}
-    number = _syscall_number("seccomp", 317)
-    actions = {}
-    for name, value in SECCOMP_ACTION_VALUES.items():
-        action = ctypes.c_uint32(value)
-        actions[name] = libc.syscall(number, SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(action)) == 0
-    return {"filter": any(actions.values()), "actions": actions}
+    names = ("kill_process", "kill_thread", "trap", "errno", "user_notif", "trace", "log", "allow")
+    return {"filter": True, "actions": {name: name in available for name in names}}
 
 
 def _landlock_abi():
     """The Landlock ABI version, or why there is none."""
-    libc = _libc()
-    version = libc.syscall(_syscall_number("landlock_create_ruleset", 444), None, ctypes.c_size_t(0),
-                           ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
-    if version >= 0:
-        return version
-    err = ctypes.get_errno()
-    if err == errno.EOPNOTSUPP:
-        return "unavailable: Landlock is built in but disabled at boot"
-    return f"unavailable: {errno.errorcode.get(err, err)}"
+    try:
+        return syscalls.landlock_abi()
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return "unavailable: Landlock is built in but disabled at boot"
+        return f"unavailable: {errno.errorcode.get(exc.errno, exc.errno)}"
 
 
 def _cgroup_facts(uid, gid):

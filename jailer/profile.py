@@ -44,7 +44,8 @@ RULE_KEYS = ("syscall", "action", "errno", "args")
 ARG_KEYS = ("index", "op", "value", "mask")
 LIMIT_KEYS = tuple(sorted(SIZE_RLIMITS + COUNT_RLIMITS)) + ("cgroup",)
 RLIMIT_KEYS = ("soft", "hard")
-CGROUP_KEYS = ("memory", "pids", "cpu", "cpu_period_us", "parent")
+CGROUP_KEYS = ("memory", "pids", "cpu", "parent")
+CPU_KEYS = ("quota_us", "period_us")
 FD_KEYS = ("name", "kind", "number", "path", "size", "mode", "required")
 NETWORK_KEYS = ("mode", "host_ifname", "sandbox_ifname", "host_address", "sandbox_address")
 ENVIRONMENT_KEYS = ("set", "pass")
@@ -66,6 +67,24 @@ def load_profile(path):
         return toml.loads(text)
     except toml.TomlDecodeError as exc:
         raise ProfileError([f"{path}:{exc.lineno}:{exc.colno}: TOML syntax error: {_toml_message(exc.msg)}"]) from None
+    except Exception as exc:  # the toml package trips over some malformed input instead of reporting it
+        line = _first_failing_line(toml, text, type(exc))
+        raise ProfileError([f"{path}:{line}:1: TOML syntax error: cannot parse this line (the parser failed with "
+                            f"{type(exc).__name__}; check for mixed-type arrays and unbalanced quotes or brackets)"]
+                           ) from None
+
+
+def _first_failing_line(toml, text, error):
+    """The first line whose inclusion makes the parser fail with `error` (1 if none is found)."""
+    lines = text.splitlines()
+    for count in range(1, len(lines) + 1):
+        try:
+            toml.loads("\n".join(lines[:count]))
+        except error:
+            return count
+        except Exception:
+            continue
+    return 1
 
 
 def _toml_message(message):
@@ -309,6 +328,9 @@ class _PlanBuilder:
             die_with_parent=r.get(self.data, "", "die_with_parent", _boolean, True),
             best_effort=frozenset(self.best_effort()),
         )
+        if not _directory_in_sandbox(program.cwd, plan.filesystem):
+            r.fail("program.cwd", f"found {_describe(program.cwd)}, expected \"/\" or a directory the sandbox "
+                   "has: a tmpfs or directory bind target, a directory inside such a bind, or a parent of a target")
         return plan
 
     def program(self, fd_names):
@@ -320,6 +342,10 @@ class _PlanBuilder:
             return P.ProgramPlan(argv=("",), executable="/"), None
         runtime_name = r.get(section, "program", "runtime", _choice(P.RUNTIMES), "native")
         argv = r.require(section, "program", "argv", _string_list, "an array of strings") or []
+        if "argv" in section and section["argv"] == []:
+            r.wrong("program.argv", [], "at least one element" + (" (the interpreter's arguments, e.g. "
+                                                                 '["-m", "module"])' if runtime_name == "python"
+                                                                 else " (the program)"))
         for index, arg in enumerate(argv):
             for fd in _FD_PLACEHOLDER.findall(arg):
                 if fd not in fd_names:
@@ -345,11 +371,15 @@ class _PlanBuilder:
             return P.ProgramPlan(argv=tuple(argv) or ("",), executable=executable or "/", cwd=cwd), None
         from jailer import runtime
 
-        if runtime_name == "python":
-            resolved = runtime.python_runtime(argv, modules, r.get(section, "program", "site", _boolean, False),
-                                              r.fail)
-        else:
-            resolved = runtime.native_runtime(argv, executable, r.fail)
+        try:
+            if runtime_name == "python":
+                resolved = runtime.python_runtime(argv, modules, r.get(section, "program", "site", _boolean, False),
+                                                  r.fail)
+            else:
+                resolved = runtime.native_runtime(argv, executable, r.fail)
+        except OSError as exc:
+            r.fail("program.runtime", f"found {runtime_name!r}, whose files cannot be resolved: {exc}")
+            resolved = None
         if resolved is None:
             return P.ProgramPlan(argv=tuple(argv), executable=executable or "/", cwd=cwd), None
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,
@@ -427,20 +457,38 @@ class _PlanBuilder:
                 symlinks.append(P.Symlink(target=target, points_to=points_to))
         devices = r.get(section, "filesystem", "devices", _string_list, [])
         for index, device in enumerate(devices):
+            key = f"filesystem.devices[{index}]"
             if not device.startswith("/dev/") or ".." in device.split("/"):
-                r.wrong(f"filesystem.devices[{index}]", device, 'a device node under /dev, like "/dev/null"')
+                r.wrong(key, device, 'a device node under /dev, like "/dev/null"')
+            elif not _is_device_node(device):
+                r.fail(key, f"found {_describe(device)}, which is not a device node on this host, expected an "
+                       "existing character or block device")
+            else:
+                claim(key, device)
         if runtime is not None:
-            # The profile's own entries win: a runtime path already inside one of them is visible through it.
-            from jailer.runtime import covered
-
-            claimed = list(targets)
-            binds = [b for b in runtime.binds if not covered(b.target, claimed)] + binds
-            symlinks = [s for s in runtime.symlinks if not covered(s.target, claimed)] + symlinks
+            binds, symlinks = self.merge_runtime(runtime, binds, symlinks, targets)
         return P.FilesystemPlan(
             root_size=r.get(section, "filesystem", "root_size", parse_size, P.FilesystemPlan.root_size),
             binds=tuple(binds), tmpfs=tuple(tmpfs), symlinks=tuple(symlinks), devices=tuple(devices),
             proc=r.get(section, "filesystem", "proc", _boolean, True),
             readonly_root=r.get(section, "filesystem", "readonly_root", _boolean, True))
+
+    def merge_runtime(self, runtime, binds, symlinks, targets):
+        """Runtime entries first, then the profile's. The launcher mounts parents before children, so a
+        runtime path inside a profile tmpfs is mounted on top of it, and one inside an identity bind (same
+        source and target) is already visible through it; inside another bind or a symlink it cannot be."""
+        from jailer.runtime import covered
+
+        identity = [b.target for b in binds if b.source == b.target]
+        hiding = [target for target, key in targets.items()
+                  if target not in identity and key.startswith(("filesystem.bind", "filesystem.symlink"))]
+        for target in hiding:
+            hidden = [e.target for e in (*runtime.binds, *runtime.symlinks) if covered(e.target, [target])]
+            if hidden:
+                self.r.fail(targets[target], f"found {_describe(target)}, expected a target that does not hide "
+                            f"the runtime's {hidden[0]}")
+        return ([b for b in runtime.binds if not covered(b.target, identity)] + binds,
+                [s for s in runtime.symlinks if not covered(s.target, identity)] + symlinks)
 
     def seccomp(self):
         r = self.r
@@ -537,11 +585,17 @@ class _PlanBuilder:
         cgroup = None
         if "cgroup" in section:
             entry = r.table(section["cgroup"], "limits.cgroup", CGROUP_KEYS)
-            period = r.get(entry, "limits.cgroup", "cpu_period_us", _integer(1000, 1000000), 100000)
+            period = P.CgroupPlan.cpu_period_us
+            if isinstance(entry.get("cpu"), dict):
+                cpu = r.table(entry["cpu"], "limits.cgroup.cpu", CPU_KEYS)
+                period = r.get(cpu, "limits.cgroup.cpu", "period_us", _integer(1000, 1000000), period)
+                quota = r.require(cpu, "limits.cgroup.cpu", "quota_us", _integer(1000), "an integer >= 1000")
+            else:
+                quota = r.get(entry, "limits.cgroup", "cpu", _cpu_quota(period))
             cgroup = P.CgroupPlan(
                 memory_max=r.get(entry, "limits.cgroup", "memory", parse_size),
                 pids_max=r.get(entry, "limits.cgroup", "pids", _integer(1)),
-                cpu_quota_us=r.get(entry, "limits.cgroup", "cpu", _cpu_quota(period)),
+                cpu_quota_us=quota,
                 cpu_period_us=period,
                 parent=r.get(entry, "limits.cgroup", "parent", _matching(
                     re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z"),
@@ -643,6 +697,32 @@ class _PlanBuilder:
         return layers
 
 
+def _is_device_node(path):
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def _directory_in_sandbox(path, fs):
+    """Whether `path` will be a directory of the new root when the program starts."""
+    if path == "/":
+        return True
+    targets = [b.target for b in fs.binds] + [t.target for t in fs.tmpfs] + [s.target for s in fs.symlinks] + \
+        list(fs.devices)
+    if any(target.startswith(path.rstrip("/") + "/") for target in targets):
+        return True  # created as a parent
+    if any(path == t.target for t in fs.tmpfs):
+        return True
+    for bind in fs.binds:
+        if path == bind.target or path.startswith(bind.target.rstrip("/") + "/"):
+            return os.path.isdir(bind.source + path[len(bind.target):])
+    return False
+
+
 def _cidr(value):
     import ipaddress
 
@@ -659,7 +739,8 @@ def _cpu_quota(period):
         match = _PERCENT.match(value) if isinstance(value, str) else None
         if match and float(match.group(1)) > 0:
             return max(1000, round(float(match.group(1)) * period / 100))
-        raise _Invalid('a share of one CPU like "50%" (above 100% for several CPUs)')
+        raise _Invalid('a share of one CPU like "50%" (above 100% for several CPUs) or a table like '
+                       '{ quota_us = 50000, period_us = 100000 }')
     return convert
 
 

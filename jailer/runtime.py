@@ -369,6 +369,8 @@ def python_runtime(argv, modules, site, report):
             linker.expose_extensions(exposure.add(directory))
     python_path = []
     visible = [stdlib, *(os.path.realpath(d) for d in site_dirs)]
+    if argv and argv[0].startswith("/") and os.path.isfile(argv[0]):
+        exposure.add(argv[0])  # a script run by path
     for index, module in enumerate(modules):
         top = module.split(".")[0]
         try:

@@ -71,6 +71,11 @@ GROUPS = {
         ("@default", "@basic-io", "@file-read", "@memory", "@signal", "@time", "@poll",
          "@process-info", "ioctl"),
     ),
+    "@vfio-user": (
+        "a Python vfio-user device server on a passed-in listening socket: accepting the client, "
+        "receiving DMA-region and interrupt descriptors, mapping DMA memory, signalling eventfds",
+        ("@python", "@unix-socket"),
+    ),
 }
 
 

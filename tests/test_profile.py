@@ -77,8 +77,8 @@ proc = false
 devices = ["/dev/null"]
 
 [[filesystem.bind]]
-source = "/etc/hostname"
-target = "/etc/hostname"
+source = "/etc/passwd"
+target = "/etc/users"
 
 [[filesystem.bind]]
 source = "/nonexistent/state"
@@ -166,7 +166,7 @@ def test_every_section_maps_onto_the_plan(tmp_path):
     assert plan.identity == IdentityPlan(1000, 1001, (IdMap(1000, 1000),), (IdMap(1001, 1001),))
     fs = plan.filesystem
     assert fs.root_size == 2 << 20 and not fs.readonly_root and not fs.proc and fs.devices == ("/dev/null",)
-    assert fs.binds[-2:] == (Bind("/etc/hostname", "/etc/hostname"),
+    assert fs.binds[-2:] == (Bind("/etc/passwd", "/etc/users"),
                              Bind("/nonexistent/state", "/state", writable=True, optional=True))
     assert fs.tmpfs == (Tmpfs("/tmp", 16 << 20, 0o1777),)
     assert fs.symlinks[-1] == Symlink("/etc/mtab", "/proc/self/mounts")
@@ -188,6 +188,20 @@ def test_every_section_maps_onto_the_plan(tmp_path):
     assert plan.environment == (("LANG", "C.UTF-8"), ("TERM", "xterm"))
     assert plan.best_effort == frozenset({"cgroup", "landlock"})
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_identity_binds_cover_runtime_paths_and_cwd_may_lie_inside_binds(tmp_path):
+    text = (BASE.replace('argv = ["/bin/true"]', 'argv = ["/bin/true"]\ncwd = "/usr/share"')
+            + "[[filesystem.bind]]\nsource = \"/usr\"\n")
+    plan = build_plan(write(tmp_path, text), euid=0)
+    assert [b.target for b in plan.filesystem.binds] == ["/usr"]
+    assert {s.target for s in plan.filesystem.symlinks} == {"/bin", "/lib", "/lib64"}
+
+
+def test_cpu_quota_as_a_table(tmp_path):
+    plan = build_plan(write(tmp_path, BASE + "[limits.cgroup]\ncpu = { quota_us = 20000, period_us = 50000 }\n"),
+                      euid=0)
+    assert plan.limits.cgroup == CgroupPlan(cpu_quota_us=20000, cpu_period_us=50000)
 
 
 def test_unprivileged_invocation_maps_the_inside_ids_to_the_caller(tmp_path):
@@ -260,7 +274,10 @@ def test_example_profiles_are_valid():
      "P: limits.nofiles: found unknown key, expected one of as, core, cpu, data, fsize, locks, memlock, msgqueue, "
      "nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack, cgroup (did you mean 'nofile'?)"),
     (BASE + "[limits.cgroup]\ncpu = \"fast\"\n",
-     'P: limits.cgroup.cpu: found "fast", expected a share of one CPU like "50%" (above 100% for several CPUs)'),
+     'P: limits.cgroup.cpu: found "fast", expected a share of one CPU like "50%" (above 100% for several CPUs) '
+     "or a table like { quota_us = 50000, period_us = 100000 }"),
+    (BASE + "[limits.cgroup]\ncpu = { period_us = 50000 }\n",
+     "P: limits.cgroup.cpu.quota_us: missing, expected an integer >= 1000"),
     (BASE + "[network]\nmode = \"bridge\"\n",
      'P: network.mode: found "bridge", expected one of none, loopback, veth'),
     (BASE + "[network]\nmode = \"veth\"\nhost_address = \"10.0.0.1/30\"\nsandbox_address = \"10.9.0.2/30\"\n",
@@ -278,9 +295,26 @@ def test_example_profiles_are_valid():
     (BASE + "[enforcement]\nbest_effort = [\"cgroups\"]\n",
      'P: enforcement.best_effort[0]: found "cgroups", expected a layer name: one of ' + ", ".join(
          __import__("jailer.plan").plan.LAYERS) + " (did you mean 'cgroup'?)"),
+    (BASE + "[filesystem]\ndevices = [\"/dev/no-such-device\"]\n",
+     'P: filesystem.devices[0]: found "/dev/no-such-device", which is not a device node on this host, expected an '
+     "existing character or block device"),
+    (BASE + "[filesystem]\ndevices = [\"/dev/null\"]\n[[filesystem.bind]]\nsource = \"/dev/null\"\n",
+     'P: filesystem.devices[0]: found "/dev/null", expected a target not already used by '
+     "filesystem.bind[0].target"),
+    ("[program]\nargv = [\"/bin/true\"]\ncwd = \"/work\"\n[seccomp]\nallow = [\"@default\"]\n",
+     'P: program.cwd: found "/work", expected "/" or a directory the sandbox has: a tmpfs or directory bind target, '
+     "a directory inside such a bind, or a parent of a target"),
+    (BASE + "[[filesystem.bind]]\nsource = \"/etc\"\ntarget = \"/usr/lib\"\n",
+     'P: filesystem.bind[0].target: found "/usr/lib", expected a target that does not hide the runtime\'s '
+     "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    (BASE + "[[filesystem.symlink]]\ntarget = \"/lib64\"\npoints_to = \"/elsewhere\"\n",
+     'P: filesystem.symlink[0].target: found "/lib64", expected a target that does not hide the runtime\'s '
+     "/lib64"),
     ("[seccomp]\nallow = [\"@default\"]\n", "P: program: missing, expected a [program] table with at least argv"),
     ("[program]\nargv = \"/bin/true\"\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.argv: found "/bin/true", expected an array of non-empty strings'),
+    ("[program]\nargv = []\n[seccomp]\nallow = [\"@default\"]\n",
+     "P: program.argv: found an array, expected at least one element (the program)"),
     ("[program]\nargv = [\"no-such-program-anywhere\"]\n[seccomp]\nallow = [\"@default\"]\n",
      'P: program.argv[0]: found "no-such-program-anywhere", expected an absolute path or a program in '
      "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -330,6 +364,9 @@ def test_all_problems_are_collected_at_once(tmp_path):
     ("name = \"x\"\nname = \"y\"\n", "P:2:1: TOML syntax error: Duplicate keys!"),
     ("[program]\nargv = [\"/bin/true\"]\n[namespaces]\nuser = tru\n",
      "P:4:1: TOML syntax error: invalid value 'tru'"),
+    ("[program]\nargv = [\"/bin/true\"]\nruntime = [ \"/bin/true\", false,]\n",
+     "P:3:1: TOML syntax error: cannot parse this line (the parser failed with IndexError; check for mixed-type "
+     "arrays and unbalanced quotes or brackets)"),
 ])
 def test_toml_syntax_errors_name_the_file_line_and_column(tmp_path, text, expected):
     assert problems(tmp_path, text) == [expected]
@@ -367,3 +404,104 @@ def test_profile_module_import_stays_cheap():
                           "if m in ('toml', 'pyseccomp', 'click', 'difflib', 'jailer.runtime')))"],
                          capture_output=True, text=True, check=True, cwd=REPO, env={**os.environ})
     assert out.stdout.strip() == "[]"
+
+
+def allow_only(plan):
+    """A preexec function loading a kill-by-default filter that allows exactly the plan's syscalls."""
+    import pyseccomp
+
+    def confine():
+        confined = pyseccomp.SyscallFilter(defaction=pyseccomp.KILL_PROCESS)
+        for rule in plan.seccomp.rules:
+            confined.add_rule(pyseccomp.ALLOW, rule.syscall)
+        confined.load()
+    return confine
+
+
+def test_python_group_is_enough_to_start_python_and_import_the_devices(tmp_path):
+    """The "@python" group, loaded as a kill-by-default filter right before exec, runs the python runtime."""
+    import subprocess
+    import sys
+
+    profile = write(tmp_path, '[program]\nruntime = "python"\nmodules = ["devices"]\nargv = ["-c", '
+                    '"import devices, click, toml, json, selectors, socket, struct; print(\'ok\')"]\n'
+                    '[seccomp]\nallow = ["@python"]\n')
+    plan = build_plan(profile, environ={})
+
+    done = subprocess.run(plan.program.argv, env=dict(plan.environment), preexec_fn=allow_only(plan), capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+
+
+def test_the_man_page_example_is_a_valid_profile(tmp_path):
+    page = (REPO / "man" / "jailer-profile.5").read_text()
+    example = page.split(".SH EXAMPLE\n.EX\n", 1)[1].split("\n.EE\n", 1)[0].replace("\\-", "-")
+    plan = build_plan(write(tmp_path, example), euid=0, environ={})
+    assert plan.name == "gpio0" and plan.fds[0].number == 3 and plan.program.runtime == "python"
+    assert SeccompRule("socket", action="errno", errno=13) in plan.seccomp.rules
+
+
+DEVICE_SERVER = """
+import mmap, os, selectors, signal, socket, struct, sys
+signal.signal(signal.SIGTERM, lambda *_: None)
+listener = socket.socket(fileno=int(sys.argv[1]))
+client, _ = listener.accept()
+selector = selectors.DefaultSelector()
+selector.register(client, selectors.EVENT_READ)
+selector.select(timeout=10)
+message, ancillary, _, _ = client.recvmsg(64, socket.CMSG_SPACE(2 * 4))
+dma_fd, irq_fd = struct.unpack("2i", ancillary[0][2])
+dma = mmap.mmap(dma_fd, 4096)
+dma[:len(message)] = message.upper()
+os.eventfd_write(irq_fd, 1)
+client.sendall(b"done")
+"""
+
+
+def test_vfio_user_group_serves_a_client_passing_dma_and_irq_descriptors(tmp_path):
+    """The descriptor traffic of a vfio-user server, under a kill-by-default filter built from "@vfio-user"."""
+    import socket
+    import struct
+    import subprocess
+
+    profile = write(tmp_path, '[program]\nruntime = "python"\nargv = ["-c", ' + json.dumps(DEVICE_SERVER)
+                    + ', "{fd:listener}"]\n[seccomp]\nallow = ["@vfio-user"]\n[[fds]]\nname = "listener"\nkind = "unix-listener"\n'
+                    'number = 3\n')
+    plan = build_plan(profile, environ={})
+
+    path = str(tmp_path / "dev.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        argv = [arg.replace("{fd:listener}", str(listener.fileno())) for arg in plan.program.argv]
+        server = subprocess.Popen(argv, env=dict(plan.environment), preexec_fn=allow_only(plan),
+                                  pass_fds=(listener.fileno(),), stderr=subprocess.PIPE, text=True)
+        dma_fd, irq_fd = os.memfd_create("dma"), os.eventfd(0)
+        os.ftruncate(dma_fd, 4096)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(20)
+                client.connect(path)
+                client.sendmsg([b"dma-write"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 struct.pack("2i", dma_fd, irq_fd))])
+                assert client.recv(4) == b"done"
+            assert server.wait(timeout=20) == 0, server.stderr.read()
+            assert os.pread(dma_fd, 9, 0) == b"DMA-WRITE" and os.eventfd_read(irq_fd) == 1
+        finally:
+            server.kill()
+            server.wait()
+            server.stderr.close()
+            os.close(dma_fd)
+            os.close(irq_fd)
+
+
+@pytest.mark.parametrize("name", ["true.toml", "python-hello.toml"])
+def test_example_programs_run_under_their_own_seccomp_rules(name):
+    import subprocess
+
+    plan = build_plan(str(EXAMPLES / name), environ={})
+    assert all(rule.action == "allow" and not rule.args for rule in plan.seccomp.rules)
+    # close_fds=False: after the filter is loaded the harness must do nothing but execve, like the launcher.
+    done = subprocess.run(plan.program.argv, executable=plan.program.executable, env=dict(plan.environment),
+                          preexec_fn=allow_only(plan), close_fds=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

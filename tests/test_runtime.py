@@ -135,6 +135,14 @@ def test_python_runtime_binds_interpreter_libc_loader_stdlib_and_site_packages()
         assert os.path.join(os.path.realpath(sys.prefix), "pyvenv.cfg") in sources
 
 
+def test_python_script_given_by_path_is_bound(tmp_path):
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello')\n")
+    result, problems = problems_of(runtime.python_runtime, [str(script), "--flag"], [], False)
+    assert problems == [] and str(script) in [b.source for b in result.binds]
+    assert result.argv == (sys.executable, "-S", str(script), "--flag")
+
+
 @needs_root
 def test_resolved_python_runtime_really_runs_in_an_empty_root(tmp_path):
     code = ("import os, devices, click, toml, prctl; print('ok', os.getuid(), os.path.exists('/etc/passwd'), "
@@ -201,3 +209,26 @@ def test_interpreter_under_root_with_runpath_libpython_runs_as_nobody(tmp_path):
     done = run_in_minimal_root(tmp_path, [runtime.Bind(s, t) for s, t in binds],
                                [runtime.Symlink(t, p) for t, p in symlinks], env, argv)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def _world_traversable(path):
+    """Whether every directory on the way to `path` lets any uid through (o+x)."""
+    path = os.path.realpath(path)
+    parts = path.split("/")
+    return all(os.stat("/".join(parts[:i]) or "/").st_mode & 0o001 for i in range(1, len(parts)))
+
+
+@needs_root
+@pytest.mark.parametrize("invocation", ["root", "unprivileged"])
+def test_example_python_program_runs_under_the_real_launcher(invocation):
+    """`jailer run` on the python runtime example: only the resolved runtime is visible, and it is enough."""
+    prefix = []
+    if invocation == "unprivileged":
+        if not (_world_traversable(sys.executable) and _world_traversable(str(REPO / "devices"))
+                and shutil.which("setpriv")):
+            pytest.skip("the interpreter or the repository is not reachable by an unprivileged uid")
+        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    done = subprocess.run([*prefix, sys.executable, "-m", "jailer", "run", "--no-cache",
+                           str(REPO / "profiles" / "examples" / "python-hello.toml")],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert (done.returncode, done.stdout) == (0, "hello from cpython\n"), done.stderr

@@ -128,3 +128,20 @@ def test_check_as_an_unprivileged_user_with_a_user_namespace():
     assert report["invocation"] == "unprivileged" and report["uid"] == 65534
     assert layers["user_namespace"]["available"] == (report["host"]["unshare"]["user_namespace"] == 0)
     assert layers["mount_namespace"]["available"] == layers["user_namespace"]["available"]
+
+
+@needs_root
+def test_check_finds_bind_sources_the_caller_cannot_reach(tmp_path):
+    private = tmp_path / "private"
+    (private / "data").mkdir(parents=True)
+    private.chmod(0o700)
+    profile = tmp_path / "bind.toml"
+    profile.write_text(f'[program]\nargv = ["/bin/true"]\n[seccomp]\nallow = ["@default"]\n[[filesystem.bind]]\n'
+                       f'source = "{private / "data"}"\ntarget = "/data"\n')
+    done = jailer("check", "--as-user", "65534", str(profile))
+    assert done.returncode == 3
+    assert f"  REFUSED   pivot_root: cannot open bind sources as this caller: {private / 'data'} (EACCES) (fix: make " \
+           "them and their parent directories searchable by the caller, or start jailer as root)" in \
+        done.stdout.splitlines()
+    as_root = json.loads(jailer("check", "--json", "--as-user", "0", str(profile)).stdout)
+    assert as_root["host"]["unreachable_paths"] == []

@@ -4,8 +4,9 @@
                 extra_options=None, setup=None, features=()) -> never returns (sys.exit)
 
 Command line it implements:
-    --socket-path=PATH        create, bind and listen on PATH (a stale socket there is
-                              replaced; the path is removed again on exit)
+    --socket-path=PATH        create, bind and listen on PATH; the path appears only once
+                              the server is ready (a stale socket there is replaced, any
+                              other file is refused); it is removed again on exit
     --fd=N                    use inherited fd N: a listening socket, or one connected
                               socket (served until the client disconnects)
     --print-capabilities      print {"type": device_type, "features": [...]} and exit 0
@@ -65,22 +66,45 @@ def build_parser(description: str, extra_options=None) -> argparse.ArgumentParse
     return parser
 
 
+def staging_path(path: str) -> str:
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def listen_on_path(path: str) -> socket.socket:
+    """Listen under a temporary name; publish() renames it once the server is ready, so
+    whoever waits for the path to appear can connect and be served at once."""
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise BackendError(f"{path} exists and is not a socket: refusing to replace it")
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise BackendError(f"cannot replace {path}: {exc.strerror}") from None
+        raise BackendError(f"cannot use {path}: {exc.strerror}") from None
+    staging = staging_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        sock.bind(staging)
         sock.listen(1)
     except OSError as exc:
         sock.close()
+        _unlink(staging)
         raise BackendError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock
+
+
+def publish(path: str) -> None:
+    """Move the listening socket to its real name (atomically replacing a stale one)."""
+    try:
+        os.rename(staging_path(path), path)
+    except OSError as exc:
+        raise BackendError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def activation_fd(environ=os.environ) -> int | None:
@@ -140,6 +164,8 @@ def _serve(make_device, options, setup) -> int:
         server.add_reader(wake_r.fileno(), lambda: _drain(wake_r))
         if setup is not None:
             cleanup = setup(server, server.device, options)
+        if path:
+            publish(path)
         logging.getLogger("vfio_user").info("serving %s on %s", server.device.device_type,
                                             path or f"fd {sock.fileno()}")
         server.serve_forever()
@@ -154,10 +180,8 @@ def _serve(make_device, options, setup) -> int:
         wake_r.close()
         wake_w.close()
         if path:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _unlink(path)
+            _unlink(staging_path(path))
     return 0
 
 

@@ -70,7 +70,7 @@ class FrameReader:
         self.start = 0              # first unconsumed byte
         self.end = 0                # one past the last received byte
         self._base = 0              # stream position of buf[0]
-        self._fds: deque = deque()  # (stream position, [fds]) not yet given to a frame
+        self._fds: deque = deque()  # (stream start, end, [fds]) of reads whose fds no frame took yet
 
     def recv_views(self) -> list:
         """Buffers for recvmsg_into; the list is reused when the buffer is empty."""
@@ -101,7 +101,8 @@ class FrameReader:
 
     def received(self, nbytes: int, fds) -> None:
         if fds:
-            self._fds.append((self._base + self.end, list(fds)))
+            at = self._base + self.end
+            self._fds.append((at, at + nbytes, list(fds)))
         self.end += nbytes
 
     def next_frame(self) -> Frame | None:
@@ -121,23 +122,33 @@ class FrameReader:
                      self._take_fds(pos, size))
 
     def _take_fds(self, pos: int, size: int) -> list:
-        if not self._fds:
-            return []
+        """The fds that came with the frame at buf[pos:pos+size].
+
+        A UNIX stream recvmsg may return several messages but ends with the one whose
+        first bytes carried fds, so a read's fds belong to the last frame that starts
+        inside that read. Fds of a read in which no frame starts belong to nobody and
+        are closed.
+        """
         first = self._base + pos
         last = first + size
         taken = []
-        while self._fds and self._fds[0][0] < last:
-            at, fds = self._fds.popleft()
-            if at < first:       # belonged to nothing we could parse: never keep strays
+        while self._fds:
+            start, end, fds = self._fds[0]
+            if start <= first < end:
+                if last < end:
+                    break               # a later frame starts inside that read: its fds
+                taken.extend(fds)
+            elif end <= last:
                 close_fds(fds)
             else:
-                taken.extend(fds)
+                break                   # that read reaches past this frame
+            self._fds.popleft()
         return taken
 
     def close(self) -> None:
         """Close every fd received but not handed out."""
         while self._fds:
-            close_fds(self._fds.popleft()[1])
+            close_fds(self._fds.popleft()[2])
         self.start = self.end = 0
 
 
@@ -147,7 +158,16 @@ class ServerHandler:
     Commands are handed over already decoded; `fds` is a list the handler removes the
     fds it keeps from (the rest are closed). Raise DecodeError or DeviceError to reply
     with that errno.
+
+    For the REGION_READ/WRITE hot path the handler also exposes `read_limits` and
+    `write_limits` (per region index: bytes accessible, -1 = refused; updated in place)
+    and `device_read`/`device_write` (the device model's own methods, called only for
+    accesses within those limits). Anything outside them goes through region_read/
+    region_write, which explain the refusal.
     """
+
+    read_limits: list = []
+    write_limits: list = []
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
         raise NotImplementedError
@@ -193,56 +213,67 @@ class ServerConnection(FrameReader):
         Raises FramingError when the stream is broken; the caller closes the connection.
         """
         if fds:
-            self._fds.append((self._base + self.end, list(fds)))
+            at = self._base + self.end
+            self._fds.append((at, at + nbytes, list(fds)))
         self.end += nbytes
         if self._parked:
             self._run_parked()
         buf = self.buf
         out = self.outgoing
         handler = self.handler
+        read_limits = handler.read_limits
+        write_limits = handler.write_limits
+        fast = self.state is READY and not self._fds
         while True:
             pos = self.start
             avail = self.end - pos
             if avail < 16:
                 return
-            msg_id, cmd, size, flags, err = _HEADER.unpack_from(buf, pos)
-            # Hot path: a well-formed REGION_READ/WRITE without fds once negotiated.
-            if (cmd == _REGION_READ and size == _ACCESS_SIZE and flags == 0 and avail >= size
-                    and not self._fds and self.state is READY):
-                self.start = pos + size
-                offset, region, count = P.REGION_ACCESS.unpack_from(buf, pos + 16)
-                try:
-                    data = handler.region_read(region, offset, count)
-                except Exception as exc:           # noqa: BLE001 - turned into an error reply
-                    self._error(msg_id, cmd, flags, exc)
-                    data = None
-                if self._parked:
-                    self._run_parked()
-                if data is None:
-                    continue
-                if len(data) != count:
-                    self._error(msg_id, cmd, flags, DeviceError(
-                        f"region {region} read returned {len(data)} bytes instead of {count}", errno.EIO))
-                    continue
-                out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
-                                             offset, region, count) + data, None))
-                continue
-            if (cmd == _REGION_WRITE and flags & ~_NO_REPLY == 0 and avail >= size > _ACCESS_SIZE
-                    and not self._fds and self.state is READY):
-                offset, region, count = P.REGION_ACCESS.unpack_from(buf, pos + 16)
-                if size - _ACCESS_SIZE == count:
-                    self.start = pos + size
+            # Hot path: a well-formed REGION_READ/WRITE within bounds, no fds, once negotiated.
+            if avail >= _ACCESS_SIZE and fast:
+                msg_id, cmd, size, flags, _err, offset, region, count = _HDR_ACCESS.unpack_from(buf, pos)
+                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags:
                     try:
-                        handler.region_write(region, offset, bytes(buf[pos + _ACCESS_SIZE:pos + size]))
-                    except Exception as exc:       # noqa: BLE001 - turned into an error reply
-                        self._error(msg_id, cmd, flags, exc)
-                        flags = _NO_REPLY
-                    if not flags:
-                        out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0,
-                                                     offset, region, count), None))
-                    if self._parked:
-                        self._run_parked()
-                    continue
+                        limit = read_limits[region]
+                    except IndexError:
+                        limit = -1
+                    if offset + count <= limit:
+                        self.start = pos + _ACCESS_SIZE
+                        try:
+                            data = handler.device_read(region, offset, count)
+                        except Exception as exc:           # noqa: BLE001 - turned into an error reply
+                            self._error(msg_id, cmd, flags, exc)
+                            data = None
+                        if self._parked:
+                            self._run_parked()
+                        if data is not None:
+                            if len(data) == count:
+                                out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
+                                                             offset, region, count) + data, None))
+                            else:
+                                self._error(msg_id, cmd, flags, DeviceError(
+                                    f"region {region} read returned {len(data)} bytes instead of {count}",
+                                    errno.EIO))
+                        continue
+                elif cmd == _REGION_WRITE and size == _ACCESS_SIZE + count and not flags & ~_NO_REPLY \
+                        and avail >= size:
+                    try:
+                        limit = write_limits[region]
+                    except IndexError:
+                        limit = -1
+                    if offset + count <= limit and count:
+                        self.start = pos + size
+                        try:
+                            handler.device_write(region, offset, bytes(buf[pos + _ACCESS_SIZE:pos + size]))
+                        except Exception as exc:           # noqa: BLE001 - turned into an error reply
+                            self._error(msg_id, cmd, flags, exc)
+                            flags = _NO_REPLY
+                        if not flags:
+                            out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0,
+                                                         offset, region, count), None))
+                        if self._parked:
+                            self._run_parked()
+                        continue
             frame = self.next_frame()
             if frame is None:
                 return

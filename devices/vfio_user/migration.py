@@ -17,7 +17,8 @@ PRE_COPY carries no data (the state of the devices served here is small, so all 
 is sent in STOP_COPY); its arcs exist so clients that use them work. The header is
 checked as soon as it has arrived (MIG_DATA_WRITE fails on another device type or an
 abi_version the device does not accept); RESUMING -> STOP checks the length and CRC,
-and only then calls Device.load_state. A device that fails while loading leaves the
+and only then calls Device.load_state. A refused stream is discarded and the device
+stays in RESUMING, untouched, ready for the whole stream again. A device that fails while loading leaves the
 machine in ERROR, which DEVICE_RESET clears (back to RUNNING, device reset).
 """
 
@@ -203,8 +204,13 @@ class Migration:
             raise DeviceError(f"{kind} state abi_version {abi} is not accepted (device is at {device.abi_version})")
 
     def _finish_load(self) -> None:
-        kind, abi, state = unwrap_state(self._in)
-        self._check_compatible(kind, abi)
+        try:
+            kind, abi, state = unwrap_state(self._in)
+            self._check_compatible(kind, abi)
+        except DeviceError:
+            self._in = bytearray()          # stay in RESUMING with a fresh stream: send it again
+            self._expected = None
+            raise
         try:
             self.device.load_state(state, abi)
         except Exception as exc:

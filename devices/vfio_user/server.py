@@ -53,6 +53,12 @@ CAPABILITIES = {
     "write_multiple": True,
 }
 _EPOLLIN = select.EPOLLIN
+# While a client keeps sending, its session reads on (a blocking read bounded by
+# HOT_WAIT seconds) instead of going back to epoll after every message: one system call
+# less per round trip. After HOT_READS messages, a due timer, or a quiet HOT_WAIT, the
+# loop goes back to epoll so other readers and timers get their turn.
+HOT_READS = 64
+HOT_WAIT = 0.002
 _READ_FLAGS = P.REGION_FLAG_READ
 _WRITE_FLAGS = P.REGION_FLAG_WRITE
 
@@ -210,18 +216,18 @@ class Session(DeviceHost):
         device = server.device
         self.device = device
         self.migration = server.migration
-        self.transport = SocketTransport(conn)
+        self.transport = SocketTransport(conn, recv_timeout=HOT_WAIT)
         self.conn = ServerConnection(self, CAPABILITIES)
         self.dma = DmaSpace(self._message_dma_read, self._message_dma_write)
         self.irqs = IrqTable([device.irq_count(i) for i in range(NUM_PCI_IRQS)],
                              server.add_reader, server.remove_reader)
         self.region_table = [device.regions().get(i) for i in range(NUM_PCI_REGIONS)]
         # Readable/writable byte limits per region: -1 refuses any access (cheap hot-path check).
-        self._read_limits = [r.size if r and r.size and r.readable else -1 for r in self.region_table]
+        self.read_limits = [r.size if r and r.size and r.readable else -1 for r in self.region_table]
         self._open_write_limits = [r.size if r and r.size and r.writable else -1 for r in self.region_table]
-        self._write_limits = self._open_write_limits
-        self._device_read = device.region_read
-        self._device_write = device.region_write
+        self.write_limits = list(self._open_write_limits)
+        self.device_read = device.region_read
+        self.device_write = device.region_write
         self._closed = False
         self.migration_changed()
 
@@ -229,14 +235,23 @@ class Session(DeviceHost):
 
     def on_readable(self) -> None:
         conn = self.conn
+        transport = self.transport
         try:
-            nbytes, fds = self.transport.receive(conn)
-            if not nbytes:
-                close_fds(fds)
-                raise TransportError("end of stream")
-            conn.receive(nbytes, fds)
-            if conn.outgoing:
-                self.transport.flush(conn.outgoing)
+            received = transport.receive(conn)
+            timers = self.server._timers
+            budget = HOT_READS
+            while received is not None:
+                nbytes, fds = received
+                if not nbytes:
+                    close_fds(fds)
+                    raise TransportError("end of stream")
+                conn.receive(nbytes, fds)
+                if conn.outgoing:
+                    transport.flush(conn.outgoing)
+                budget -= 1
+                if not budget or self._closed or (timers and timers[0].when <= time.monotonic()):
+                    break
+                received = transport.receive(conn)
         except codec.FramingError as exc:
             log.warning("closing connection: malformed frame: %s", exc)
             self.server._end_session(f"malformed frame: {exc}")
@@ -255,27 +270,28 @@ class Session(DeviceHost):
 
     def migration_changed(self) -> None:
         self.irqs.set_running(self.migration.running)
-        self._write_limits = [-1] * NUM_PCI_REGIONS if self.migration.frozen else self._open_write_limits
+        self.write_limits[:] = [-1] * NUM_PCI_REGIONS if self.migration.frozen else self._open_write_limits
 
-    # --- hot path (called by ServerConnection) ------------------------------------------
+    # --- region access (the hot path calls device_read/device_write directly) ------------
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
         try:
-            limit = self._read_limits[region]
+            limit = self.read_limits[region]
         except IndexError:
             limit = -1
         if offset + count > limit:
             raise self._access_error(region, offset, count, "read")
-        return self._device_read(region, offset, count)
+        return self.device_read(region, offset, count)
 
     def region_write(self, region: int, offset: int, data: bytes) -> None:
         try:
-            limit = self._write_limits[region]
+            limit = self.write_limits[region]
         except IndexError:
             limit = -1
         if offset + len(data) > limit:
             raise self._access_error(region, offset, len(data), "write")
-        self._device_write(region, offset, data)
+        if data:
+            self.device_write(region, offset, data)
 
     def _access_error(self, region: int, offset: int, count: int, what: str) -> DeviceError:
         if not 0 <= region < NUM_PCI_REGIONS:

@@ -38,26 +38,30 @@ def fds_from_ancillary(ancdata) -> list:
 
 
 class SocketTransport:
-    def __init__(self, sock: socket.socket, max_fds: int = P.MAX_MSG_FDS, send_timeout: float = 5.0):
+    def __init__(self, sock: socket.socket, max_fds: int = P.MAX_MSG_FDS, send_timeout: float = 5.0,
+                 recv_timeout: float = 0.0):
+        """recv_timeout (SO_RCVTIMEO): a receive that waits longer returns None."""
         self.sock = sock
         self.ancillary_space = socket.CMSG_SPACE(max_fds * _FD_SIZE)
-        if send_timeout:
-            seconds = int(send_timeout)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                            struct.pack("ll", seconds, int((send_timeout - seconds) * 1e6)))
+        for option, seconds in ((socket.SO_SNDTIMEO, send_timeout), (socket.SO_RCVTIMEO, recv_timeout)):
+            if seconds:
+                sock.setsockopt(socket.SOL_SOCKET, option,
+                                struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6)))
         self._recvmsg_into = sock.recvmsg_into
         self._send = sock.send
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self, reader) -> tuple[int, list]:
-        """One recvmsg into the reader's buffer: (nbytes, fds); nbytes 0 means EOF.
-
-        The caller passes the result to reader.receive()/received()."""
+    def receive(self, reader) -> tuple[int, list] | None:
+        """One recvmsg into the reader's buffer: (nbytes, fds); nbytes 0 means EOF;
+        None if the receive timeout passed. The caller passes the result on to
+        reader.receive()/received()."""
         try:
             nbytes, ancdata, msg_flags, _ = self._recvmsg_into(reader.recv_views(), self.ancillary_space,
                                                                socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return None
         except InterruptedError:
             return self.receive(reader)
         except OSError as exc:
@@ -72,23 +76,23 @@ class SocketTransport:
 
     def send(self, data: bytes, fds=None) -> None:
         """Send all of `data`; fds ride on the first chunk only."""
+        self.flush([(data, fds)])
+
+    def flush(self, outgoing: list) -> None:
+        """Send and clear a connection's outgoing (bytes, fds) list, looping on short sends."""
+        send = self._send
         try:
-            if fds:
-                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            else:
-                sent = self._send(data)
-            while sent < len(data):
-                sent += self._send(memoryview(data)[sent:])
+            for data, fds in outgoing:
+                if fds:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    sent = send(data)
+                while sent < len(data):
+                    sent += send(memoryview(data)[sent:])
         except BlockingIOError:
             raise TransportError("peer stopped reading (send timed out)") from None
         except OSError as exc:
             raise TransportError(f"send failed: {exc.strerror or exc}") from None
-
-    def flush(self, outgoing: list) -> None:
-        """Send and clear a connection's outgoing (bytes, fds) list."""
-        try:
-            for data, fds in outgoing:
-                self.send(data, fds)
         finally:
             outgoing.clear()
 
