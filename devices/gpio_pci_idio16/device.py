@@ -165,7 +165,7 @@ class Idio16(PciDevice):
             raise DeviceError(f"{self.device_type} state of ABI version {abi_version} is not loadable "
                               f"(this device is version {self.abi_version})")
         if len(data) < _STATE.size:
-            raise DeviceError(f"{self.device_type} state is {len(data)} bytes, shorter than its header")
+            raise DeviceError(f"refusing {self.device_type} state: {len(data)} bytes, shorter than its header")
         magic, layout, outputs, inputs, flags, status, config_length = _STATE.unpack_from(data)
         config = data[_STATE.size:]
         problems = [(magic != STATE_MAGIC, f"bad magic {magic!r}"),
