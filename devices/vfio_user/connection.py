@@ -66,7 +66,7 @@ class FrameReader:
         self.max_message_size = max_message_size
         self.buf = bytearray(max_message_size + 4096)
         self._view = memoryview(self.buf)
-        self._full_views = [self._view]
+        self.empty_views = [self._view]      # recv_views() whenever nothing is buffered (end == 0)
         self.start = 0              # first unconsumed byte
         self.end = 0                # one past the last received byte
         self._base = 0              # stream position of buf[0]
@@ -77,7 +77,7 @@ class FrameReader:
         if self.start == self.end:
             self._base += self.end
             self.start = self.end = 0
-            return self._full_views
+            return self.empty_views
         if self.end == len(self.buf):
             self._compact()
         return [self._view[self.end:]]
@@ -228,6 +228,9 @@ class ServerConnection(FrameReader):
             pos = self.start
             avail = self.end - pos
             if avail < 16:
+                if not avail:                   # all consumed: rewind (recv_views() not needed)
+                    self._base += pos
+                    self.start = self.end = 0
                 return
             # Hot path: a well-formed REGION_READ/WRITE within bounds, no fds, once negotiated.
             if avail >= _ACCESS_SIZE and fast:

@@ -53,6 +53,7 @@ CAPABILITIES = {
     "write_multiple": True,
 }
 _EPOLLIN = select.EPOLLIN
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
 # While a client keeps sending, its session reads on (a blocking read bounded by
 # HOT_WAIT seconds) instead of going back to epoll after every message: one system call
 # less per round trip. After HOT_READS messages, a due timer, or a quiet HOT_WAIT, the
@@ -234,24 +235,38 @@ class Session(DeviceHost):
     # --- transport glue -----------------------------------------------------------------
 
     def on_readable(self) -> None:
+        """Serve the client while it keeps sending (see HOT_READS); the common case of a
+        plain read without fds takes no detour through helper calls."""
         conn = self.conn
         transport = self.transport
+        recvmsg_into = transport.sock.recvmsg_into
+        space = transport.ancillary_space
+        empty_views = conn.empty_views
+        out = conn.outgoing
+        timers = self.server._timers
+        budget = HOT_READS
         try:
-            received = transport.receive(conn)
-            timers = self.server._timers
-            budget = HOT_READS
-            while received is not None:
-                nbytes, fds = received
+            while True:
+                try:
+                    nbytes, ancdata, msg_flags, _ = recvmsg_into(
+                        conn.recv_views() if conn.end else empty_views, space, _CLOEXEC)
+                except BlockingIOError:
+                    break                               # quiet for HOT_WAIT: back to epoll
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    raise TransportError(f"receive failed: {exc.strerror or exc}") from None
+                if ancdata or msg_flags:
+                    conn.receive(nbytes, transport.ancillary_fds(ancdata, msg_flags))
+                elif nbytes:
+                    conn.receive(nbytes)
                 if not nbytes:
-                    close_fds(fds)
                     raise TransportError("end of stream")
-                conn.receive(nbytes, fds)
-                if conn.outgoing:
-                    transport.flush(conn.outgoing)
+                if out:
+                    transport.flush(out)
                 budget -= 1
                 if not budget or self._closed or (timers and timers[0].when <= time.monotonic()):
                     break
-                received = transport.receive(conn)
         except codec.FramingError as exc:
             log.warning("closing connection: malformed frame: %s", exc)
             self.server._end_session(f"malformed frame: {exc}")
