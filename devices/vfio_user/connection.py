@@ -39,6 +39,7 @@ _NO_REPLY = P.FLAG_NO_REPLY
 _REGION_READ = P.REGION_READ
 _REGION_WRITE = P.REGION_WRITE
 _ACCESS_SIZE = P.HEADER_SIZE + P.REGION_ACCESS.size
+_MAX_XFER = P.MAX_DATA_XFER_SIZE
 
 
 def close_fds(fds) -> None:
@@ -235,7 +236,7 @@ class ServerConnection(FrameReader):
             # Hot path: a well-formed REGION_READ/WRITE within bounds, no fds, once negotiated.
             if avail >= _ACCESS_SIZE and fast:
                 msg_id, cmd, size, flags, _err, offset, region, count = _HDR_ACCESS.unpack_from(buf, pos)
-                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags:
+                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags and count <= _MAX_XFER:
                     try:
                         limit = read_limits[region]
                     except IndexError:

@@ -220,6 +220,21 @@ def test_message_based_dma(client):
     assert u32(client, COPIES) == 1
 
 
+def test_commands_behind_a_dma_wait_run_afterwards_in_order(client):
+    """The doorbell is posted; the read behind it is parked while the server waits for
+    the client's DMA replies, then answered with the copy already done."""
+    client.dma_map(0x10000, 0x1000, memory=bytearray(b"x" * 0x1000))
+    target = bytearray(0x1000)
+    client.dma_map(0x20000, 0x1000, memory=target)
+    client.region_write(0, DMA_SRC, struct.pack("<Q", 0x10000))
+    client.region_write(0, DMA_DST, struct.pack("<Q", 0x20000))
+    client.region_write(0, DMA_LEN, struct.pack("<I", 0x100))
+    client.region_write(0, DOORBELL, b"\1", no_reply=True)
+    client.region_write(0, SCRATCH, b"after", no_reply=True)
+    assert u32(client, COPIES) == 1
+    assert target[:0x100] == b"x" * 0x100 and client.region_read(0, SCRATCH, 5) == b"after"
+
+
 def test_message_dma_is_chunked_by_client_limit(server):
     with Client.connect(server.path, capabilities={"max_msg_fds": 8, "max_data_xfer_size": 1024},
                         max_data_xfer_size=1024) as client:
