@@ -24,6 +24,7 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from . import codec
 from . import protocol as P
@@ -153,8 +154,8 @@ class FrameReader:
         self.start = self.end = 0
 
 
-class ServerHandler:
-    """What ServerConnection asks of the server application (see server.Session).
+class ServerHandler(Protocol):
+    """What ServerConnection asks of the server application (server.Session is one).
 
     Commands are handed over already decoded; `fds` is a list the handler removes the
     fds it keeps from (the rest are closed). Raise DecodeError or DeviceError to reply
@@ -167,18 +168,17 @@ class ServerHandler:
     region_write, which explain the refusal.
     """
 
-    read_limits: list = []
-    write_limits: list = []
+    read_limits: list
+    write_limits: list
+    device_read: Callable[[int, int, int], bytes]
+    device_write: Callable[[int, int, bytes], None]
 
-    def region_read(self, region: int, offset: int, count: int) -> bytes:
-        raise NotImplementedError
+    def region_read(self, region: int, offset: int, count: int) -> bytes: ...
 
-    def region_write(self, region: int, offset: int, data: bytes) -> None:
-        raise NotImplementedError
+    def region_write(self, region: int, offset: int, data: bytes) -> None: ...
 
     def handle(self, cmd: int, message, fds: list):
         """Reply payload (bytes), or (RegionInfo, fd|None) for DEVICE_GET_REGION_INFO."""
-        raise NotImplementedError
 
 
 # Commands whose request argsz bounds the reply payload.
@@ -191,7 +191,7 @@ AWAIT_VERSION, READY, CLOSED = "await-version", "ready", "closed"
 class ServerConnection(FrameReader):
     """Server side of one client connection."""
 
-    def __init__(self, handler, capabilities: dict, version_minor: int = P.VERSION_MINOR):
+    def __init__(self, handler: ServerHandler, capabilities: dict, version_minor: int = P.VERSION_MINOR):
         super().__init__()
         self.handler = handler
         self.capabilities = capabilities

@@ -333,8 +333,7 @@ class Session(DeviceHost):
                 self.dma.unmap_all()
             else:
                 self.dma.unmap(message.iova, message.size)
-            return codec.encode_dma_unmap(codec.DmaUnmap(message.flags, message.iova, message.size,
-                                                         P.DMA_UNMAP_STRUCT.size))
+            return codec.encode_dma_unmap(message)          # the request, echoed
         if cmd == P.DEVICE_GET_INFO:
             return codec.encode_device_info(codec.DeviceInfo(P.DEVICE_FLAG_RESET | P.DEVICE_FLAG_PCI,
                                                              NUM_PCI_REGIONS, NUM_PCI_IRQS))
