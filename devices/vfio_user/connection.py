@@ -312,6 +312,8 @@ class ServerConnection(FrameReader):
             self._accept_reply(frame)
             return
         fds = frame.fds
+        log.debug("%s id %d flags %#x, %d payload bytes, %d fds", P.command_name(frame.cmd), frame.msg_id,
+                  frame.flags, len(frame.payload), len(fds))
         try:
             if frame.flags & ~(P.FLAG_TYPE_MASK | P.FLAG_NO_REPLY):
                 raise DecodeError(f"command flags {frame.flags:#x} carry bits a command may not set")
@@ -383,6 +385,7 @@ class ServerConnection(FrameReader):
             reply.capabilities.pop(key, None)
             payload = codec.encode_version(reply)
         self.state = READY
+        log.info("negotiated vfio-user %d.%d; client capabilities %s", reply.major, reply.minor, caps)
         self._reply(frame, payload)
 
     # --- output -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import socket
 import time
 
 from devices.vfio_user.server import Server
-from testdevice import TestDevice
+from vfio_testdevice import TestDevice
 
 
 def listening_socket(tmp_path):

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import wait_for
+from vfio_helpers import wait_for
 from devices.vfio_user import codec
 from devices.vfio_user import protocol as P
 from devices.vfio_user.client import Client, ClientError
