@@ -1,0 +1,193 @@
+"""The vfio-user backend program conventions, shared by every bundled device program.
+
+    run_backend(make_device, argv=None, *, description, device_type,
+                extra_options=None, setup=None, features=()) -> never returns (sys.exit)
+
+Command line it implements:
+    --socket-path=PATH        create, bind and listen on PATH; the path appears only once
+                              the server is ready (a stale socket there is replaced, any
+                              other file is refused); it is removed again on exit
+    --fd=N                    use inherited fd N: a listening socket, or one connected
+                              socket (served until the client disconnects)
+    --print-capabilities      print {"type": device_type, "features": [...]} and exit 0
+    -v/--verbose              debug logging (logs go to stderr; never daemonizes)
+Neither --socket-path nor --fd: socket activation (LISTEN_PID == getpid(), LISTEN_FDS >= 1,
+first fd 3). SIGTERM/SIGINT end the loop (it wakes through signal.set_wakeup_fd) and the
+program exits 0. Usage errors exit 2, runtime errors exit 1, each with one line on stderr.
+
+Hooks for a device program:
+    extra_options(parser)            add device options to the argparse parser,
+                                     e.g. parser.add_argument("--control-socket")
+    make_device(options) -> Device   build the model from the parsed argparse.Namespace
+    setup(server, device, options)   after the Server exists, before serving: register
+                                     readers/timers (server.add_reader, call_later); may
+                                     return a callable run once after the loop ends
+    features                         extra strings for --print-capabilities
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+
+from .device import DeviceError
+from .server import Server
+from .transport import socket_from_fd
+
+BASE_FEATURES = ("socket-path", "fd", "listen-fds", "reconnect", "migration", "dma", "dma-logging")
+LISTEN_FDS_START = 3
+
+
+class BackendError(Exception):
+    """Something the user must fix; printed as one line."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_parser(description: str, extra_options=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen for a vfio-user client on this UNIX socket")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="use inherited fd N (a listening or an already connected UNIX socket)")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the backend's type and features as JSON and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log protocol details on stderr")
+    if extra_options is not None:
+        extra_options(parser)
+    return parser
+
+
+def staging_path(path: str) -> str:
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def listen_on_path(path: str) -> socket.socket:
+    """Listen under a temporary name; publish() renames it once the server is ready, so
+    whoever waits for the path to appear can connect and be served at once."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise BackendError(f"{path} exists and is not a socket: refusing to replace it")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise BackendError(f"cannot use {path}: {exc.strerror}") from None
+    staging = staging_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(staging)
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        _unlink(staging)
+        raise BackendError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
+def publish(path: str) -> None:
+    """Move the listening socket to its real name (atomically replacing a stale one)."""
+    try:
+        os.rename(staging_path(path), path)
+    except OSError as exc:
+        raise BackendError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def activation_fd(environ=os.environ) -> int | None:
+    """The first socket-activation fd meant for this process, if any."""
+    try:
+        if int(environ.get("LISTEN_PID", "0")) != os.getpid() or int(environ.get("LISTEN_FDS", "0")) < 1:
+            return None
+    except ValueError:
+        return None
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return LISTEN_FDS_START
+
+
+def open_socket(options) -> tuple[socket.socket, str | None]:
+    """(socket, path to unlink on exit)."""
+    if options.socket_path:
+        return listen_on_path(options.socket_path), options.socket_path
+    fd = options.fd if options.fd is not None else activation_fd()
+    if fd is None:
+        raise BackendError("give --socket-path=PATH or --fd=N (or start it socket-activated)", 2)
+    try:
+        sock, _listening = socket_from_fd(fd)
+    except ValueError as exc:
+        raise BackendError(str(exc), 2) from None
+    return sock, None
+
+
+def run_backend(make_device, argv=None, *, description: str, device_type: str, extra_options=None,
+                setup=None, features=()) -> None:
+    parser = build_parser(description, extra_options)
+    options = parser.parse_args(argv)
+    if options.print_capabilities:
+        print(json.dumps({"type": device_type, "features": [*BASE_FEATURES, *features]}))
+        sys.exit(0)
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if options.verbose else logging.INFO,
+                        format=f"{device_type}[%(process)d]: %(message)s")
+    try:
+        sys.exit(_serve(make_device, options, setup))
+    except (BackendError, DeviceError) as exc:
+        print(f"{device_type}: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 1))
+
+
+def _serve(make_device, options, setup) -> int:
+    sock, path = open_socket(options)
+    wake_r, wake_w = socket.socketpair()
+    for s in (wake_r, wake_w):
+        s.setblocking(False)
+    server = Server(make_device(options), sock)
+    cleanup = None
+    previous = {}
+    try:
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda signum, frame: server.stop())
+        server.add_reader(wake_r.fileno(), lambda: _drain(wake_r))
+        if setup is not None:
+            cleanup = setup(server, server.device, options)
+        if path:
+            publish(path)
+        logging.getLogger("vfio_user").info("serving %s on %s", server.device.device_type,
+                                            path or f"fd {sock.fileno()}")
+        server.serve_forever()
+    finally:
+        signal.set_wakeup_fd(-1)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if cleanup is not None:
+            cleanup()
+        server.close()
+        sock.close()
+        wake_r.close()
+        wake_w.close()
+        if path:
+            _unlink(path)
+            _unlink(staging_path(path))
+    return 0
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(64):
+            pass
+    except BlockingIOError:
+        pass
