@@ -58,6 +58,7 @@ STATE_LAYOUT = 1
 _STATE = struct.Struct("<4sHHHBBH")
 _FLAG_IRQ_ENABLED = 0x1
 _FLAG_FILTERS = 0x2
+_BYTE = [bytes([value]) for value in range(256)]
 
 
 class Idio16(PciDevice):
@@ -85,7 +86,9 @@ class Idio16(PciDevice):
     # Guest side -------------------------------------------------------------------------------
 
     def bar_read(self, index: int, offset: int, count: int) -> bytes:
-        return bytes(self._read_register(offset + i) for i in range(count))
+        if count == 1:                      # what every driver does: keep it cheap
+            return _BYTE[self._read_register(offset)]
+        return bytes([self._read_register(offset + i) for i in range(count)])
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
         for i, value in enumerate(data):

@@ -323,13 +323,17 @@ class PciDevice(Device):
     _intx_pending = False
     _intx_driven: bool | None = None     # last level told to the host (None: tell it next time)
 
+    _regions: dict[int, Region] | None = None
+
     def regions(self) -> dict[int, Region]:
-        regions = {CONFIG: Region(self.config.size)}
-        for index, bar in self.config.bars.items():
-            regions[index] = Region(bar.size)
-        if self.config.rom_size:
-            regions[ROM] = Region(self.config.rom_size, writable=False)
-        return regions
+        if self._regions is None:          # fixed once config space is built; looked up per access
+            regions = {CONFIG: Region(self.config.size)}
+            for index, bar in self.config.bars.items():
+                regions[index] = Region(bar.size)
+            if self.config.rom_size:
+                regions[ROM] = Region(self.config.rom_size, writable=False)
+            self._regions = regions
+        return self._regions
 
     def irq_count(self, index: int) -> int:
         counts = {IRQ_INTX: 1 if self.config.data[INTERRUPT_PIN] else 0,
