@@ -207,3 +207,32 @@ def test_ctl_cli_against_the_running_backend(backend):
         client.region_write(BAR2, 0x4, b"\x80")
     out = subprocess.run([*run, "get-outputs"], cwd=REPO, timeout=20, capture_output=True, text=True)
     assert out.stdout == "0x8000\n"
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_control_socket_survives_running_out_of_fds(tmp_path):
+    sock, ctl = str(tmp_path / "s"), str(tmp_path / "c")
+    process = Backend(f"--socket-path={sock}", f"--control-socket={ctl}")
+    process.wait_path(sock)
+    try:
+        fds = len(os.listdir(f"/proc/{process.proc.pid}/fd"))
+        subprocess.run(["prlimit", f"--pid={process.proc.pid}", f"--nofile={fds + 2}"], check=True)
+        crowd = []
+        for _ in range(6):                      # more clients than the device has fds for
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(ctl)
+            crowd.append(client)
+        time.sleep(0.1)
+        before = cpu_seconds(process.proc.pid)
+        time.sleep(0.5)
+        assert cpu_seconds(process.proc.pid) - before < 0.2         # accepting paused, not spinning
+        for client in crowd:
+            client.close()
+        assert control(ctl, {"cmd": "get-inputs"}) == {"inputs": 0}
+    finally:
+        code, stderr = process.stop()
+    assert code == 0 and "accept failed" in stderr

@@ -124,6 +124,8 @@ def test_save_and_load_state(rig):
     (b"{not json\n", "GenericError", "malformed JSON"),
     (b"\xff\xfe\n", "GenericError", "malformed JSON"),
     (b"[1, 2]\n", "GenericError", "JSON object"),
+    (b"[" * 50000 + b"\n", "GenericError", "malformed JSON"),
+    (b'{"cmd": "set-inputs", "value": ' + b"9" * 5000 + b"}\n", "GenericError", "malformed JSON"),
     (b'{"value": 1}\n', "GenericError", "'cmd'"),
     (b'{"cmd": "launch-missiles"}\n', "CommandNotFound", "launch-missiles"),
     (b'{"cmd": "set-inputs"}\n', "GenericError", "'value' is missing"),

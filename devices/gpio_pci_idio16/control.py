@@ -131,7 +131,7 @@ def execute(device: Idio16, line: bytes) -> dict:
     try:
         try:
             request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (ValueError, RecursionError) as error:     # bad UTF-8/JSON, 5000-digit numbers, deep nesting
             raise ControlError(f"malformed JSON: {error}") from None
         if not isinstance(request, dict):
             raise ControlError("a request must be a JSON object")
@@ -171,13 +171,16 @@ class ControlServer:
         self.listener = listener
         self.loop = loop
         self.clients: dict[int, _Client] = {}
+        self._accepting = True
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
 
     def close(self) -> None:
+        if self._accepting:
+            self.loop.remove_reader(self.listener.fileno())
+        self._accepting = True              # so that dropping clients does not re-arm the listener
         for fd in list(self.clients):
             self._drop(fd)
-        self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
 
     def _accept(self) -> None:
@@ -185,6 +188,11 @@ class ControlServer:
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:            # e.g. EMFILE: pause accepting until a client leaves
+                log.warning("control socket: accept failed: %s", error)
+                self.loop.remove_reader(self.listener.fileno())
+                self._accepting = False
                 return
             if len(self.clients) >= MAX_CLIENTS:
                 log.warning("control socket: refusing a client beyond %d", MAX_CLIENTS)
@@ -245,6 +253,9 @@ class ControlServer:
         client = self.clients.pop(fd)
         self.loop.remove_reader(fd)
         client.sock.close()
+        if not self._accepting:
+            self._accepting = True
+            self.loop.add_reader(self.listener.fileno(), self._accept)
 
 
 def open_listener(path: str | None = None, fd: int | None = None) -> tuple[socket.socket, Callable[[], None]]:
