@@ -91,8 +91,8 @@ class Idio16(PciDevice):
         return bytes([self._read_register(offset + i) for i in range(count)])
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        for i, value in enumerate(data):
-            self._write_register(offset + i, value)
+        for i, value in enumerate(data, offset):
+            self._write_register(i, value)
 
     def _read_register(self, offset: int) -> int:
         if offset == OUTPUTS_0_7:
