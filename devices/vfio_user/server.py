@@ -95,7 +95,7 @@ class Server:
         self.add_reader(self._stop_fd, self._drain_stop)
         if self._listening:
             self.add_reader(sock.fileno(), self._accept)
-        device.attach(None)
+        self._attach(None)
 
     # --- loop ---------------------------------------------------------------------------
 
@@ -148,7 +148,10 @@ class Server:
                 for fd, _events in poll(timeout):
                     callback = readers.get(fd)
                     if callback is not None:
-                        callback()
+                        try:
+                            callback()
+                        except Exception:       # noqa: BLE001 - a device bug must not stop the loop
+                            log.exception("reader callback for fd %d failed", fd)
         finally:
             self._running = False
             if self.session is not None:
@@ -186,9 +189,19 @@ class Server:
 
     def _start_session(self, conn: socket.socket) -> None:
         conn.setblocking(True)
-        self.session = Session(self, conn)
+        try:
+            session = Session(self, conn)
+        except Exception:                       # noqa: BLE001 - e.g. the device's regions() failed
+            log.exception("cannot serve the client")
+            conn.close()
+            if self._listening:
+                self.add_reader(self._sock.fileno(), self._accept)
+            else:
+                self._running = False
+            return
+        self.session = session
         log.info("client connected")
-        self.device.attach(self.session)
+        self._attach(self.session)
         self.add_reader(conn.fileno(), self.session.on_readable)
 
     def _end_session(self, reason: str) -> None:
@@ -196,13 +209,19 @@ class Server:
         self.session = None
         self.remove_reader(session.transport.fileno())
         session.close()
-        self.device.attach(None)
+        self._attach(None)
         log.info("client disconnected: %s", reason)
         if self._listening:
             if self._running:
                 self.add_reader(self._sock.fileno(), self._accept)
         else:
             self._running = False
+
+    def _attach(self, host) -> None:
+        try:
+            self.device.attach(host)
+        except Exception:                       # noqa: BLE001 - a device bug must not stop the loop
+            log.exception("device.attach(%s) failed", "host" if host else "None")
 
     def _migration_changed(self) -> None:
         if self.session is not None:
