@@ -89,6 +89,7 @@ class Server:
         self._readers: dict = {}
         self._timers: list = []
         self._running = False
+        self._stop_requested = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.session: Session | None = None
         self.migration = Migration(device, self._migration_changed)
@@ -119,6 +120,7 @@ class Server:
         return handle
 
     def stop(self) -> None:
+        self._stop_requested = True         # sticky: a stop before serve_forever() counts too
         self._running = False
         try:
             os.eventfd_write(self._stop_fd, 1)
@@ -132,6 +134,8 @@ class Server:
             pass
 
     def serve_forever(self) -> None:
+        if self._stop_requested:
+            return
         self._running = True
         if not self._listening:
             self._start_session(self._sock)
