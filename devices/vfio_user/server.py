@@ -422,7 +422,7 @@ class Session(DeviceHost):
             raise DeviceError(f"device feature {feature} is not supported", errno.ENOTSUP)
         if ops & ~allowed:
             raise DeviceError(f"device feature {feature} does not support that operation", errno.ENOTSUP)
-        echo = codec.encode_feature(codec.Feature(flags, message.data, P.FEATURE.size + len(message.data)))
+        echo = codec.encode_feature(message)           # SET and PROBE replies repeat the request
         if flags & P.FEATURE_PROBE:
             return echo
         if feature == P.FEATURE_MIGRATION:

@@ -562,3 +562,10 @@ def test_megabyte_messages_cross_the_socket_in_pieces(client):
     client.region_write(0, DMA_LEN, struct.pack("<I", size))
     client.region_write(0, DOORBELL, b"\1")
     assert target == source and client.dma_requests_served == 2
+
+
+def test_feature_set_reply_repeats_the_request_byte_for_byte(client):
+    request = codec.encode_feature(codec.Feature(P.FEATURE_MIG_DEVICE_STATE | P.FEATURE_SET,
+                                                 P.MIG_STATE.pack(P.MIG_STATE_PRE_COPY, 0), 16))
+    assert client.request(P.DEVICE_FEATURE, request).payload == request
+    client.set_migration_state(P.MIG_STATE_RUNNING)
