@@ -359,7 +359,8 @@ class ServerConnection(FrameReader):
             send_fd = region_fd is not None and complete and self.client_max_fds >= 1
             self._reply(frame, payload, [region_fd] if send_fd else None)
             return
-        if cmd in _ARGSZ_BOUNDED and len(result) > message_argsz(message):
+        # argsz bounds what the client can take; an echo of its own request always fits.
+        if cmd in _ARGSZ_BOUNDED and len(result) > message_argsz(message) and len(result) > len(frame.payload):
             raise DecodeError(f"{P.command_name(cmd)}: reply of {len(result)} bytes exceeds argsz "
                               f"{message_argsz(message)}", errno.E2BIG)
         self._reply(frame, result)

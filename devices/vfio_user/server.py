@@ -89,13 +89,14 @@ class Server:
         self._readers: dict = {}
         self._timers: list = []
         self._running = False
+        self._stop_requested = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.session: Session | None = None
         self.migration = Migration(device, self._migration_changed)
         self.add_reader(self._stop_fd, self._drain_stop)
         if self._listening:
             self.add_reader(sock.fileno(), self._accept)
-        device.attach(None)
+        self._attach(None)
 
     # --- loop ---------------------------------------------------------------------------
 
@@ -119,6 +120,7 @@ class Server:
         return handle
 
     def stop(self) -> None:
+        self._stop_requested = True         # sticky: a stop before serve_forever() counts too
         self._running = False
         try:
             os.eventfd_write(self._stop_fd, 1)
@@ -132,6 +134,8 @@ class Server:
             pass
 
     def serve_forever(self) -> None:
+        if self._stop_requested:
+            return
         self._running = True
         if not self._listening:
             self._start_session(self._sock)
@@ -148,7 +152,10 @@ class Server:
                 for fd, _events in poll(timeout):
                     callback = readers.get(fd)
                     if callback is not None:
-                        callback()
+                        try:
+                            callback()
+                        except Exception:       # noqa: BLE001 - a device bug must not stop the loop
+                            log.exception("reader callback for fd %d failed", fd)
         finally:
             self._running = False
             if self.session is not None:
@@ -186,9 +193,19 @@ class Server:
 
     def _start_session(self, conn: socket.socket) -> None:
         conn.setblocking(True)
-        self.session = Session(self, conn)
+        try:
+            session = Session(self, conn)
+        except Exception:                       # noqa: BLE001 - e.g. the device's regions() failed
+            log.exception("cannot serve the client")
+            conn.close()
+            if self._listening:
+                self.add_reader(self._sock.fileno(), self._accept)
+            else:
+                self._running = False
+            return
+        self.session = session
         log.info("client connected")
-        self.device.attach(self.session)
+        self._attach(self.session)
         self.add_reader(conn.fileno(), self.session.on_readable)
 
     def _end_session(self, reason: str) -> None:
@@ -196,13 +213,19 @@ class Server:
         self.session = None
         self.remove_reader(session.transport.fileno())
         session.close()
-        self.device.attach(None)
+        self._attach(None)
         log.info("client disconnected: %s", reason)
         if self._listening:
             if self._running:
                 self.add_reader(self._sock.fileno(), self._accept)
         else:
             self._running = False
+
+    def _attach(self, host) -> None:
+        try:
+            self.device.attach(host)
+        except Exception:                       # noqa: BLE001 - a device bug must not stop the loop
+            log.exception("device.attach(%s) failed", "host" if host else "None")
 
     def _migration_changed(self) -> None:
         if self.session is not None:
@@ -399,7 +422,7 @@ class Session(DeviceHost):
             raise DeviceError(f"device feature {feature} is not supported", errno.ENOTSUP)
         if ops & ~allowed:
             raise DeviceError(f"device feature {feature} does not support that operation", errno.ENOTSUP)
-        echo = codec.encode_feature(codec.Feature(flags, message.data, P.FEATURE.size + len(message.data)))
+        echo = codec.encode_feature(message)           # SET and PROBE replies repeat the request
         if flags & P.FEATURE_PROBE:
             return echo
         if feature == P.FEATURE_MIGRATION:

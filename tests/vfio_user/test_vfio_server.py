@@ -548,3 +548,24 @@ def test_failed_load_enters_error_until_reset(client):
     client.reset()
     assert client.migration_state() == P.MIG_STATE_RUNNING
     assert client.region_read(0, SCRATCH, 6) == bytes(6)
+
+
+def test_megabyte_messages_cross_the_socket_in_pieces(client):
+    """1 MiB DMA messages each way: partial sends and reads on both sides of the socket."""
+    size = 1 << 20
+    source = bytearray(os.urandom(size))
+    target = bytearray(size)
+    client.dma_map(0x1000_0000, size, memory=source)
+    client.dma_map(0x2000_0000, size, memory=target)
+    client.region_write(0, DMA_SRC, struct.pack("<Q", 0x1000_0000))
+    client.region_write(0, DMA_DST, struct.pack("<Q", 0x2000_0000))
+    client.region_write(0, DMA_LEN, struct.pack("<I", size))
+    client.region_write(0, DOORBELL, b"\1")
+    assert target == source and client.dma_requests_served == 2
+
+
+def test_feature_set_reply_repeats_the_request_byte_for_byte(client):
+    request = codec.encode_feature(codec.Feature(P.FEATURE_MIG_DEVICE_STATE | P.FEATURE_SET,
+                                                 P.MIG_STATE.pack(P.MIG_STATE_PRE_COPY, 0), 16))
+    assert client.request(P.DEVICE_FEATURE, request).payload == request
+    client.set_migration_state(P.MIG_STATE_RUNNING)
