@@ -4,6 +4,7 @@ the control socket, as a VMM and a host operator would."""
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -236,3 +237,21 @@ def test_control_socket_survives_running_out_of_fds(tmp_path):
     finally:
         code, stderr = process.stop()
     assert code == 0 and "accept failed" in stderr
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_independent_c_client(backend, tmp_path):
+    """The shared C client (written from the spec, not from our code) against the backend."""
+    _, sock, ctl = backend
+    source = os.path.join(os.environ.get("JAILER_SHARED_TOOLS") or os.path.join(REPO, "..", "shared", "tools"),
+                          "vfu_bench.c")
+    if not os.path.exists(source):
+        pytest.skip(f"no {source}")
+    binary = str(tmp_path / "vfu_bench")
+    subprocess.run(["gcc", "-O2", "-o", binary, source], check=True, timeout=120)
+    result = subprocess.run([binary, sock, "2", "0", "2000"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, VFU_BENCH_WARMUP="0"))
+    assert result.returncode == 0, result.stderr
+    assert "config: vendor 494f device 0dc8" in result.stdout
+    assert "region 2: size 0x100 flags 0x3" in result.stdout
+    assert control(ctl, {"cmd": "get-outputs"}) == {"outputs": 1999 & 0xFF}    # its last write to 0x0
