@@ -14,6 +14,7 @@ STATUS.INTERRUPT and COMMAND.INTX_DISABLE behave as the PCI spec says.
 
 from __future__ import annotations
 
+import abc
 import errno
 import struct
 from dataclasses import dataclass
@@ -368,11 +369,13 @@ class PciDevice(Device):
         else:
             self.bar_write(index, offset, data)
 
+    @abc.abstractmethod
     def bar_read(self, index: int, offset: int, count: int) -> bytes:
-        raise DeviceError(f"BAR{index} has no read handler", errno.EINVAL)
+        """`count` bytes of BAR `index` at `offset` (already bounds-checked)."""
 
+    @abc.abstractmethod
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        raise DeviceError(f"BAR{index} has no write handler", errno.EINVAL)
+        """Apply a write to BAR `index` at `offset` (already bounds-checked)."""
 
     # INTx -------------------------------------------------------------------------------------
 
