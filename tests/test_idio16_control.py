@@ -250,3 +250,8 @@ def test_cli(rig, tmp_path):
     assert run_ctl(loop, path, "set-input", "1", "7")[0] == 2
     code, _, stderr = run_ctl(loop, str(tmp_path / "nobody.sock"), "get-outputs")
     assert code == 1 and stderr.count("\n") == 1
+
+
+def test_overlong_socket_path_is_one_clear_error(tmp_path):
+    with pytest.raises(DeviceError, match="too long"):
+        open_listener(str(tmp_path / ("x" * 120)))

@@ -265,7 +265,7 @@ def open_listener(path: str | None = None, fd: int | None = None) -> tuple[socke
         try:
             sock = socket.socket(fileno=fd)
         except OSError as error:
-            raise DeviceError(f"--control-fd {fd}: {error.strerror}") from None
+            raise DeviceError(f"--control-fd {fd}: {error.strerror or error}") from None
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM \
                 or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.detach()
@@ -284,7 +284,7 @@ def open_listener(path: str | None = None, fd: int | None = None) -> tuple[socke
         sock.listen(8)
     except OSError as error:
         sock.close()
-        raise DeviceError(f"control socket {path}: {error.strerror}") from None
+        raise DeviceError(f"control socket {path}: {error.strerror or error}") from None
     identity = os.stat(path)
 
     def remove() -> None:

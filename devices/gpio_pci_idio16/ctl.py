@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 
@@ -56,8 +57,10 @@ def _integer(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m devices.gpio_pci_idio16.ctl",
-                                     description="Talk to a running gpio-pci-idio-16 device's control socket.")
+    prog = os.path.basename(sys.argv[0])
+    if prog.endswith(".py"):                # run as a module rather than an installed script
+        prog = "python -m devices.gpio_pci_idio16.ctl"
+    parser = argparse.ArgumentParser(prog=prog, description="Talk to a running gpio-pci-idio-16 device's control socket.")
     parser.add_argument("--control-socket", required=True, metavar="PATH")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("query-status", help="print the device state as JSON")
@@ -91,13 +94,13 @@ def run(options: argparse.Namespace) -> str | None:
                 json.dump(state, file)
                 file.write("\n")
         except OSError as error:
-            raise CtlError(f"{options.file}: {error.strerror}") from None
+            raise CtlError(f"{options.file}: {error.strerror or error}") from None
     elif options.command == "load-state":
         try:
             with open(options.file) as file:
                 state = json.load(file)
         except OSError as error:
-            raise CtlError(f"{options.file}: {error.strerror}") from None
+            raise CtlError(f"{options.file}: {error.strerror or error}") from None
         except ValueError as error:
             raise CtlError(f"{options.file}: not a saved state ({error})") from None
         if not isinstance(state, dict):
