@@ -215,7 +215,8 @@ class ConfigSpace:
     # Capabilities -----------------------------------------------------------------------------
 
     def add_capability(self, cap_id: int, body: bytes, wmask: bytes = b"", w1cmask: bytes = b"") -> int:
-        """Append a capability (`body` excludes the 2-byte id/next header); returns its offset."""
+        """Append a capability while building the device (`body` excludes the 2-byte id/next
+        header); returns its offset."""
         length = 2 + len(body)
         offset = self._next_capability
         if offset + length > CONFIG_SIZE:
