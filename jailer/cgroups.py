@@ -10,6 +10,7 @@ removes it when the program is gone, on error paths too.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -193,4 +194,13 @@ def _enable_v2(base: str, parent_parts: list[str], controller: str) -> None:
         with open(f"{path}/cgroup.subtree_control") as f:
             if controller in f.read().split():
                 continue
-        _write(f"{path}/cgroup.subtree_control", f"+{controller}")
+        try:
+            _write(f"{path}/cgroup.subtree_control", f"+{controller}")
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            raise LayerError("cgroup", f"cannot enable the {controller} controller below {path}: it holds "
+                             "processes (cgroup v2 allows controllers only above leaves)",
+                             f"start jailer in a delegated cgroup whose cgroup.subtree_control already enables "
+                             f"{controller} (e.g. systemd-run --scope -p Delegate=yes), or list cgroup in "
+                             "enforcement.best_effort") from None

@@ -132,14 +132,25 @@ def _mount_proc() -> None:
 
 
 def _make_parents(path: str) -> None:
+    _refuse_escape(path)
     parent = os.path.dirname(path.rstrip("/"))
     if parent and not os.path.isdir(parent):
         os.makedirs(parent, 0o755, exist_ok=True)
 
 
+def _refuse_escape(path: str) -> None:
+    """A target must stay in the new root: a symlink in a writable bind's host directory must
+    not lead the build (mkdir, mount) into the old root."""
+    real = os.path.realpath(path)
+    if real == OLD_ROOT or real.startswith(OLD_ROOT + "/"):
+        raise LayerError("pivot_root", f"{path} leads out of the sandbox's root through a symlink",
+                         "remove the symlink from the bound host directory, or bind somewhere else")
+
+
 def _make_mountpoint(path: str, directory: bool) -> None:
     _make_parents(path)
     if os.path.lexists(path):
+        _refuse_escape(path)
         return
     if directory:
         os.mkdir(path, 0o755)

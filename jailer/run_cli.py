@@ -1,10 +1,11 @@
 """`jailer run`: the start-up hot path, so it parses its own arguments and imports little.
 
 The resolved plan, its compiled seccomp filter and the syscall-name table are cached per
-profile (keyed on the profile's path, mtime, size and contents, the caller's uid/gid,
-the environment variables the profile names and the jailer version; any mismatch or unreadable entry falls back to
-resolving the profile again). toml, click, pyseccomp and pyroute2 are only imported on a
-cache miss or when the plan needs them.
+profile, keyed on the profile's path, mtime, size and contents, the caller's uid/gid,
+the environment variables the profile names, the jailer version and the files of the
+modules that resolve profiles and compile filters; any mismatch or unreadable entry
+falls back to resolving the profile again. toml, click, pyseccomp and pyroute2 are only
+imported on a cache miss or when the plan needs them.
 """
 
 from __future__ import annotations
@@ -114,7 +115,23 @@ def _cache_key(path: str) -> tuple:
     passed = tuple(sorted((name, value) for name, value in os.environ.items()
                           if f'"{name}"'.encode() in text or f"'{name}'".encode() in text))
     return (path, st.st_mtime_ns, st.st_size, st.st_ino, zlib.crc32(text), os.geteuid(), os.getegid(), passed,
-            __version__)
+            __version__, _resolver_stamp())
+
+
+# The modules whose code decides what a cache entry holds: an edited one invalidates it.
+RESOLVER_MODULES = ("plan.py", "profile.py", "runtime.py", "syscall_groups.py", "seccomp.py")
+
+
+def _resolver_stamp() -> tuple:
+    package = os.path.dirname(os.path.abspath(__file__))
+    stamp = []
+    for name in RESOLVER_MODULES:
+        try:
+            st = os.stat(os.path.join(package, name))
+            stamp.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamp.append((name, None, None))
+    return tuple(stamp)
 
 
 def _cache_file(directory: str, path: str) -> str:

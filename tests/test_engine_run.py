@@ -153,3 +153,14 @@ def test_missing_executable_is_an_error_not_a_crash():
     assert result.returncode == 1
     assert result.stderr.strip().startswith("jailer: cannot execute /opt/nope")
     assert "Traceback" not in result.stderr
+
+
+def test_a_symlink_in_a_writable_bind_cannot_lead_mounts_out_of_the_new_root():
+    shared = readable_tempdir()
+    os.symlink("/.oldroot/etc", os.path.join(shared, "sub"))   # planted by whoever else writes there
+    filesystem = FilesystemPlan(binds=tuple(Bind(p, p) for p in SYSTEM_DIRS) + (
+        Bind(shared, "/data", writable=True), Bind("/usr/share", "/data/sub/planted")))
+    result = run(plan_for("root", "true", filesystem=filesystem))
+    assert result.returncode == 3
+    assert "leads out of the sandbox's root through a symlink" in result.stderr
+    assert not os.path.exists("/etc/planted")

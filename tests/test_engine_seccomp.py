@@ -80,3 +80,18 @@ def test_launchers_own_wait_after_loading_is_not_mistaken_for_the_programs():
     kinds = [e["event"] for e in events]
     assert kinds[:2] == ["started", "enforced"]   # the program was exec'd
     assert events[2]["syscall"] == "read" and events[2]["pid"] == events[0]["pid"]
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_32_bit_arguments_are_compared_as_the_kernel_reads_them(report):
+    # ioctl's request is an unsigned int: TIOCSTI with bit 32 set is TIOCSTI to the kernel
+    seccomp = SeccompPlan(default_action="log", report=report, rules=(
+        SeccompRule("ioctl", "kill", args=(ArgCondition(1, "eq", 0x5412),)),
+        SeccompRule("ioctl", "allow", args=(ArgCondition(1, "ne", 0x5412),))))
+    probe = ("exec python3 -c 'import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); "
+             "r = libc.syscall(16, 0, ctypes.c_ulong(int(sys.argv[1], 0)), ctypes.create_string_buffer(64)); "
+             "print(r, os.strerror(ctypes.get_errno())); sys.exit(1)' {}")
+    high_bits = run(plan_for("root", probe.format("0x100005412"), seccomp=seccomp))
+    assert high_bits.returncode == 128 + 31, high_bits.stderr
+    other = run(plan_for("root", probe.format("0x5401"), seccomp=seccomp))   # TCGETS: allowed, not a tty
+    assert other.returncode in (0, 1), other.stderr   # 1: ENOTTY when stdin is not a terminal
