@@ -239,16 +239,8 @@ def not_blocked(report, invocation):
             and not (check["name"] == "memory_limit" and invocation == "unprivileged")]
 
 
-# Known engine bug (reported to the lead): the filter compares ioctl's request at 64 bits, so a
-# TIOCSTI with high bits set slips past the kill rule (CVE-2019-10063 class); the kernel's own
-# TIOCSTI check still refuses it (EPERM). Strict: the marker must go when the engine is fixed.
-ENGINE_COMPARES_IOCTL_AT_64_BITS = pytest.mark.xfail(
-    strict=True, reason="engine: seccomp argument rules for ioctl's request are compared at 64 bits")
-
-
 @pytest.mark.parametrize("invocation", ["root", "unprivileged"])
-@pytest.mark.parametrize("name", [pytest.param(name, marks=ENGINE_COMPARES_IOCTL_AT_64_BITS)
-                                  if name == "tiocsti_high_bits" else name for name in TIGHT_OUTCOMES])
+@pytest.mark.parametrize("name", list(TIGHT_OUTCOMES))
 def test_sandbox_blocks_escape(tight_reports, invocation, name):
     if invocation not in tight_reports:
         pytest.skip("the root invocation needs root")
