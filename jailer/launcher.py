@@ -46,6 +46,7 @@ it in best_effort: then it is skipped and the skip is reported (stderr and statu
 from __future__ import annotations
 
 import _socket
+import errno
 import fcntl
 import gc
 import marshal
@@ -305,20 +306,31 @@ class _Launch:
 
         pidfd, number, deadline = self.grab
         fd = None
+        failure = None
         spin_until = time.monotonic() + 0.002   # the filter loads within microseconds of "ready"
-        while fd is None and time.monotonic() < spin_until:
+        while fd is None and failure is None and time.monotonic() < spin_until:
             try:
                 fd = syscalls.pidfd_getfd(pidfd, number)
-            except OSError:
+            except OSError as exc:
+                if exc.errno != errno.EBADF:   # EBADF: not loaded yet; anything else will not change
+                    failure = f"pidfd_getfd: {exc.strerror}"
                 os.sched_yield()
                 continue
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:seccomp notify":
                 os.close(fd)
                 fd = None
         if fd is None:
-            if time.monotonic() > deadline or self.error:
+            if failure is None and time.monotonic() > deadline:
+                failure = "the program's filter did not appear in time"
+            if failure is not None or self.error:
                 os.close(pidfd)
                 self.grab = None
+            if failure is not None and not self.error:
+                # the child waits for a go-ahead that cannot come: the sandbox cannot report, stop it
+                self.error = ("LayerError", "seccomp", f"cannot take the notification listener ({failure})",
+                              "allow the launcher to ptrace its children (kernel.yama.ptrace_scope <= 1), or set "
+                              "report = false in the profile's [seccomp] section")
+                self._kill_sandbox(self.program_pid)
             return
         os.close(pidfd)
         self.grab = None
