@@ -56,8 +56,9 @@ GROUPS = {
          "shutdown", "getsockopt", "setsockopt", "getsockname", "getpeername", "socketpair"),
     ),
     "@threads": (
-        "starting and synchronising threads",
-        ("clone", "clone3", "futex", "set_robust_list", "get_robust_list", "gettid", "madvise",
+        "synchronising threads; creating them needs the clone rule of jailer-profile(5), because "
+        "an unconditional clone or clone3 also creates namespaces",
+        ("futex", "set_robust_list", "get_robust_list", "gettid", "madvise",
          "sched_yield", "sched_getaffinity", "rseq", "exit"),
     ),
     "@process-info": (
