@@ -43,7 +43,7 @@ def server_command(sock: str) -> tuple[str, list, int, int]:
     """(name, argv, region, offset) of the device to measure."""
     if os.path.exists(os.path.join(REPO, "devices", "gpio_pci_idio16", "__main__.py")):
         return "gpio_pci_idio16 BAR2", [sys.executable, "-m", "devices.gpio_pci_idio16", "--socket-path", sock], 2, 0
-    return ("test device BAR0", [sys.executable, os.path.join(REPO, "tests", "vfio_user", "testdevice.py"),
+    return ("test device BAR0", [sys.executable, os.path.join(REPO, "tests", "vfio_user", "vfio_testdevice.py"),
                                  "--socket-path", sock], 0, 0)
 
 

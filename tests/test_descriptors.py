@@ -154,12 +154,11 @@ def test_a_real_backend_prints_valid_capabilities():
     import subprocess
     import sys
 
-    device = Path(__file__).resolve().parent / "vfio_user" / "testdevice.py"
-    result = subprocess.run([sys.executable, str(device), "--print-capabilities", "--socket-path", "/nonexistent"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-m", "devices.gpio_pci_idio16", "--print-capabilities",
+                             "--socket-path", "/nonexistent"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    caps = parse_capabilities(json.loads(result.stdout), f"{device.name} --print-capabilities")
-    assert caps["type"] == "test-device" and "listen-fds" in caps["features"]
+    caps = parse_capabilities(json.loads(result.stdout), "gpio-pci-idio-16 --print-capabilities")
+    assert caps["type"] == "gpio-pci-idio-16" and "listen-fds" in caps["features"]
 
 
 def test_listing_command(tree):

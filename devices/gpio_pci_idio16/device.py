@@ -58,6 +58,7 @@ STATE_LAYOUT = 1
 _STATE = struct.Struct("<4sHHHBBH")
 _FLAG_IRQ_ENABLED = 0x1
 _FLAG_FILTERS = 0x2
+_BYTE = [bytes([value]) for value in range(256)]
 
 
 class Idio16(PciDevice):
@@ -85,11 +86,13 @@ class Idio16(PciDevice):
     # Guest side -------------------------------------------------------------------------------
 
     def bar_read(self, index: int, offset: int, count: int) -> bytes:
-        return bytes(self._read_register(offset + i) for i in range(count))
+        if count == 1:                      # what every driver does: keep it cheap
+            return _BYTE[self._read_register(offset)]
+        return bytes([self._read_register(offset + i) for i in range(count)])
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        for i, value in enumerate(data):
-            self._write_register(offset + i, value)
+        for i, value in enumerate(data, offset):
+            self._write_register(i, value)
 
     def _read_register(self, offset: int) -> int:
         if offset == OUTPUTS_0_7:
@@ -165,7 +168,7 @@ class Idio16(PciDevice):
             raise DeviceError(f"{self.device_type} state of ABI version {abi_version} is not loadable "
                               f"(this device is version {self.abi_version})")
         if len(data) < _STATE.size:
-            raise DeviceError(f"{self.device_type} state is {len(data)} bytes, shorter than its header")
+            raise DeviceError(f"refusing {self.device_type} state: {len(data)} bytes, shorter than its header")
         magic, layout, outputs, inputs, flags, status, config_length = _STATE.unpack_from(data)
         config = data[_STATE.size:]
         problems = [(magic != STATE_MAGIC, f"bad magic {magic!r}"),

@@ -24,6 +24,7 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from . import codec
 from . import protocol as P
@@ -39,6 +40,7 @@ _NO_REPLY = P.FLAG_NO_REPLY
 _REGION_READ = P.REGION_READ
 _REGION_WRITE = P.REGION_WRITE
 _ACCESS_SIZE = P.HEADER_SIZE + P.REGION_ACCESS.size
+_MAX_XFER = P.MAX_DATA_XFER_SIZE
 
 
 def close_fds(fds) -> None:
@@ -66,7 +68,7 @@ class FrameReader:
         self.max_message_size = max_message_size
         self.buf = bytearray(max_message_size + 4096)
         self._view = memoryview(self.buf)
-        self._full_views = [self._view]
+        self.empty_views = [self._view]      # recv_views() whenever nothing is buffered (end == 0)
         self.start = 0              # first unconsumed byte
         self.end = 0                # one past the last received byte
         self._base = 0              # stream position of buf[0]
@@ -77,7 +79,7 @@ class FrameReader:
         if self.start == self.end:
             self._base += self.end
             self.start = self.end = 0
-            return self._full_views
+            return self.empty_views
         if self.end == len(self.buf):
             self._compact()
         return [self._view[self.end:]]
@@ -152,8 +154,8 @@ class FrameReader:
         self.start = self.end = 0
 
 
-class ServerHandler:
-    """What ServerConnection asks of the server application (see server.Session).
+class ServerHandler(Protocol):
+    """What ServerConnection asks of the server application (server.Session is one).
 
     Commands are handed over already decoded; `fds` is a list the handler removes the
     fds it keeps from (the rest are closed). Raise DecodeError or DeviceError to reply
@@ -166,18 +168,17 @@ class ServerHandler:
     region_write, which explain the refusal.
     """
 
-    read_limits: list = []
-    write_limits: list = []
+    read_limits: list
+    write_limits: list
+    device_read: Callable[[int, int, int], bytes]
+    device_write: Callable[[int, int, bytes], None]
 
-    def region_read(self, region: int, offset: int, count: int) -> bytes:
-        raise NotImplementedError
+    def region_read(self, region: int, offset: int, count: int) -> bytes: ...
 
-    def region_write(self, region: int, offset: int, data: bytes) -> None:
-        raise NotImplementedError
+    def region_write(self, region: int, offset: int, data: bytes) -> None: ...
 
     def handle(self, cmd: int, message, fds: list):
         """Reply payload (bytes), or (RegionInfo, fd|None) for DEVICE_GET_REGION_INFO."""
-        raise NotImplementedError
 
 
 # Commands whose request argsz bounds the reply payload.
@@ -190,7 +191,7 @@ AWAIT_VERSION, READY, CLOSED = "await-version", "ready", "closed"
 class ServerConnection(FrameReader):
     """Server side of one client connection."""
 
-    def __init__(self, handler, capabilities: dict, version_minor: int = P.VERSION_MINOR):
+    def __init__(self, handler: ServerHandler, capabilities: dict, version_minor: int = P.VERSION_MINOR):
         super().__init__()
         self.handler = handler
         self.capabilities = capabilities
@@ -228,11 +229,14 @@ class ServerConnection(FrameReader):
             pos = self.start
             avail = self.end - pos
             if avail < 16:
+                if not avail:                   # all consumed: rewind (recv_views() not needed)
+                    self._base += pos
+                    self.start = self.end = 0
                 return
             # Hot path: a well-formed REGION_READ/WRITE within bounds, no fds, once negotiated.
             if avail >= _ACCESS_SIZE and fast:
                 msg_id, cmd, size, flags, _err, offset, region, count = _HDR_ACCESS.unpack_from(buf, pos)
-                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags:
+                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags and count <= _MAX_XFER:
                     try:
                         limit = read_limits[region]
                     except IndexError:
@@ -308,6 +312,8 @@ class ServerConnection(FrameReader):
             self._accept_reply(frame)
             return
         fds = frame.fds
+        log.debug("%s id %d flags %#x, %d payload bytes, %d fds", P.command_name(frame.cmd), frame.msg_id,
+                  frame.flags, len(frame.payload), len(fds))
         try:
             if frame.flags & ~(P.FLAG_TYPE_MASK | P.FLAG_NO_REPLY):
                 raise DecodeError(f"command flags {frame.flags:#x} carry bits a command may not set")
@@ -353,7 +359,8 @@ class ServerConnection(FrameReader):
             send_fd = region_fd is not None and complete and self.client_max_fds >= 1
             self._reply(frame, payload, [region_fd] if send_fd else None)
             return
-        if cmd in _ARGSZ_BOUNDED and len(result) > message_argsz(message):
+        # argsz bounds what the client can take; an echo of its own request always fits.
+        if cmd in _ARGSZ_BOUNDED and len(result) > message_argsz(message) and len(result) > len(frame.payload):
             raise DecodeError(f"{P.command_name(cmd)}: reply of {len(result)} bytes exceeds argsz "
                               f"{message_argsz(message)}", errno.E2BIG)
         self._reply(frame, result)
@@ -379,6 +386,7 @@ class ServerConnection(FrameReader):
             reply.capabilities.pop(key, None)
             payload = codec.encode_version(reply)
         self.state = READY
+        log.info("negotiated vfio-user %d.%d; client capabilities %s", reply.major, reply.minor, caps)
         self._reply(frame, payload)
 
     # --- output -------------------------------------------------------------------------

@@ -83,9 +83,6 @@ class DmaSpace:
         self._log_ranges: tuple = ()
         self._dirty: set[int] = set()                   # page numbers (iova // log_page_size)
 
-    def mappings(self) -> list[Mapping]:
-        return list(self._maps)
-
     # --- map / unmap --------------------------------------------------------------------
 
     def map(self, iova: int, size: int, flags: int, fd: int | None = None, offset: int = 0) -> None:

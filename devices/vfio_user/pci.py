@@ -14,6 +14,7 @@ STATUS.INTERRUPT and COMMAND.INTX_DISABLE behave as the PCI spec says.
 
 from __future__ import annotations
 
+import abc
 import errno
 import struct
 from dataclasses import dataclass
@@ -214,7 +215,8 @@ class ConfigSpace:
     # Capabilities -----------------------------------------------------------------------------
 
     def add_capability(self, cap_id: int, body: bytes, wmask: bytes = b"", w1cmask: bytes = b"") -> int:
-        """Append a capability (`body` excludes the 2-byte id/next header); returns its offset."""
+        """Append a capability while building the device (`body` excludes the 2-byte id/next
+        header); returns its offset."""
         length = 2 + len(body)
         offset = self._next_capability
         if offset + length > CONFIG_SIZE:
@@ -323,13 +325,17 @@ class PciDevice(Device):
     _intx_pending = False
     _intx_driven: bool | None = None     # last level told to the host (None: tell it next time)
 
+    _regions: dict[int, Region] | None = None
+
     def regions(self) -> dict[int, Region]:
-        regions = {CONFIG: Region(self.config.size)}
-        for index, bar in self.config.bars.items():
-            regions[index] = Region(bar.size)
-        if self.config.rom_size:
-            regions[ROM] = Region(self.config.rom_size, writable=False)
-        return regions
+        if self._regions is None:          # fixed once config space is built; looked up per access
+            regions = {CONFIG: Region(self.config.size)}
+            for index, bar in self.config.bars.items():
+                regions[index] = Region(bar.size)
+            if self.config.rom_size:
+                regions[ROM] = Region(self.config.rom_size, writable=False)
+            self._regions = regions
+        return self._regions
 
     def irq_count(self, index: int) -> int:
         counts = {IRQ_INTX: 1 if self.config.data[INTERRUPT_PIN] else 0,
@@ -364,11 +370,13 @@ class PciDevice(Device):
         else:
             self.bar_write(index, offset, data)
 
+    @abc.abstractmethod
     def bar_read(self, index: int, offset: int, count: int) -> bytes:
-        raise DeviceError(f"BAR{index} has no read handler", errno.EINVAL)
+        """`count` bytes of BAR `index` at `offset` (already bounds-checked)."""
 
+    @abc.abstractmethod
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        raise DeviceError(f"BAR{index} has no write handler", errno.EINVAL)
+        """Apply a write to BAR `index` at `offset` (already bounds-checked)."""
 
     # INTx -------------------------------------------------------------------------------------
 

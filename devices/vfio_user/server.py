@@ -53,6 +53,7 @@ CAPABILITIES = {
     "write_multiple": True,
 }
 _EPOLLIN = select.EPOLLIN
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
 # While a client keeps sending, its session reads on (a blocking read bounded by
 # HOT_WAIT seconds) instead of going back to epoll after every message: one system call
 # less per round trip. After HOT_READS messages, a due timer, or a quiet HOT_WAIT, the
@@ -88,13 +89,14 @@ class Server:
         self._readers: dict = {}
         self._timers: list = []
         self._running = False
+        self._stop_requested = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.session: Session | None = None
         self.migration = Migration(device, self._migration_changed)
         self.add_reader(self._stop_fd, self._drain_stop)
         if self._listening:
             self.add_reader(sock.fileno(), self._accept)
-        device.attach(None)
+        self._attach(None)
 
     # --- loop ---------------------------------------------------------------------------
 
@@ -118,6 +120,7 @@ class Server:
         return handle
 
     def stop(self) -> None:
+        self._stop_requested = True         # sticky: a stop before serve_forever() counts too
         self._running = False
         try:
             os.eventfd_write(self._stop_fd, 1)
@@ -131,6 +134,8 @@ class Server:
             pass
 
     def serve_forever(self) -> None:
+        if self._stop_requested:
+            return
         self._running = True
         if not self._listening:
             self._start_session(self._sock)
@@ -147,7 +152,10 @@ class Server:
                 for fd, _events in poll(timeout):
                     callback = readers.get(fd)
                     if callback is not None:
-                        callback()
+                        try:
+                            callback()
+                        except Exception:       # noqa: BLE001 - a device bug must not stop the loop
+                            log.exception("reader callback for fd %d failed", fd)
         finally:
             self._running = False
             if self.session is not None:
@@ -185,9 +193,19 @@ class Server:
 
     def _start_session(self, conn: socket.socket) -> None:
         conn.setblocking(True)
-        self.session = Session(self, conn)
+        try:
+            session = Session(self, conn)
+        except Exception:                       # noqa: BLE001 - e.g. the device's regions() failed
+            log.exception("cannot serve the client")
+            conn.close()
+            if self._listening:
+                self.add_reader(self._sock.fileno(), self._accept)
+            else:
+                self._running = False
+            return
+        self.session = session
         log.info("client connected")
-        self.device.attach(self.session)
+        self._attach(self.session)
         self.add_reader(conn.fileno(), self.session.on_readable)
 
     def _end_session(self, reason: str) -> None:
@@ -195,13 +213,19 @@ class Server:
         self.session = None
         self.remove_reader(session.transport.fileno())
         session.close()
-        self.device.attach(None)
+        self._attach(None)
         log.info("client disconnected: %s", reason)
         if self._listening:
             if self._running:
                 self.add_reader(self._sock.fileno(), self._accept)
         else:
             self._running = False
+
+    def _attach(self, host) -> None:
+        try:
+            self.device.attach(host)
+        except Exception:                       # noqa: BLE001 - a device bug must not stop the loop
+            log.exception("device.attach(%s) failed", "host" if host else "None")
 
     def _migration_changed(self) -> None:
         if self.session is not None:
@@ -234,24 +258,38 @@ class Session(DeviceHost):
     # --- transport glue -----------------------------------------------------------------
 
     def on_readable(self) -> None:
+        """Serve the client while it keeps sending (see HOT_READS); the common case of a
+        plain read without fds takes no detour through helper calls."""
         conn = self.conn
         transport = self.transport
+        recvmsg_into = transport.sock.recvmsg_into
+        space = transport.ancillary_space
+        empty_views = conn.empty_views
+        out = conn.outgoing
+        timers = self.server._timers
+        budget = HOT_READS
         try:
-            received = transport.receive(conn)
-            timers = self.server._timers
-            budget = HOT_READS
-            while received is not None:
-                nbytes, fds = received
+            while True:
+                try:
+                    nbytes, ancdata, msg_flags, _ = recvmsg_into(
+                        conn.recv_views() if conn.end else empty_views, space, _CLOEXEC)
+                except BlockingIOError:
+                    break                               # quiet for HOT_WAIT: back to epoll
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    raise TransportError(f"receive failed: {exc.strerror or exc}") from None
+                if ancdata or msg_flags:
+                    conn.receive(nbytes, transport.ancillary_fds(ancdata, msg_flags))
+                elif nbytes:
+                    conn.receive(nbytes)
                 if not nbytes:
-                    close_fds(fds)
                     raise TransportError("end of stream")
-                conn.receive(nbytes, fds)
-                if conn.outgoing:
-                    transport.flush(conn.outgoing)
+                if out:
+                    transport.flush(out)
                 budget -= 1
                 if not budget or self._closed or (timers and timers[0].when <= time.monotonic()):
                     break
-                received = transport.receive(conn)
         except codec.FramingError as exc:
             log.warning("closing connection: malformed frame: %s", exc)
             self.server._end_session(f"malformed frame: {exc}")
@@ -318,8 +356,7 @@ class Session(DeviceHost):
                 self.dma.unmap_all()
             else:
                 self.dma.unmap(message.iova, message.size)
-            return codec.encode_dma_unmap(codec.DmaUnmap(message.flags, message.iova, message.size,
-                                                         P.DMA_UNMAP_STRUCT.size))
+            return codec.encode_dma_unmap(message)          # the request, echoed
         if cmd == P.DEVICE_GET_INFO:
             return codec.encode_device_info(codec.DeviceInfo(P.DEVICE_FLAG_RESET | P.DEVICE_FLAG_PCI,
                                                              NUM_PCI_REGIONS, NUM_PCI_IRQS))
@@ -385,7 +422,7 @@ class Session(DeviceHost):
             raise DeviceError(f"device feature {feature} is not supported", errno.ENOTSUP)
         if ops & ~allowed:
             raise DeviceError(f"device feature {feature} does not support that operation", errno.ENOTSUP)
-        echo = codec.encode_feature(codec.Feature(flags, message.data, P.FEATURE.size + len(message.data)))
+        echo = codec.encode_feature(message)           # SET and PROBE replies repeat the request
         if flags & P.FEATURE_PROBE:
             return echo
         if feature == P.FEATURE_MIGRATION:

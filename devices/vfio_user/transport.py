@@ -68,11 +68,16 @@ class SocketTransport:
             raise TransportError(f"receive failed: {exc.strerror or exc}") from None
         if not ancdata and not msg_flags:
             return nbytes, ()
+        return nbytes, self.ancillary_fds(ancdata, msg_flags)
+
+    @staticmethod
+    def ancillary_fds(ancdata, msg_flags: int) -> list:
+        """The fds of one recvmsg; TransportError (fds closed) if the kernel truncated them."""
         fds = fds_from_ancillary(ancdata)
         if msg_flags & _TRUNCATED:
             close_fds(fds)
             raise TransportError("peer sent more file descriptors than allowed in one message")
-        return nbytes, fds
+        return fds
 
     def send(self, data: bytes, fds=None) -> None:
         """Send all of `data`; fds ride on the first chunk only."""

@@ -2,62 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-TESTDEVICE = os.path.join(HERE, "testdevice.py")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class ServerProcess:
-    def __init__(self, path: str, *args: str, pass_fds=(), env=None, stdin=None):
-        self.path = path
-        argv = [sys.executable, TESTDEVICE, *args]
-        if path:
-            argv += ["--socket-path", path]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True, pass_fds=pass_fds,
-                                     env=env, stdin=stdin)
-        if path:
-            wait_for(lambda: os.path.exists(path) or self.proc.poll() is not None, what="server socket")
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def fd_count(self) -> int:
-        return fd_count(self.pid)
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        return rc, self.proc.stderr.read()
+from vfio_helpers import ServerProcess
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TESTDEVICE, ServerProcess, wait_for
+from vfio_helpers import REPO, TESTDEVICE, ServerProcess, wait_for
 from devices.vfio_user.client import Client
 
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServerProcess, wait_for
+from vfio_helpers import ServerProcess, wait_for
 from devices.vfio_user import protocol as P
 from devices.vfio_user.client import Client
 from test_vfio_codec import VALID_REQUESTS, mutated_frames

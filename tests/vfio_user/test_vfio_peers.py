@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from vfio_helpers import REPO
 
 TOOLS = os.environ.get("JAILER_SHARED_TOOLS") or os.path.join(REPO, "..", "shared", "tools")
 

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import wait_for
+from vfio_helpers import wait_for
 from devices.vfio_user import codec
 from devices.vfio_user import protocol as P
 from devices.vfio_user.client import Client, ClientError
@@ -218,6 +218,21 @@ def test_message_based_dma(client):
     assert target[5:15] == b"message-io"
     assert client.dma_requests_served == 2
     assert u32(client, COPIES) == 1
+
+
+def test_commands_behind_a_dma_wait_run_afterwards_in_order(client):
+    """The doorbell is posted; the read behind it is parked while the server waits for
+    the client's DMA replies, then answered with the copy already done."""
+    client.dma_map(0x10000, 0x1000, memory=bytearray(b"x" * 0x1000))
+    target = bytearray(0x1000)
+    client.dma_map(0x20000, 0x1000, memory=target)
+    client.region_write(0, DMA_SRC, struct.pack("<Q", 0x10000))
+    client.region_write(0, DMA_DST, struct.pack("<Q", 0x20000))
+    client.region_write(0, DMA_LEN, struct.pack("<I", 0x100))
+    client.region_write(0, DOORBELL, b"\1", no_reply=True)
+    client.region_write(0, SCRATCH, b"after", no_reply=True)
+    assert u32(client, COPIES) == 1
+    assert target[:0x100] == b"x" * 0x100 and client.region_read(0, SCRATCH, 5) == b"after"
 
 
 def test_message_dma_is_chunked_by_client_limit(server):
@@ -533,3 +548,24 @@ def test_failed_load_enters_error_until_reset(client):
     client.reset()
     assert client.migration_state() == P.MIG_STATE_RUNNING
     assert client.region_read(0, SCRATCH, 6) == bytes(6)
+
+
+def test_megabyte_messages_cross_the_socket_in_pieces(client):
+    """1 MiB DMA messages each way: partial sends and reads on both sides of the socket."""
+    size = 1 << 20
+    source = bytearray(os.urandom(size))
+    target = bytearray(size)
+    client.dma_map(0x1000_0000, size, memory=source)
+    client.dma_map(0x2000_0000, size, memory=target)
+    client.region_write(0, DMA_SRC, struct.pack("<Q", 0x1000_0000))
+    client.region_write(0, DMA_DST, struct.pack("<Q", 0x2000_0000))
+    client.region_write(0, DMA_LEN, struct.pack("<I", size))
+    client.region_write(0, DOORBELL, b"\1")
+    assert target == source and client.dma_requests_served == 2
+
+
+def test_feature_set_reply_repeats_the_request_byte_for_byte(client):
+    request = codec.encode_feature(codec.Feature(P.FEATURE_MIG_DEVICE_STATE | P.FEATURE_SET,
+                                                 P.MIG_STATE.pack(P.MIG_STATE_PRE_COPY, 0), 16))
+    assert client.request(P.DEVICE_FEATURE, request).payload == request
+    client.set_migration_state(P.MIG_STATE_RUNNING)

@@ -1,6 +1,6 @@
 """A small PCI device for exercising the vfio-user library end to end.
 
-Run as a backend program: python tests/vfio_user/testdevice.py --socket-path PATH
+Run as a backend program: python tests/vfio_user/vfio_testdevice.py --socket-path PATH
 [--device-type T] [--abi N] (the latter two make incompatible migration peers).
 
 BAR0 (0x1000 bytes, message access only):
@@ -36,6 +36,7 @@ _STATE = struct.Struct("<QQIII")
 
 
 class TestDevice(Device):
+    __test__ = False         # a device, not a pytest test class
     device_type = "test-device"
     abi_version = 1
     pci_ids = (0x1B36, 0x0005)
