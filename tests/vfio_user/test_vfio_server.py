@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -34,6 +35,19 @@ def fired(fd: int, timeout: float = 1.0) -> int:
 
 def make_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+@contextlib.contextmanager
+def guest_ram(size: int):
+    """A memfd as a VMM's shared guest RAM, and the client's own mapping of it."""
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, size)
+    mapping = mmap.mmap(memfd, size)
+    try:
+        yield memfd, mapping
+    finally:
+        mapping.close()
+        os.close(memfd)
 
 
 def test_version_negotiation(server):
@@ -173,10 +187,7 @@ def test_reset(client):
 
 
 def test_dma_through_shared_memfd(client):
-    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, 0x4000)
-    guest = mmap.mmap(memfd, 0x4000)
-    try:
+    with guest_ram(0x4000) as (memfd, guest):
         client.dma_map(0x100000, 0x4000, fd=memfd)
         guest[0x10:0x20] = b"0123456789abcdef"
         client.region_write(0, DMA_SRC, struct.pack("<Q", 0x100010))
@@ -200,9 +211,6 @@ def test_dma_through_shared_memfd(client):
         assert client.dma_unmap(0x100000, 0x4000).size == 0x4000
         with pytest.raises(ClientError):
             client.region_write(0, DOORBELL, b"\1")                   # gone
-    finally:
-        guest.close()
-        os.close(memfd)
 
 
 def test_message_based_dma(client):
@@ -606,10 +614,7 @@ def test_interrupts_held_while_stopped(client):
 
 
 def test_dma_logging_ranges_and_report_page_sizes(client):
-    memfd = os.memfd_create("ram", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, 0x10000)
-    guest = mmap.mmap(memfd, 0x10000)
-    try:
+    with guest_ram(0x10000) as (memfd, _guest):
         client.dma_map(0, 0x10000, fd=memfd)
         client.dma_logging_start(4096, ranges=[(0x8000, 0x8000)])   # only the upper half is logged
         client.region_write(0, DMA_LEN, struct.pack("<I", 16))
@@ -625,6 +630,3 @@ def test_dma_logging_ranges_and_report_page_sizes(client):
         client.dma_logging_stop()
         with pytest.raises(ClientError):
             client.dma_logging_report(0, 0x10000)                     # not logging any more
-    finally:
-        guest.close()
-        os.close(memfd)
