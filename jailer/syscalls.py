@@ -1,8 +1,8 @@
 """The only place jailer calls the kernel through ctypes.
 
-Python 3.11 has no os.unshare/os.setns and no wrappers for pivot_root, mount_setattr,
-seccomp, Landlock, pidfds or capabilities, so each is a thin function here that raises
-OSError(errno) like the os module does. Nothing else in jailer imports ctypes.
+Python 3.11 has no os.unshare and no wrappers for pivot_root, mount_setattr, seccomp,
+Landlock, pidfd_getfd or capabilities, so each is a thin function here that raises
+OSError(errno) like the os module does; the rest of the engine goes through them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ _MACHINE = os.uname().machine
 
 # Syscall numbers that differ between the architectures jailer supports; 424 and up are shared.
 _NUMBERS = {
-    "x86_64": {"pivot_root": 155, "seccomp": 317, "capget": 125, "capset": 126, "setns": 308, "unshare": 272},
-    "aarch64": {"pivot_root": 41, "seccomp": 277, "capget": 90, "capset": 91, "setns": 268, "unshare": 97},
+    "x86_64": {"pivot_root": 155, "seccomp": 317, "capget": 125, "capset": 126, "unshare": 272},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "capget": 90, "capset": 91, "unshare": 97},
 }
-_COMMON = {"pidfd_send_signal": 424, "pidfd_open": 434, "close_range": 436, "pidfd_getfd": 438,
+_COMMON = {"close_range": 436, "pidfd_getfd": 438,
            "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
            "landlock_restrict_self": 446}
 if _MACHINE not in _NUMBERS:
@@ -96,10 +96,6 @@ def _path(path):
 
 def unshare(flags: int) -> None:
     _syscall("unshare", ctypes.c_int(flags))
-
-
-def setns(fd: int, nstype: int) -> None:
-    _syscall("setns", ctypes.c_int(fd), ctypes.c_int(nstype))
 
 
 def mount(source, target, fstype, flags=0, data=None) -> None:
@@ -225,16 +221,8 @@ def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     _syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
 
 
-def pidfd_open(pid: int) -> int:
-    return _syscall("pidfd_open", ctypes.c_int(pid), ctypes.c_uint(0))
-
-
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     return _syscall("pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
-
-
-def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    _syscall("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0))
 
 
 def landlock_abi() -> int:

@@ -116,3 +116,21 @@ def test_plain_fd_is_the_profiles_unix_listener():
         listener.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("socket:[")
+
+
+def test_file_fds_are_opened_with_their_mode_and_a_given_one_is_checked():
+    directory = readable_tempdir()
+    log = os.path.join(directory, "device.log")
+    plan = plan_for("root", "echo logged >&3; cat <&4", fds=(FdSpec("log", "file", 3, path=log, mode="w"),
+                                                             FdSpec("config", "file", 4, mode="r")))
+    with open(os.path.join(directory, "config"), "w+") as config:
+        config.write("from the caller\n")
+        config.seek(0)
+        result = run(plan, "--fd", f"config={config.fileno()}", pass_fds=[config.fileno()])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "from the caller\n"
+    assert open(log).read() == "logged\n"
+    with open(os.path.join(directory, "config"), "a") as write_only:
+        refused = run(plan, "--fd", f"config={write_only.fileno()}", pass_fds=[write_only.fileno()])
+    assert refused.returncode == 2
+    assert "is a regular file opened w; the profile expects a regular file opened r" in refused.stderr

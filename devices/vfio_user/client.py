@@ -187,7 +187,7 @@ class Client:
 
     def region_info(self, index: int, argsz: int = P.REGION_INFO.size) -> tuple[codec.RegionInfo, int | None]:
         """Region info and its mmap fd (caller closes it); retries when the caps did not fit."""
-        while True:
+        for _attempt in range(3):
             info, fds = self._decoded(P.DEVICE_GET_REGION_INFO,
                                       codec.encode_region_info_request(codec.RegionInfoRequest(index, argsz)),
                                       keep_fds=True)
@@ -195,6 +195,7 @@ class Client:
                 return info, (fds[0] if fds else None)
             close_fds(fds)
             argsz = info.argsz
+        raise ClientError(f"region {index}: the server keeps asking for a bigger argsz", errno.EPROTO)
 
     def region_io_fds(self, index: int) -> codec.RegionIoFds:
         return self._decoded(P.DEVICE_GET_REGION_IO_FDS,

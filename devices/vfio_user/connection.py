@@ -248,8 +248,6 @@ class ServerConnection(FrameReader):
                         except Exception as exc:           # noqa: BLE001 - turned into an error reply
                             self._error(msg_id, cmd, flags, exc)
                             data = None
-                        if self._parked:
-                            self._run_parked()
                         if data is not None:
                             if len(data) == count:
                                 out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
@@ -258,6 +256,8 @@ class ServerConnection(FrameReader):
                                 self._error(msg_id, cmd, flags, DeviceError(
                                     f"region {region} read returned {len(data)} bytes instead of {count}",
                                     errno.EIO))
+                        if self._parked:                    # commands that came in during its DMA
+                            self._run_parked()
                         continue
                 elif cmd == _REGION_WRITE and size == _ACCESS_SIZE + count and not flags & ~_NO_REPLY \
                         and avail >= size:

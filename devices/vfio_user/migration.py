@@ -19,7 +19,8 @@ checked as soon as it has arrived (MIG_DATA_WRITE fails on another device type o
 abi_version the device does not accept); RESUMING -> STOP checks the length and CRC,
 and only then calls Device.load_state. A refused stream is discarded and the device
 stays in RESUMING, untouched, ready for the whole stream again. A device that fails while loading leaves the
-machine in ERROR, which DEVICE_RESET clears (back to RUNNING, device reset).
+machine in ERROR, which DEVICE_RESET clears (back to RUNNING, device reset); a reset
+also abandons RESUMING.
 """
 
 from __future__ import annotations
@@ -223,8 +224,12 @@ class Migration:
         self._in = bytearray()
 
     def reset(self) -> None:
-        """DEVICE_RESET: leaves ERROR (spec); other states are the client's to drive."""
-        if self.state == ERROR:
+        """DEVICE_RESET leaves ERROR (spec) and RESUMING (a reset device has nothing left to
+        resume into; otherwise a destination whose stream was refused could never leave it).
+        The source-side states stay: the client drives those."""
+        if self.state in (ERROR, RESUMING):
+            log.info("migration: %s -> RUNNING (device reset)", state_name(self.state))
             self.state = RUNNING
+            self._in = bytearray()
+            self._expected = None
             self.on_change()
-            log.info("migration: ERROR -> RUNNING (device reset)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -34,6 +35,19 @@ def fired(fd: int, timeout: float = 1.0) -> int:
 
 def make_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+@contextlib.contextmanager
+def guest_ram(size: int):
+    """A memfd as a VMM's shared guest RAM, and the client's own mapping of it."""
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, size)
+    mapping = mmap.mmap(memfd, size)
+    try:
+        yield memfd, mapping
+    finally:
+        mapping.close()
+        os.close(memfd)
 
 
 def test_version_negotiation(server):
@@ -173,10 +187,7 @@ def test_reset(client):
 
 
 def test_dma_through_shared_memfd(client):
-    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, 0x4000)
-    guest = mmap.mmap(memfd, 0x4000)
-    try:
+    with guest_ram(0x4000) as (memfd, guest):
         client.dma_map(0x100000, 0x4000, fd=memfd)
         guest[0x10:0x20] = b"0123456789abcdef"
         client.region_write(0, DMA_SRC, struct.pack("<Q", 0x100010))
@@ -200,9 +211,6 @@ def test_dma_through_shared_memfd(client):
         assert client.dma_unmap(0x100000, 0x4000).size == 0x4000
         with pytest.raises(ClientError):
             client.region_write(0, DOORBELL, b"\1")                   # gone
-    finally:
-        guest.close()
-        os.close(memfd)
 
 
 def test_message_based_dma(client):
@@ -569,3 +577,56 @@ def test_feature_set_reply_repeats_the_request_byte_for_byte(client):
                                                  P.MIG_STATE.pack(P.MIG_STATE_PRE_COPY, 0), 16))
     assert client.request(P.DEVICE_FEATURE, request).payload == request
     client.set_migration_state(P.MIG_STATE_RUNNING)
+
+
+def test_migration_state_machine_paths(client):
+    S = P
+    walk = [S.MIG_STATE_STOP, S.MIG_STATE_PRE_COPY, S.MIG_STATE_STOP_COPY, S.MIG_STATE_RUNNING,
+            S.MIG_STATE_RESUMING]
+    for state in walk:                      # indirect requests take the spec's shortest paths
+        client.set_migration_state(state)
+        assert client.migration_state() == state
+    with pytest.raises(ClientError):
+        client.set_migration_state(S.MIG_STATE_RUNNING)           # nothing was resumed
+    client.reset()                                                # a reset abandons RESUMING
+    for state in (S.MIG_STATE_PRE_COPY, S.MIG_STATE_STOP, S.MIG_STATE_STOP_COPY):
+        client.set_migration_state(state)
+        assert client.migration_state() == state
+    with pytest.raises(ClientError):
+        client.set_migration_state(S.MIG_STATE_PRE_COPY)          # STOP_COPY -> PRE_COPY is illegal
+    assert client.migration_state() == S.MIG_STATE_STOP_COPY
+    client.set_migration_state(S.MIG_STATE_RUNNING)
+
+
+def test_interrupts_held_while_stopped(client):
+    msi = [make_eventfd() for _ in range(4)]
+    try:
+        client.enable_irq_eventfds(1, msi)
+        client.set_migration_state(P.MIG_STATE_STOP)
+        client.region_write(0, MSI_FIRE, struct.pack("<I", 1))
+        assert fired(msi[1], 0.1) == 0                           # a stopped device stays quiet
+        client.set_migration_state(P.MIG_STATE_RUNNING)
+        assert fired(msi[1]) == 1                                # and delivers once running
+        client.disable_irqs(1)
+    finally:
+        for fd in msi:
+            os.close(fd)
+
+
+def test_dma_logging_ranges_and_report_page_sizes(client):
+    with guest_ram(0x10000) as (memfd, _guest):
+        client.dma_map(0, 0x10000, fd=memfd)
+        client.dma_logging_start(4096, ranges=[(0x8000, 0x8000)])   # only the upper half is logged
+        client.region_write(0, DMA_LEN, struct.pack("<I", 16))
+        for dst in (0x1000, 0x9000, 0xF000):
+            client.region_write(0, DMA_DST, struct.pack("<Q", dst))
+            client.region_write(0, DOORBELL, b"\1")
+        bitmap = int.from_bytes(client.dma_logging_report(0, 0x10000), "little")
+        assert bitmap == (1 << 9) | (1 << 15)
+        client.region_write(0, DOORBELL, b"\1")                      # 0xF000 once more
+        assert client.dma_logging_report(0, 0x10000, 0x8000) == b"\x02" + bytes(7)   # 32 KiB pages
+        with pytest.raises(ClientError):
+            client.dma_logging_start(8192)                            # another page size while on
+        client.dma_logging_stop()
+        with pytest.raises(ClientError):
+            client.dma_logging_report(0, 0x10000)                     # not logging any more

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,12 +34,14 @@ class ServerProcess:
         argv = [sys.executable, TESTDEVICE, *args]
         if path:
             argv += ["--socket-path", path]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True, pass_fds=pass_fds,
+        # A file, not a pipe: a chatty server must never block on a full pipe nobody reads.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(argv, cwd=REPO, stderr=self.log, text=True, pass_fds=pass_fds,
                                      env=env, stdin=stdin)
         if path:
             wait_for(lambda: os.path.exists(path) or self.proc.poll() is not None, what="server socket")
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+                raise AssertionError(f"server exited: {self.read_log()}")
 
     @property
     def pid(self) -> int:
@@ -55,4 +58,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        return rc, self.proc.stderr.read()
+        return rc, self.read_log()
+
+    def read_log(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
