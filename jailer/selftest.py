@@ -32,14 +32,13 @@ import uuid
 
 from jailer import escape_probe as probe
 from jailer.errors import JailerError
+from jailer.seccomp import KERNEL_32BIT_ARGS
 
 SANDBOX_TIMEOUT = 120
 CANARY_NAME = "readonly-canary"
 CANARY_TARGET = "/run/jailer-selftest/readonly-canary"
 MARKER_DIRS = ("/tmp", "/var/tmp", "/root", "/home")
 ACTION_SEVERITY = ("allow", "log", "errno", "trap", "kill_thread", "kill")
-IOCTL_REQUEST_ARG = 1
-KERNEL_ARG_WIDTH = {("ioctl", IOCTL_REQUEST_ARG): 32}   # args the kernel truncates before use
 
 # check name -> (syscall, its arguments as the probe passes them, None = not compared)
 SECCOMP_DECIDED = {
@@ -79,7 +78,7 @@ class SelftestError(JailerError):
 def _condition_holds(syscall, condition, args):
     if condition.index >= len(args) or args[condition.index] is None:
         return None
-    width = KERNEL_ARG_WIDTH.get((syscall, condition.index), 64)
+    width = 32 if condition.index in KERNEL_32BIT_ARGS.get(syscall, ()) else 64
     mask = (1 << width) - 1
     value, wanted = args[condition.index] & mask, condition.value & mask
     if condition.op == "masked_eq":

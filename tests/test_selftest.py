@@ -25,10 +25,13 @@ def test_tiocsti_rule_applies_to_high_bit_request_at_kernel_width():
 
 
 def test_width_applies_only_to_truncated_arguments():
-    plan = SeccompPlan(rules=(SeccompRule("kill", action="errno", errno=1,
-                                          args=(ArgCondition(0, "eq", 5),)),))
-    assert selftest.seccomp_action(plan, "kill", (1 << 32 | 5,)) == ("kill", None)   # default action
-    assert selftest.seccomp_action(plan, "kill", (5,)) == ("errno", 1)
+    plan = SeccompPlan(rules=(SeccompRule("lseek", action="errno", errno=1,
+                                          args=(ArgCondition(1, "eq", 5),)),   # off_t: all 64 bits
+                              SeccompRule("kill", action="errno", errno=1,
+                                          args=(ArgCondition(0, "eq", 5),))))  # pid_t: low 32 bits
+    assert selftest.seccomp_action(plan, "lseek", (0, 1 << 32 | 5)) == ("kill", None)   # default action
+    assert selftest.seccomp_action(plan, "lseek", (0, 5)) == ("errno", 1)
+    assert selftest.seccomp_action(plan, "kill", (1 << 32 | 5,)) == ("errno", 1)
 
 
 def test_rule_on_an_unfixed_argument_has_no_expectation():
