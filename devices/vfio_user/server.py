@@ -263,6 +263,7 @@ class Session(DeviceHost):
         conn = self.conn
         transport = self.transport
         recvmsg_into = transport.sock.recvmsg_into
+        send = transport.sock.send
         space = transport.ancillary_space
         empty_views = conn.empty_views
         out = conn.outgoing
@@ -286,7 +287,14 @@ class Session(DeviceHost):
                 if not nbytes:
                     raise TransportError("end of stream")
                 if out:
-                    transport.flush(out)
+                    data, fds = out[0]
+                    if fds is None and len(out) == 1:     # the usual single plain reply
+                        out.clear()
+                        sent = send(data)
+                        if sent != len(data):
+                            transport.flush([(data[sent:], None)])
+                    else:
+                        transport.flush(out)
                 budget -= 1
                 if not budget or self._closed or (timers and timers[0].when <= time.monotonic()):
                     break
@@ -295,6 +303,8 @@ class Session(DeviceHost):
             self.server._end_session(f"malformed frame: {exc}")
         except TransportError as exc:
             self.server._end_session(str(exc))
+        except OSError as exc:
+            self.server._end_session(f"send failed: {exc.strerror or exc}")
         else:
             if self._closed:
                 self.server._end_session("connection lost during DMA")
