@@ -54,6 +54,7 @@ CAPABILITIES = {
 }
 _EPOLLIN = select.EPOLLIN
 _CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC     # (the kernel echoes MSG_CMSG_CLOEXEC in msg_flags)
 # While a client keeps sending, its session reads on (a blocking read bounded by
 # HOT_WAIT seconds) instead of going back to epoll after every message: one system call
 # less per round trip. After HOT_READS messages, a due timer, or a quiet HOT_WAIT, the
@@ -266,6 +267,7 @@ class Session(DeviceHost):
         send = transport.sock.send
         space = transport.ancillary_space
         empty_views = conn.empty_views
+        hot_reply = conn.hot_reply
         out = conn.outgoing
         timers = self.server._timers
         budget = HOT_READS
@@ -280,21 +282,25 @@ class Session(DeviceHost):
                     continue
                 except OSError as exc:
                     raise TransportError(f"receive failed: {exc.strerror or exc}") from None
-                if ancdata or msg_flags:
+                if ancdata or msg_flags & _TRUNCATED:
                     conn.receive(nbytes, transport.ancillary_fds(ancdata, msg_flags))
-                elif nbytes:
-                    conn.receive(nbytes)
-                if not nbytes:
+                    if not nbytes:
+                        raise TransportError("end of stream")
+                elif not nbytes:
                     raise TransportError("end of stream")
-                if out:
-                    data, fds = out[0]
-                    if fds is None and len(out) == 1:     # the usual single plain reply
-                        out.clear()
-                        sent = send(data)
-                        if sent != len(data):
-                            transport.flush([(data[sent:], None)])
+                else:
+                    reply = hot_reply(nbytes)
+                    if reply is None:
+                        conn.receive(0)
                     else:
-                        transport.flush(out)
+                        if reply:
+                            sent = send(reply)
+                            if sent != len(reply):
+                                transport.flush([(reply[sent:], None)])
+                        if conn.end or conn.parked:
+                            conn.receive(0)
+                if out:
+                    transport.flush(out)
                 budget -= 1
                 if not budget or self._closed or (timers and timers[0].when <= time.monotonic()):
                     break
