@@ -276,7 +276,15 @@ def main(argv) -> int:
     if args.log_fd is not None and args.log_fd != 2:
         os.dup2(args.log_fd, 2)   # every later message, the program's stderr included, goes there
     plan, bpf, names = resolve(args.profile, args.use_cache)
-    return run_plan(plan, args, bpf, names)
+    code = run_plan(plan, args, bpf, names)
+    # Done: skip the interpreter's teardown (module and heap finalization cost more than the
+    # whole sandbox set-up); everything jailer made is already removed, only stdio may hold data.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
