@@ -11,22 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEVICE_PROFILE = REPO / "profiles" / "gpio-pci-idio-16.toml"
+from engine_sandbox import REPO, staged_device_profile
+
 CYCLES = 50
-
-
-def staged_device_profile(directory: Path) -> Path:
-    """The device profile, ready once the device reports READY=1 (so SIGTERM finds its handler
-    installed) and with steady rules that forbid what a serving device never needs."""
-    text = DEVICE_PROFILE.read_text()
-    text = text.replace('modules = ["devices"]\n', 'modules = ["devices"]\nready = "notify"\n', 1)
-    text = text.replace('default_action = "kill"\n', 'default_action = "kill"\n'
-                        'steady_deny = ["execve", "open", "openat", "socket", "socketpair", "connect"]\n', 1)
-    text += '\n[[fds]]\nname = "ready"\nkind = "notify"\nnumber = 4\n'
-    profile = directory / "gpio-pci-idio-16-staged.toml"
-    profile.write_text(text)
-    return profile
 
 DRIVER = r"""
 import json, os, signal, sys, threading

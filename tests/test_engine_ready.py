@@ -204,3 +204,53 @@ def test_profile_refuses_inconsistent_readiness_and_steady_keys(tmp_path, text, 
 
 def test_program_plan_default_readiness_is_exec():
     assert ProgramPlan(argv=("x",), executable="/x").ready == "exec"
+
+
+def test_the_vfio_user_device_serves_a_whole_session_under_steady_rules_denying_open_and_exec(tmp_path):
+    """The backend says READY=1 only once everything serving needs is imported and open: a
+    protocol walk after ready meets no steady refusal (open, openat, execve, socket...)."""
+    import json
+    import signal
+    import struct
+    import time
+
+    from devices.vfio_user.client import Client, ClientError
+    from devices.vfio_user.device import BAR2, CONFIG
+    from engine_sandbox import staged_device_profile
+
+    jailer = os.path.join(os.path.dirname(sys.executable), "jailer")
+    sock = str(tmp_path / "idio16.sock")
+    with tempfile.TemporaryFile("w+") as status:
+        device = subprocess.Popen([jailer, "run", str(staged_device_profile(tmp_path)), "--socket-path", sock,
+                                   "--status-fd", str(status.fileno())], pass_fds=[status.fileno()],
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                          "JAILER_CACHE_DIR": str(tmp_path)})
+        try:
+            deadline = time.monotonic() + 20
+            while '"ready"' not in open(f"/proc/self/fd/{status.fileno()}").read():
+                assert device.poll() is None and time.monotonic() < deadline, device.stderr.read()
+                time.sleep(0.01)
+            for _ in range(2):   # a second session: accepting a client again after ready
+                with Client.connect(sock) as client:
+                    client.device_info()
+                    client.region_info(CONFIG)
+                    assert struct.unpack_from("<HH", client.region_read(CONFIG, 0, 4)) == (0x494F, 0x0DC8)
+                    client.region_write(BAR2, 0x0, b"\x5a")
+                    assert client.region_read(BAR2, 0x0, 1) == b"\x5a"
+                    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+                    os.ftruncate(ram, 1 << 16)
+                    client.dma_map(0x10000, 1 << 16, fd=ram)
+                    os.close(ram)
+                    client.dma_unmap(unmap_all=True)
+                    client.reset()
+            device.send_signal(signal.SIGTERM)
+            assert device.wait(20) == 0, device.stderr.read()
+        except ClientError as exc:
+            raise AssertionError(f"{exc}: {device.stderr.read() if device.poll() is not None else ''}") from None
+        finally:
+            if device.poll() is None:
+                device.kill()
+                device.wait()
+        status.seek(0)
+        events = [json.loads(line) for line in status.read().splitlines()]
+    assert [e["event"] for e in events if e["event"] != "enforced"] == ["started", "ready", "stage", "exited"]
