@@ -272,7 +272,9 @@ class _Launch:
         from jailer import syscalls
 
         namespaces_plan = self.plan.namespaces
-        if not namespaces_plan.pid:
+        if not namespaces_plan.pid or len(os.listdir("/proc/self/task")) > 1:
+            # a raw clone skips glibc's fork handlers (its malloc locks), which another
+            # thread of a process embedding the launcher might hold: fork there
             return os.fork(), 0
         flags = syscalls.CLONE_NEWPID | (syscalls.CLONE_NEWUSER if namespaces_plan.user else 0)
         groups = None
