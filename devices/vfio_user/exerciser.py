@@ -161,7 +161,8 @@ class Control:
 class Walk:
     """One exercise run: the connection in use, what the device said about itself, the report."""
 
-    def __init__(self, socket_path: str, control_path: str | None, timeout: float):
+    def __init__(self, socket_path: str, control_path: str | None, timeout: float, alive=None):
+        self.alive = alive or (lambda: True)
         self.path = socket_path
         self.control_path = control_path
         self.timeout = timeout
@@ -183,7 +184,8 @@ class Walk:
                 self.client = _CountingClient.connect(self.path, capabilities=CAPABILITIES, timeout=self.timeout)
                 return self.client
             except ClientError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN) or time.monotonic() > deadline:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN) or time.monotonic() > deadline \
+                        or not self.alive():
                     raise
                 time.sleep(0.02)
 
@@ -549,13 +551,15 @@ class Walk:
             control.close()
 
 
-def exercise(socket_path: str, control_path: str | None = None, *, terminate=None,
+def exercise(socket_path: str, control_path: str | None = None, *, terminate=None, alive=None,
              timeout: float = 5.0) -> ExerciseReport:
     """Walk every message the device at `socket_path` supports; see the module docstring.
 
     `control_path` adds the control-socket steps; `terminate()` (e.g. send SIGTERM and wait)
-    ends the walk and must return the device's exit status, which must be 0."""
-    walk = Walk(socket_path, control_path, timeout)
+    ends the walk and must return the device's exit status, which must be 0. `alive()`, when
+    given, returns False once the device process is gone: the walk then stops at once
+    instead of waiting out a timeout per step."""
+    walk = Walk(socket_path, control_path, timeout, alive)
     steps = [("VERSION", walk.version), ("DEVICE_GET_INFO", walk.device_info),
              ("GET_REGION_INFO", walk.region_infos), ("GET_IRQ_INFO", walk.irq_infos),
              ("config space", walk.config_space), ("BARs", walk.bars), ("REGION_WRITE_MULTI", walk.write_multi),
@@ -565,6 +569,9 @@ def exercise(socket_path: str, control_path: str | None = None, *, terminate=Non
     if control_path:
         steps.append(("control socket", walk.control))
     for name, function in steps:
+        if not walk.alive():
+            walk.report.steps.append(Step(name, False, "the device is gone"))
+            break
         walk.step(name, function)
         if walk.info is None and name == "DEVICE_GET_INFO":
             break   # nothing to walk: every later step would repeat the same failure
