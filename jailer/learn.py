@@ -272,19 +272,26 @@ def render_section(learned: Learned, original, exerciser: str, kept_rules=()) ->
         lines.append("]")
     if learned.steady and staging_supported():
         lines.append("# Taken away once the program is ready: only start-up needed them.")
-        lines.append("steady = [")
-        lines += _aligned([(_inline_rule(name, conditions, "kill"), "; ".join(filter(None, [
-            _describe(name, conditions, names), "only " + _stages(stages)])))
-            for name, conditions, stages in learned.steady])
-        lines.append("]")
+        unconditional = [(name, stages) for name, conditions, stages in learned.steady if not conditions]
+        conditional = [(name, conditions, stages) for name, conditions, stages in learned.steady if conditions]
+        if unconditional:
+            lines.append("steady_deny = [")
+            lines += _aligned([(f'"{name}"', "only " + _stages(stages)) for name, stages in unconditional])
+            lines.append("]")
+        if conditional:
+            lines.append("steady_rule = [")
+            lines += _aligned([(_inline_rule(name, conditions), "; ".join(filter(None, [
+                _describe(name, conditions, names), "only " + _stages(stages)])))
+                for name, conditions, stages in conditional])
+            lines.append("]")
     return "\n".join(lines) + "\n"
 
 
 def staging_supported() -> bool:
-    """Whether this jailer's profile reader knows seccomp.steady (staged rules)."""
+    """Whether this jailer's profile reader knows seccomp.steady_deny/steady_rule (staged rules)."""
     from jailer import profile
 
-    return "steady" in profile.SECCOMP_KEYS
+    return "steady_deny" in profile.SECCOMP_KEYS
 
 
 # --- rewriting only the seccomp section of a TOML file ----------------------------------------
@@ -435,8 +442,6 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
 
     Returns (exit code, exercise report or None, status events, policy). The policy comes
     back from the launcher's process (marshalled), so what it recorded is visible here."""
-    import marshal
-
     sockets = _Sockets(plan)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -487,6 +492,14 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
             device, control = _roles(plan, sockets.paths)
             report = exercise(sockets.paths[device], sockets.paths.get(control), terminate=terminate, alive=alive,
                               timeout=timeout)
+        else:   # the program runs until it exits; SIGINT/SIGTERM to jailer learn end it
+            forward = {sig: signal.signal(sig, lambda signum, frame: os.kill(pid, signal.SIGTERM))
+                       for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                wait()
+            finally:
+                for sig, handler in forward.items():
+                    signal.signal(sig, handler)
         code = wait()
         while pump_status():
             pass
@@ -508,7 +521,6 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
         os.close(read_end)
         os.close(status_r)
         sockets.close()
-        del marshal
 
 
 def select_readable(fd) -> bool:
@@ -525,8 +537,8 @@ def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd):
     try:
         from jailer import launcher
 
-        options = launcher.Options(given_fds=given_fds, status_fd=status_fd, notification_policy=policy,
-                                   route_all_to_notify=route_all)
+        learning = {"notification_policy": policy, "route_all_to_notify": True} if route_all else {}
+        options = launcher.Options(given_fds=given_fds, status_fd=status_fd, **learning)
         code = launcher.run(plan, options)
         if policy is not None:
             recorded = (dict(policy.counts), dict(policy.conflicts))
