@@ -27,7 +27,6 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections import Counter
 
 import click

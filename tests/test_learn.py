@@ -1,7 +1,6 @@
 """jailer learn: rules from a trace, the seccomp section rewritten alone, and real learning runs."""
 
-import os
-import shutil
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -154,3 +153,101 @@ def test_syntax_error_fails_in_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "TOML syntax error" in result.stderr, result.stderr
     result = jailer("learn", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --- real learning runs: the IDIO-16 device, its sandbox, the exerciser -------------------------
+
+DEVICE_PROFILE = '''\
+# The IDIO-16 with its control socket, for jailer learn's tests. Comments stay.
+name = "idio16-learn"
+
+[program]
+runtime = "python"
+argv = ["-m", "devices.gpio_pci_idio16", "--fd={fd:vfio-user}", "--control-fd={fd:control}"]
+modules = ["devices"]
+
+[filesystem]
+root_size = "1M"   # nothing is written
+
+[seccomp]
+# a wide start, to be narrowed
+default_action = "kill"
+allow = ["@vfio-user"]
+
+[[seccomp.rule]]        # no new sockets
+syscall = "socket"
+action = "errno"
+errno = "EACCES"
+
+# the limits are hand-tuned
+[limits]
+nofile = 64
+core = 0
+
+[[fds]]
+name = "vfio-user"
+kind = "unix-listener"
+number = 3
+
+[[fds]]
+name = "control"
+kind = "unix-listener"
+number = 4
+'''
+# Syscalls whose removal must break the device: start-up, the event loop, client I/O, DMA, exit.
+MINIMALITY_SAMPLE = ("rt_sigaction", "epoll_wait", "accept4", "recvmsg", "mmap")
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("learn")
+    profile = directory / "idio16.toml"
+    profile.write_text(DEVICE_PROFILE)
+    result = jailer("learn", str(profile), "--in-place", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    return profile, json.loads(result.stdout)
+
+
+def run_device(profile):
+    plan = build_plan(str(profile))
+    code, report, events, _ = learn.run_sandboxed(plan, "vfio-user", timeout=5.0)
+    return code, report, [e for e in events if e["event"] == "seccomp"]
+
+
+def test_learned_profile_validates_and_keeps_the_rest(learned):
+    profile, summary = learned
+    text = profile.read_text()
+    assert summary["validation"] == {"exit": 0, "refused": 0, "steps_passed": 16}
+    assert summary["written"] == str(profile) and summary["learning_run"]["exerciser"]["ok"]
+    head, tail = DEVICE_PROFILE.split("[seccomp]\n")[0], DEVICE_PROFILE[DEVICE_PROFILE.index("# the limits"):]
+    assert text.startswith(head + "[seccomp]\n# Learned by `jailer learn --exerciser vfio-user`")
+    assert text.endswith(tail) and "@vfio-user" not in text and "[[seccomp.rule]]" not in text
+    plan = build_plan(str(profile))
+    assert plan.seccomp.default_action == "kill" and plan.fds[1].name == "control"
+    rules = {rule.syscall: rule for rule in plan.seccomp.rules}
+    assert rules["socket"].action == "errno" and rules["socket"].errno == 13     # the profile's own rule stays
+    assert {"accept4", "recvmsg", "epoll_wait", "execve"} <= set(summary["syscalls"])
+    assert "clone" not in summary["syscalls"] and "connect" not in summary["syscalls"]
+    if learn.staging_supported():
+        assert "execve" in summary["steady"] and "execve" in {r.syscall for r in plan.seccomp.steady}
+
+
+def test_device_passes_the_walk_under_the_learned_filter(learned):
+    profile, _ = learned
+    code, report, refused = run_device(profile)
+    assert code == 0 and report.ok and refused == [], (report.failures, refused)
+
+
+@pytest.mark.parametrize("syscall", MINIMALITY_SAMPLE)
+def test_every_sampled_syscall_is_needed(learned, tmp_path, syscall):
+    profile, summary = learned
+    assert syscall in summary["syscalls"]
+    lines = profile.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if f'"{syscall}"' not in line]
+    assert len(kept) < len(lines)
+    smaller = tmp_path / "smaller.toml"
+    smaller.write_text("".join(kept))
+    assert syscall not in {rule.syscall for rule in build_plan(str(smaller)).seccomp.rules}
+    code, report, refused = run_device(smaller)
+    assert code != 0 or not report.ok or refused
+    assert any(event["syscall"] == syscall for event in refused) or code != 0
