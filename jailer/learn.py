@@ -175,21 +175,34 @@ def _condition(selector, value) -> tuple:
 # --- rendering the section -------------------------------------------------------------------
 
 def _value_names() -> dict:
-    """Symbolic names of common selector values, for the review comments."""
+    """(syscall, argument index) -> {value: symbolic name}, for the review comments."""
     import fcntl
     import termios
 
-    names = {"ioctl": {}, "fcntl": {}, "socket": {}}
-    for module, table, prefixes in ((termios, "ioctl", ("TC", "TIOC", "FIO")), (fcntl, "fcntl", ("F_",))):
-        for attr in dir(module):
-            if attr.startswith(prefixes) and isinstance(getattr(module, attr), int):
-                names[table].setdefault(getattr(module, attr), attr)
-    names["socket"] = {int(family): family.name for family in socket.AddressFamily}
-    names["arch_prctl"] = {0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
-                           0x1004: "ARCH_GET_GS", 0x3001: "ARCH_CET_STATUS"}
-    names["prctl"] = {1: "PR_SET_PDEATHSIG", 15: "PR_SET_NAME", 16: "PR_GET_NAME", 38: "PR_SET_NO_NEW_PRIVS",
-                      22: "PR_SET_SECCOMP", 39: "PR_GET_NO_NEW_PRIVS", 23: "PR_CAPBSET_READ"}
-    return names
+    def constants(module, prefixes, skip=()):
+        table = {}
+        for attr in sorted(dir(module)):
+            value = getattr(module, attr)
+            if attr.startswith(prefixes) and not attr.startswith(skip) and isinstance(value, int):
+                table.setdefault(value, attr)
+        return table
+
+    families = {int(family): family.name for family in socket.AddressFamily}
+    kinds = {int(kind): kind.name for kind in socket.SocketKind}
+    kinds.update({kind | socket.SOCK_CLOEXEC: f"{name}|SOCK_CLOEXEC" for kind, name in list(kinds.items())})
+    options = constants(socket, ("SO_",), ("SO_J1939",))
+    return {
+        ("ioctl", 1): constants(termios, ("TC", "TIOC", "FIO")),
+        ("fcntl", 1): constants(fcntl, ("F_",), ("F_SEAL", "F_ADD_SEALS", "F_GET_SEALS", "F_OFD", "F_EXLCK",
+                                                 "F_SHLCK")),
+        ("socket", 0): families, ("socketpair", 0): families, ("socket", 1): kinds, ("socketpair", 1): kinds,
+        ("setsockopt", 1): {socket.SOL_SOCKET: "SOL_SOCKET"}, ("getsockopt", 1): {socket.SOL_SOCKET: "SOL_SOCKET"},
+        ("setsockopt", 2): options, ("getsockopt", 2): options,
+        ("arch_prctl", 0): {0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
+                            0x1004: "ARCH_GET_GS", 0x3001: "ARCH_CET_STATUS"},
+        ("prctl", 0): {1: "PR_SET_PDEATHSIG", 15: "PR_SET_NAME", 16: "PR_GET_NAME", 22: "PR_SET_SECCOMP",
+                       23: "PR_CAPBSET_READ", 38: "PR_SET_NO_NEW_PRIVS", 39: "PR_GET_NO_NEW_PRIVS"},
+    }
 
 
 def _describe(name, conditions, names) -> str:
@@ -199,9 +212,9 @@ def _describe(name, conditions, names) -> str:
             parts.append("executable" if value else "not executable")
         elif op == "masked_eq" and mask == CLONE_NEW_FLAGS:
             parts.append("new namespaces" if value else "no new namespaces")
-        elif index == SELECTORS[name][0][0] and value in names.get(name, {}):
-            parts.append(names[name][value])
-    return ", ".join(parts)
+        elif value in names.get((name, index), {}):
+            parts.append(names[(name, index)][value])
+    return " ".join(parts)
 
 
 def _stages(stages: Counter) -> str:
@@ -225,7 +238,7 @@ def _inline_rule(name, conditions, action=None, errno=None) -> str:
         for index, op, value, mask in conditions:
             text = f'index = {index}, op = "{op}", '
             if mask is not None:
-                text += f"mask = {_hex(mask)}, "
+                text += f"mask = 0x{mask:X}, "
             args.append("{ " + text + f"value = {_hex(value)} }}")
         fields.append("args = [" + ", ".join(args) + "]")
     return "{ " + ", ".join(fields) + " }"
@@ -475,7 +488,8 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
             return not finished
 
         def terminate():
-            os.kill(pid, signal.SIGTERM)
+            if not finished:
+                os.kill(pid, signal.SIGTERM)   # not reaped yet, so the pid is still the child's
             return wait()
 
         def wait():
