@@ -19,8 +19,27 @@ SUBCOMMANDS = {
 }
 
 
+class _SitePackagesOnDemand:
+    """Started with -S (see setup.sh), the venv's site-packages are not on sys.path: the
+    run hot path needs only the standard library. The first top-level import that nothing
+    else can find adds them (site.main()) and is retried."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if path is not None:
+            return None
+        sys.meta_path.remove(cls)
+        import importlib.util
+        import site
+
+        site.main()
+        return importlib.util.find_spec(name)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.flags.no_site and _SitePackagesOnDemand not in sys.meta_path:
+        sys.meta_path.append(_SitePackagesOnDemand)
     from jailer.errors import JailerError
 
     try:
