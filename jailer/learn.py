@@ -20,6 +20,7 @@ nothing refused. See docs/seccomp-learning.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -154,6 +155,20 @@ class Learned:
         return sum(sum(s.values()) for s in self.allow.values()) + sum(sum(s.values()) for *_, s in self.rules)
 
 
+def recording_filter(learned: Learned, original):
+    """A SeccompPlan for a later learning run: what is learned is allowed in the kernel, every
+    other call notifies the recorder (a reported kill). Steady candidates keep notifying, so
+    that a steady call to them is seen and they stay allowed."""
+    from jailer.plan import ArgCondition, SeccompPlan, SeccompRule
+
+    candidates = {(name, conditions) for name, conditions, _ in learned.steady}
+    allowed = [(name, ()) for name in learned.allow] + [(name, conditions) for name, conditions, _ in learned.rules]
+    rules = [SeccompRule(name, args=tuple(ArgCondition(index, op, value, mask) for index, op, value, mask in conditions))
+             for name, conditions in allowed if (name, conditions) not in candidates]
+    kept = [rule for rule in original.rules if rule.action in DENY]
+    return SeccompPlan(enabled=True, default_action="kill", rules=tuple(rules) + tuple(kept), report=True)
+
+
 def free_selectors(selectors, tuples) -> set:
     """Indices of selectors left unconstrained: every masked value seen (the condition would
     allow everything), or too many distinct combinations (the widest selector goes first)."""
@@ -250,14 +265,15 @@ def _aligned(entries) -> list:
     return [f"    {(entry + ','):<{width}}  # {comment}" if comment else f"    {entry}," for entry, comment in entries]
 
 
-def render_section(learned: Learned, original, exerciser: str, kept_rules=()) -> str:
+def render_section(learned: Learned, original, exerciser: str, kept_rules=(), runs: int = 1) -> str:
     """The new [seccomp] section: sorted, one syscall (or rule) per line, each with its counts."""
     names = _value_names()
     default = original.default_action if original.default_action in DENY else "kill"
     lines = ["[seccomp]",
              f"# Learned by `jailer learn --exerciser {exerciser}` from {learned.calls()} calls of "
              f"{len(learned.names)} syscalls, then reviewed.",
-             '# Counts are calls seen during the learning run: "setup" before the program was ready,',
+             f"# Counts are calls seen in {runs} learning run{'s' if runs > 1 else ''}: \"setup\" before the "
+             "program was ready,",
              '# "steady" after. Re-learn when the device, its Python or its libraries change; see',
              "# docs/seccomp-learning.md for how to review and maintain this list.",
              f'default_action = "{default}"']
@@ -550,7 +566,7 @@ def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd):
     try:
         from jailer import launcher
 
-        learning = {"notification_policy": policy, "route_all_to_notify": True} if route_all else {}
+        learning = {"notification_policy": policy, "route_all_to_notify": route_all} if policy is not None else {}
         options = launcher.Options(given_fds=given_fds, status_fd=status_fd, **learning)
         code = launcher.run(plan, options)
         if policy is not None:
@@ -586,33 +602,47 @@ def _collect(read_end, pid):
 
 # --- the command -------------------------------------------------------------------------------
 
-def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0) -> dict:
-    """Learn the profile's allowlist; returns a summary with the new profile text in "profile"."""
+def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, runs: int = 3) -> dict:
+    """Learn the profile's allowlist from `runs` recording runs (their union: a path a race
+    takes only sometimes, like a signal arriving while the loop sleeps, needs more than one);
+    returns a summary with the new profile text in "profile_text"."""
     from jailer.profile import build_plan
 
     plan = build_plan(profile, euid=os.geteuid())
     with open(profile, encoding="utf-8") as f:
         original = f.read()
-    recorder = Recorder(plan.seccomp)
-    code, report, events, recorder = run_sandboxed(plan, exerciser, recorder, route_all=True, timeout=timeout)
-    if report is not None and report.ok is False and not any(s.ok for s in report.steps):
-        raise JailerError(f"{profile}: the device did not answer the exerciser while learning "
-                          f"({report.failures[0].name}: {report.failures[0].detail})")
-    if recorder.conflicts:
-        name = sorted(recorder.conflicts)[0]
-        raise JailerError(f"{profile}: the program called {name}, which a kill rule of the profile forbids: "
-                          "remove that rule, or fix the program")
-    learned = Learned(recorder.counts)
+    counts, conflicts, learning_runs, passed, codes = Counter(), Counter(), [], None, set()
+    for number in range(runs):
+        # The first run records every syscall; later ones run at full speed under what is learned
+        # so far and record only the rest (timing-dependent paths then take their production odds).
+        recording = plan if number == 0 else dataclasses.replace(plan, seccomp=recording_filter(Learned(counts),
+                                                                                                plan.seccomp))
+        code, report, _events, recorder = run_sandboxed(recording, exerciser, Recorder(plan.seccomp),
+                                                        route_all=number == 0, timeout=timeout)
+        if report is not None and not any(s.ok for s in report.steps):
+            raise JailerError(f"{profile}: the device did not answer the exerciser while learning "
+                              f"({report.failures[0].name}: {report.failures[0].detail})")
+        counts.update(recorder.counts)
+        conflicts.update(recorder.conflicts)
+        steps = {s.name for s in report.steps if s.ok} if report is not None else set()
+        passed = steps if passed is None else passed & steps
+        codes.add(code)
+        learning_runs.append({"exit": code, "exerciser": report.to_dict() if report else None})
+    if conflicts:
+        raise JailerError(f"{profile}: the program called {sorted(conflicts)[0]}, which a kill rule of the profile "
+                          "forbids: remove that rule, or fix the program")
+    if len(codes) > 1:
+        raise JailerError(f"{profile}: the program's exit status differs from run to run ({sorted(codes)}): "
+                          "learning needs a program that ends the same way each time")
+    learned = Learned(counts)
     if not learned.names:
         raise JailerError(f"{profile}: no syscall was recorded (is seccomp reporting available here?)")
-    section = render_section(learned, plan.seccomp, exerciser, recorder.kept)
+    section = render_section(learned, plan.seccomp, exerciser, recorder.kept, runs)
     text = replace_seccomp_section(original, section, profile)
-    passed = {s.name for s in report.steps if s.ok} if report is not None else set()
-    validation = validate(text, profile, exerciser, passed, code, timeout)
+    validation = validate(text, profile, exerciser, passed, codes.pop(), timeout)
     return {"profile_text": text, "syscalls": learned.names, "calls": learned.calls(),
             "rules": len(learned.rules), "steady": [name for name, _, _ in learned.steady],
-            "learning_run": {"exit": code, "exerciser": report.to_dict() if report else None},
-            "validation": validation}
+            "learning_runs": learning_runs, "validation": validation}
 
 
 def validate(text: str, profile: str, exerciser: str, passed: set, code: int, timeout: float) -> dict:
@@ -635,8 +665,8 @@ def validate(text: str, profile: str, exerciser: str, passed: set, code: int, ti
     if refused:
         first = refused[0]
         raise JailerError(f"{profile}: the learned profile refused {first.get('syscall')} "
-                          f"({first.get('action')}, stage {first.get('stage', '?')}) when re-run: learn again "
-                          "with a longer or more complete exercise")
+                          f"({first.get('action')}, stage {first.get('stage', '?')}) when re-run: a path the "
+                          "learning runs did not take; learn again with more --runs, or extend the exerciser")
     if report is not None:
         lost = sorted(passed - {s.name for s in report.steps if s.ok})
         if lost:
@@ -658,8 +688,10 @@ def validate(text: str, profile: str, exerciser: str, passed: set, code: int, ti
                    "(the program runs until it exits or jailer learn gets SIGINT/SIGTERM).")
 @click.option("--timeout", type=click.FloatRange(0.5, 600), default=10.0, show_default=True,
               help="Seconds the exerciser waits for each reply.")
+@click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Recording runs whose union is learned (racy paths need more than one).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the profile.")
-def learn_command(profile, output, in_place, exerciser, timeout, as_json):
+def learn_command(profile, output, in_place, exerciser, timeout, runs, as_json):
     """Learn a minimal seccomp allowlist for PROFILE's program and write it into the profile.
 
     The program runs in the profile's sandbox with every syscall recorded while the
@@ -670,7 +702,7 @@ def learn_command(profile, output, in_place, exerciser, timeout, as_json):
         raise UsageError("give --output FILE or --in-place, not both")
     if not os.path.isfile(profile):
         raise UsageError(f"{profile}: no such profile file")
-    summary = learn(profile, exerciser, timeout)
+    summary = learn(profile, exerciser, timeout, runs)
     text = summary.pop("profile_text")
     target = profile if in_place else output
     if target:
