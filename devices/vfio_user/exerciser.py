@@ -44,6 +44,7 @@ IDIO16_IDS = (0x494F, 0x0DC8)
 CAPABILITIES = {"max_msg_fds": P.MAX_MSG_FDS, "max_data_xfer_size": P.MAX_DATA_XFER_SIZE,
                 "pgsizes": P.PAGE_SIZE, "max_dma_maps": P.MAX_DMA_MAPS, "write_multiple": True}
 IRQ_WAIT = 2.0
+CONTROL_LINE_LIMIT = 64 * 1024   # the control protocol's longest line; longer ones close the connection
 MAX_WALKED_REGION = 1 << 16     # bytes of a BAR read byte by byte; bigger ones are sampled
 
 
@@ -492,6 +493,9 @@ class Walk:
         expect_error(lambda: client.request(P.DEVICE_GET_INFO, P.DEVICE_INFO.pack(8, 0, 0, 0)), errno.EINVAL,
                      "DEVICE_GET_INFO argsz 8")
         expect_error(lambda: client.request(P.REGION_READ, b"\0" * 4), errno.EINVAL, "a truncated REGION_READ")
+        largest = client.server_capabilities.get("max_data_xfer_size", P.DEFAULT_MAX_DATA_XFER_SIZE)
+        expect_error(lambda: client.region_write(CONFIG, 0, bytes(largest)), errno.EINVAL,
+                     f"a {largest}-byte write to config space")       # the largest message a server takes
 
     def malformed_frame(self) -> None:
         """A header whose size is below 16: the stream cannot be trusted, the server hangs up."""
@@ -547,6 +551,8 @@ class Walk:
             expect(control.call({"cmd": "no-such-command"})["error"]["class"] == "CommandNotFound",
                    "unknown control command")
             expect("error" in control.call({"cmd": "set-inputs", "value": 1 << 16}), "out-of-range input accepted")
+            reply = control.call({"cmd": "query-status", "padding": "x" * CONTROL_LINE_LIMIT})
+            expect("error" in reply, "an over-long control line accepted")
         finally:
             control.close()
 
