@@ -459,10 +459,90 @@ def _roles(plan, names) -> tuple:
                 control = name
     device = [name for name in names if name != control]
     if len(device) != 1:
-        raise UsageError("jailer learn needs exactly one unix-listener fd for the vfio-user socket (and at most "
-                         "one more passed as --control-fd={fd:NAME}); the profile has "
-                         + (", ".join(sorted(names)) or "none"))
+        raise UsageError(f"{plan.source}: the vfio-user exerciser needs exactly one unix-listener fd for the "
+                         "device's socket (and at most one more passed as --control-fd={fd:NAME}); the profile has "
+                         + (", ".join(sorted(names)) or "none") + " (use --exerciser none for other programs)")
     return device[0], control
+
+
+class _LauncherRun:
+    """One run of the plan's program in a forked launcher: its status stream and its answer.
+
+    The launcher runs in a child process (it owns signal handlers and forks the sandbox);
+    the child sends back its exit code, what the policy recorded and any error, marshalled."""
+
+    def __init__(self, plan, given_fds, policy, route_all):
+        result_r, result_w = os.pipe2(os.O_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(result_r)
+            os.close(status_r)
+            _launcher_child(plan, given_fds, policy, route_all, status_w, result_w)
+        os.close(result_w)
+        os.close(status_w)
+        self.pipes = {result_r: bytearray(), status_r: bytearray()}
+        self.result_fd, self.status_fd = result_r, status_r
+        self.ended = set()          # pipes the child closed
+        self.answer = None
+
+    def _pump(self, timeout) -> bool:
+        """Read what the pipes hold (waiting up to `timeout`); True once the answer is complete."""
+        import select
+
+        waiting = [fd for fd in self.pipes if fd not in self.ended]
+        for fd in select.select(waiting, [], [], timeout)[0] if waiting else ():
+            chunk = os.read(fd, 1 << 20)
+            if chunk:
+                self.pipes[fd].extend(chunk)
+            else:
+                self.ended.add(fd)
+        return self.result_fd in self.ended
+
+    def alive(self) -> bool:
+        if self.answer is None and self._pump(0):
+            self._reap()
+        return self.answer is None
+
+    def wait(self) -> int:
+        while self.answer is None:
+            if self._pump(None):
+                self._reap()
+        return self.answer[0]
+
+    def terminate(self) -> int:
+        if self.answer is None:
+            os.kill(self.pid, signal.SIGTERM)   # not reaped yet, so the pid is still the child's
+        return self.wait()
+
+    def _reap(self):
+        import marshal
+
+        os.waitpid(self.pid, 0)
+        try:
+            self.answer = marshal.loads(bytes(self.pipes[self.result_fd]))
+        except (EOFError, ValueError, TypeError):
+            self.answer = (1, None, ("JailerError", "the learning run ended without an answer", 1))
+
+    def events(self) -> list:
+        while self.status_fd not in self.ended:
+            self._pump(None)
+        events = []
+        for line in bytes(self.pipes[self.status_fd]).splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def close(self):
+        """Stop the child if it still runs (an error on our side), then release the pipes."""
+        if self.answer is None:
+            os.kill(self.pid, signal.SIGKILL)   # the sandbox dies with its launcher (die_with_parent)
+            os.waitpid(self.pid, 0)
+            self.answer = (1, None, None)
+        for fd in (self.result_fd, self.status_fd):
+            os.close(fd)
 
 
 def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, timeout: float = 10.0):
@@ -471,75 +551,31 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
     Returns (exit code, exercise report or None, status events, policy). The policy comes
     back from the launcher's process (marshalled), so what it recorded is visible here."""
     sockets = _Sockets(plan)
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    run = None
     try:
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            os.close(status_r)
-            _launcher_child(plan, sockets.fds, policy, route_all, status_w, write_end)
-        os.close(write_end)
-        os.close(status_w)
+        roles = _roles(plan, sockets.paths) if exerciser == "vfio-user" else None
+        run = _LauncherRun(plan, sockets.fds, policy, route_all)
         sockets.close_fds()
-        events = []
-        status_buffer = bytearray()
-
-        def pump_status():
-            while select_readable(status_r):
-                chunk = os.read(status_r, 65536)
-                if not chunk:
-                    return False
-                status_buffer.extend(chunk)
-            return True
-
-        finished = []
-
-        def alive():
-            pump_status()
-            if not finished:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    finished.append(_collect(read_end, None))
-            return not finished
-
-        def terminate():
-            if not finished:
-                os.kill(pid, signal.SIGTERM)   # not reaped yet, so the pid is still the child's
-            return wait()
-
-        def wait():
-            if not finished:
-                result = _collect(read_end, pid)
-                finished.append(result)
-            return finished[0][0]
-
         report = None
-        if exerciser == "vfio-user":
+        if roles is not None:
             from devices.vfio_user.exerciser import exercise
 
-            device, control = _roles(plan, sockets.paths)
-            report = exercise(sockets.paths[device], sockets.paths.get(control), terminate=terminate, alive=alive,
-                              timeout=timeout)
+            device, control = roles
+            report = exercise(sockets.paths[device], sockets.paths.get(control), terminate=run.terminate,
+                              alive=run.alive, timeout=timeout)
         else:   # the program runs until it exits; SIGINT/SIGTERM to jailer learn end it
-            forward = {sig: signal.signal(sig, lambda signum, frame: os.kill(pid, signal.SIGTERM))
+            forward = {sig: signal.signal(sig, lambda signum, frame: os.kill(run.pid, signal.SIGTERM))
                        for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
-                wait()
+                run.wait()
             finally:
                 for sig, handler in forward.items():
                     signal.signal(sig, handler)
-        code = wait()
-        while pump_status():
-            pass
-        for line in bytes(status_buffer).splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-        _, recorded, error = finished[0][1]
+        code = run.wait()
+        events = run.events()
+        _, recorded, error = run.answer
         if error:
-            kind, message, exit_code = error
+            _kind, message, exit_code = error
             failure = JailerError(message)
             failure.exit_code = exit_code
             raise failure
@@ -547,15 +583,9 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
             policy.counts, policy.conflicts = Counter(recorded[0]), Counter(recorded[1])
         return code, report, events, policy
     finally:
-        os.close(read_end)
-        os.close(status_r)
+        if run is not None:
+            run.close()
         sockets.close()
-
-
-def select_readable(fd) -> bool:
-    import select
-
-    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd):
@@ -582,22 +612,6 @@ def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd):
             view = view[os.write(result_fd, view):]
     finally:
         os._exit(0)
-
-
-def _collect(read_end, pid):
-    """Read the child's whole answer (before waiting, so a big trace never blocks it), then reap it."""
-    import marshal
-
-    chunks = []
-    while chunk := os.read(read_end, 1 << 20):
-        chunks.append(chunk)
-    if pid is not None:
-        os.waitpid(pid, 0)
-    try:
-        answer = marshal.loads(b"".join(chunks))
-    except (EOFError, ValueError, TypeError):
-        answer = (1, None, ("JailerError", "the learning run ended without an answer", 1))
-    return answer[0], answer
 
 
 # --- the command -------------------------------------------------------------------------------

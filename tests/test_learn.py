@@ -251,3 +251,24 @@ def test_every_sampled_syscall_is_needed(learned, tmp_path, syscall):
     code, report, refused = run_device(smaller)
     assert code != 0 or not report.ok or refused
     assert any(event["syscall"] == syscall for event in refused) or code != 0
+
+
+def test_learning_a_program_that_exits_by_itself(tmp_path):
+    profile = tmp_path / "true.toml"
+    profile.write_text((REPO / "profiles" / "examples" / "true.toml").read_text())
+    output = tmp_path / "out.toml"
+    result = jailer("learn", str(profile), "--exerciser", "none", "--runs", "2", "-o", str(output), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["validation"] == {"exit": 0, "refused": 0, "steps_passed": None}
+    assert [run["exerciser"] for run in summary["learning_runs"]] == [None, None]
+    names = {rule.syscall for rule in build_plan(str(output)).seccomp.rules}
+    assert {"execve", "exit_group", "mmap", "openat"} <= names and "socket" not in names and len(names) < 25
+
+
+def test_the_vfio_user_exerciser_needs_a_listening_device(tmp_path):
+    profile = tmp_path / "true.toml"
+    profile.write_text((REPO / "profiles" / "examples" / "true.toml").read_text())
+    result = jailer("learn", str(profile))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "needs exactly one unix-listener fd" in result.stderr
