@@ -5,11 +5,13 @@ syscall to the launcher, whose recording policy lets each one run and counts it 
 stage ("setup" before the program is ready, "steady" after) and the values of the
 arguments that select what a call does (ioctl requests, fcntl commands, socket families,
 executable mappings, namespace flags of clone, ...). Meanwhile an exerciser drives the
-device through every message it supports. The trace becomes:
+device through every message it supports. Later runs (--runs) go at full speed under the
+allowlist learned so far and record only the calls it does not cover, so paths that depend
+on timing are taken as often as in production. The union of the runs becomes:
 
   - allow: the syscalls seen, unconditionally when their selecting arguments do not matter;
   - rule:  the syscalls whose selecting arguments took few values, one rule per value;
-  - steady: kill rules for what only start-up needed and a compromised device should
+  - steady_deny/steady_rule: kill rules for what only start-up needed and a compromised device should
     never do again (open files, exec, create processes or sockets, map executable memory).
 
 Only the profile's seccomp section is rewritten; every other byte of the file stays as it
@@ -429,7 +431,7 @@ class _Sockets:
                 sock.listen(16)
                 self.fds[spec.name] = sock.detach()
                 self.paths[spec.name] = path
-            elif spec.required and spec.kind in ("unix-stream",):
+            elif spec.required and spec.kind == "unix-stream":
                 self.close()
                 raise UsageError(f"fd '{spec.name}' is a {spec.kind} the caller must pass: jailer learn only "
                                  "drives devices that listen (unix-listener fds)")
@@ -651,7 +653,7 @@ def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, run
     learned = Learned(counts)
     if not learned.names:
         raise JailerError(f"{profile}: no syscall was recorded (is seccomp reporting available here?)")
-    section = render_section(learned, plan.seccomp, exerciser, recorder.kept, runs)
+    section = render_section(learned, plan.seccomp, exerciser, Recorder(plan.seccomp).kept, runs)
     text = replace_seccomp_section(original, section, profile)
     validation = validate(text, profile, exerciser, passed, codes.pop(), timeout)
     return {"profile_text": text, "syscalls": learned.names, "calls": learned.calls(),
