@@ -37,6 +37,7 @@ NOBODY = 65534
 IS_ROOT = os.geteuid() == 0
 READY_TIMEOUT = 15.0
 SIGSYS_STATUS = 128 + signal.SIGSYS
+GUEST_RAM = 4 << 30
 
 
 class _Jailer:
@@ -238,15 +239,16 @@ def test_protocol_walk_through_the_jail(invocation, scratch, jailed):
         client.region_write(BAR2, 0x4, b"\xa5")
         assert client.region_read(BAR2, 0x0, 1) + client.region_read(BAR2, 0x4, 1) == b"\x5a\xa5"
 
-        # DMA: the device has no bus master, but a VMM maps guest RAM into every device
+        # DMA: the device has no bus master, but a VMM maps all guest RAM into every device
+        # (4 GiB here, sparse: the profile's address-space limit must leave room for it)
         ram = os.memfd_create("guest-ram-e2e", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(ram, 1 << 20)
-            client.dma_map(0x100000, 1 << 20, fd=ram)
+            os.ftruncate(ram, GUEST_RAM)
+            client.dma_map(0x100000000, GUEST_RAM, fd=ram)
             pid = device.device_pid() if IS_ROOT else None
             if pid:
                 assert memfd_mapped(pid, "guest-ram-e2e")
-            client.dma_unmap(0x100000, 1 << 20)
+            client.dma_unmap(0x100000000, GUEST_RAM)
             if pid:
                 assert not memfd_mapped(pid, "guest-ram-e2e")
         finally:
