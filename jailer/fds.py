@@ -1,8 +1,9 @@
 """The fd manifest: which descriptors the program gets, checked, at fixed numbers.
 
-The launcher gathers each FdSpec's descriptor (given with --fd, a listening socket made
-for --socket-path, or a memfd/eventfd/file it creates), checks that its type is the one
-the manifest declares, and refuses a mismatch. In the child, every manifest fd is moved
+The launcher gathers each FdSpec's descriptor (given with --fd or by socket activation, a
+listening socket made for --socket-path or --socket, a memfd/eventfd/file or the notify
+socketpair it creates), checks that its type is the one the manifest declares, and
+refuses a mismatch. In the child, every manifest fd is moved
 to its FdSpec.number and every other descriptor except stdio is closed (close_range).
 """
 
@@ -21,7 +22,9 @@ KIND_DESCRIPTIONS = {
     "memfd": "a memfd",
     "eventfd": "an eventfd",
     "file": "a regular file",
+    "notify": "a connected AF_UNIX datagram socket",
 }
+VFIO_USER_FD = "vfio-user"   # the unix-listener --socket-path and plain --fd N mean when there are several
 
 
 def describe_fd(fd: int) -> str:
@@ -116,28 +119,36 @@ class Manifest:
         self.entries: list[tuple[object, int]] = []   # (FdSpec, fd in the launcher)
         self.created_fds: list[int] = []
         self.socket_paths: list[tuple[str, int]] = []  # (path, inode) of sockets jailer created
+        self.notify_fd: int | None = None              # the launcher's end of the notify socketpair
+        self.notify_name: str | None = None
 
     @classmethod
-    def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int]) -> "Manifest":
-        """given: {name or None: fd}; None stands for the profile's unix-listener (plain --fd N)."""
+    def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None) -> "Manifest":
+        """given: {name or None: fd}; None stands for the profile's unix-listener (plain --fd N);
+        socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on."""
         manifest = cls()
         given = dict(given)
+        paths = dict(sockets or {})
         try:
-            listeners = [s for s in specs if s.kind == "unix-listener"]
-            if None in given or socket_path is not None:
-                if len(listeners) != 1:
-                    raise UsageError("--fd N and --socket-path need exactly one unix-listener fd in the profile "
-                                     f"(it has {len(listeners)}); use --fd NAME=N")
-                if None in given and socket_path is not None:
-                    raise UsageError("--fd N and --socket-path are exclusive")
-                if None in given:
-                    given[listeners[0].name] = given.pop(None)
-            unknown = set(given) - {s.name for s in specs}
-            if unknown:
-                raise UsageError(f"the profile has no fd named {', '.join(sorted(unknown))} "
-                                 f"(it has: {', '.join(s.name for s in specs) or 'none'})")
+            if None in given and socket_path is not None:
+                raise UsageError("--fd N and --socket-path are exclusive")
+            if None in given:
+                given[main_listener(specs, "--fd N").name] = given.pop(None)
+            if socket_path is not None:
+                name = main_listener(specs, "--socket-path").name
+                if name in paths:
+                    raise UsageError(f"--socket-path and --socket {name}=PATH name the same fd")
+                paths[name] = socket_path
+            _refuse_unknown(specs, given, "--fd")
+            _refuse_unknown(specs, paths, "--socket")
+            for name in paths:
+                if name in given:
+                    raise UsageError(f"fd '{name}' is given both as an open fd and as a socket path")
+                if _spec(specs, name).kind != "unix-listener":
+                    raise UsageError(f"--socket {name}=PATH: fd '{name}' is a {_spec(specs, name).kind} fd, "
+                                     "expected a unix-listener")
             for spec in specs:
-                fd = manifest._descriptor(spec, given, socket_path, owner)
+                fd = manifest._descriptor(spec, given, paths, owner)
                 if fd is not None:
                     manifest.entries.append((spec, fd))
         except BaseException:
@@ -145,13 +156,22 @@ class Manifest:
             raise
         return manifest
 
-    def _descriptor(self, spec, given, socket_path, owner):
+    def _descriptor(self, spec, given, paths, owner):
         if spec.name in given:
+            if spec.kind == "notify":
+                raise UsageError(f"fd '{spec.name}' is the program's notify socket, which jailer creates; "
+                                 "it cannot be given")
             fd = given[spec.name]
             check_kind(fd, spec)
             return fd
-        path = socket_path if spec.kind == "unix-listener" and socket_path is not None else spec.path
-        if spec.kind == "unix-listener" and path:
+        path = paths.get(spec.name, spec.path)
+        if spec.kind == "notify":
+            ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+            ours.setblocking(False)
+            self.notify_fd, self.notify_name = ours.detach(), spec.name
+            self.created_fds.append(self.notify_fd)
+            fd = theirs.detach()
+        elif spec.kind == "unix-listener" and path:
             fd = create_listener(path, *owner)
             self.socket_paths.append((path, os.stat(path).st_ino))
         elif spec.kind == "memfd" and spec.size is not None:
@@ -178,6 +198,10 @@ class Manifest:
     def numbers(self) -> dict[str, int]:
         return {spec.name: spec.number for spec, _ in self.entries}
 
+    def listen_numbers(self) -> dict[str, int]:
+        """The fds LISTEN_FDS describes: all but the notify socket, which has its own variable."""
+        return {spec.name: spec.number for spec, _ in self.entries if spec.kind != "notify"}
+
     def close(self) -> None:
         """Close what jailer created and remove the sockets it made (still the same inode)."""
         for fd in self.created_fds:
@@ -193,6 +217,58 @@ class Manifest:
             except OSError:
                 pass
         self.socket_paths = []
+
+
+def _spec(specs, name):
+    return next(s for s in specs if s.name == name)
+
+
+def _refuse_unknown(specs, named: dict, option: str) -> None:
+    unknown = set(named) - {s.name for s in specs}
+    if unknown:
+        raise UsageError(f"{option}: the profile has no fd named {', '.join(sorted(unknown))} "
+                         f"(it has: {', '.join(s.name for s in specs) or 'none'})")
+
+
+def main_listener(specs, option: str):
+    """The unix-listener --socket-path / --fd N stand for: the only one, or the one named "vfio-user"."""
+    listeners = [s for s in specs if s.kind == "unix-listener"]
+    if len(listeners) == 1:
+        return listeners[0]
+    named = [s for s in listeners if s.name == VFIO_USER_FD]
+    if named:
+        return named[0]
+    raise UsageError(f"{option} needs one unix-listener fd in the profile, or one named '{VFIO_USER_FD}' "
+                     f"(it has {len(listeners)}: {', '.join(s.name for s in listeners) or 'none'}); "
+                     "use --fd NAME=N or --socket NAME=PATH")
+
+
+def activated_fds(specs, given: dict, sockets: dict, socket_path) -> dict:
+    """`given` plus the sockets a service manager passed to this process (LISTEN_FDS, LISTEN_PID
+    = our pid): each is taken as the manifest fd LISTEN_FDNAMES names it, or, when there is a
+    single one, as the profile's only (or "vfio-user") unix-listener. Fds named on the command
+    line win."""
+    from jailer import sdnotify
+
+    passed = sdnotify.listen_fds()
+    if not passed:
+        return given
+    given = dict(given)
+    names = {s.name for s in specs}
+    explicit = set(given) | set(sockets) | ({None} if socket_path is not None else set())
+    if len(passed) == 1 and passed[0][1] not in names:
+        if explicit & {None, main_listener(specs, "socket activation").name}:
+            return given
+        given[None] = passed[0][0]
+        return given
+    for fd, name in passed:
+        if name not in names:
+            raise UsageError(f"the service manager passed fd {fd} named '{name}', which the profile does not "
+                             f"declare (it has: {', '.join(sorted(names)) or 'none'}); set FileDescriptorName= "
+                             "in the .socket unit to one of those")
+        if name not in explicit:
+            given[name] = fd
+    return given
 
 
 def install(entries, carried: list[int]) -> list[int]:

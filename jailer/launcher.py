@@ -41,6 +41,29 @@ The documented order, all in single-threaded children between fork and exec:
  13. execve.
 A layer that cannot be applied stops the launch with LayerError, unless the plan lists
 it in best_effort: then it is skipped and the skip is reported (stderr and status).
+
+Readiness and stages. The program is "ready" right after its exec (program.ready =
+"exec") or when it writes READY=1 to its notify fd (program.ready = "notify": one end of a
+datagram socketpair, its number in $JAILER_NOTIFY_FD; sd_notify-style newline-separated
+KEY=VALUE datagrams, STATUS=... is passed on). On ready the launcher emits the status
+event "ready", tells $NOTIFY_SOCKET READY=1 with MAINPID=<launcher pid> (the process a
+service manager supervises and signals), and moves the seccomp stage from "setup" to
+"steady": from then on the plan's steady rules apply too (status event "stage").
+
+Notification policy (Options.notification_policy), the hook for answering the syscalls
+the filter routes to the launcher (see jailer.seccomp for which, and why CONTINUE is safe):
+an object with
+
+    decide(name: str, nr: int, args: tuple[int, ...], stage: str) -> (action: str, errno: int | None)
+
+called once per notification in the launcher, with the syscall's name ("syscall N" when
+unknown), number, six argument registers and the stage ("setup" or "steady"); action is
+"continue" (run the syscall), "errno" (fail it with errno) or "kill" (kill the sandbox).
+The default, seccomp.StagedPolicy, applies the plan's rules and steady rules. A learning
+tool passes a recording policy that answers ("continue", None) and sets
+Options.route_all_to_notify=True, so that the filter is compiled with
+seccomp.compile_bpf(plan.seccomp, route_all_to_notify=True) and every syscall the
+program makes reaches decide() (the handshake read before exec excepted).
 """
 
 from __future__ import annotations
@@ -62,19 +85,29 @@ from jailer.errors import JailerError, LayerError
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SETUP_FAILED = 125
 _GRAB_TIMEOUT = 5.0
+_GRAB_PAUSES = (0.00005, 0.0001, 0.0002, 0.0005)   # seconds between pidfd_getfd attempts, then poll's 1 ms
+_GRAB_FIX = ("pidfd_getfd needs ptrace access to the sandbox: run the launcher with CAP_SYS_PTRACE (or, "
+             "unprivileged, with kernel.yama.ptrace_scope <= 1), and not under an outer seccomp filter that "
+             "refuses pidfd_getfd (a container runtime's default profile does); else set report = false and "
+             "drop the steady rules in the profile's [seccomp] section")
 
 
 class Options:
-    """What the command line adds to a plan."""
+    """What the command line (or a tool driving the launcher) adds to a plan."""
 
     def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
-                 syscall_names=None):
+                 syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
+                 pidfile=None):
         self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
-        self.socket_path = socket_path
+        self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
+        self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
         self.status_fd = status_fd
+        self.pidfile = pidfile                   # path written with the launcher's pid while it runs
         self.extra_args = tuple(extra_args)
         self.bpf = bpf                           # compiled filter, or None to compile now
         self.syscall_names = syscall_names       # callable -> {nr: name}, for reporting
+        self.notification_policy = notification_policy   # None: seccomp.StagedPolicy (see above)
+        self.route_all_to_notify = route_all_to_notify   # compile (when bpf is None) and listen for learning
 
 
 def run(plan, options: Options) -> int:
@@ -128,6 +161,9 @@ class _Launch:
         self.grab = None                # (pidfd, fd number, deadline) while taking the listener
         self.handshake = None           # (pid, nr of read, sync fd): the child's own wait for "go"
         self.started = False
+        self.stage = "setup"            # "steady" once the program is ready
+        self.ready_pending = False      # READY=1 arrived before the exec was seen
+        self.notify_fd = None           # the launcher's end of the program's notify socketpair
         self.reported = set()
         self.pending_signals = []
 
@@ -136,19 +172,28 @@ class _Launch:
         identity = plan.identity
         owner = (namespaces.outside_id(identity.uid, identity.uid_map),
                  namespaces.outside_id(identity.gid, identity.gid_map))
-        self.manifest = fdlib.Manifest.gather(plan.fds, self.options.given_fds, self.options.socket_path, owner)
+        options = self.options
+        given = dict(options.given_fds)
+        if "LISTEN_FDS" in os.environ:
+            given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
+        self.manifest = fdlib.Manifest.gather(plan.fds, given, options.socket_path, owner, options.sockets)
         try:
+            self.notify_fd = self.manifest.notify_fd
             numbers = self.manifest.numbers()
-            argv = fdlib.expand_argv(plan.program.argv + self.options.extra_args, numbers)
+            argv = fdlib.expand_argv(plan.program.argv + options.extra_args, numbers)
             environment = dict(plan.environment)
-            environment.update(fdlib.listen_environment(numbers))
+            environment.update(fdlib.listen_environment(self.manifest.listen_numbers()))
+            if self.notify_fd is not None:
+                environment["JAILER_NOTIFY_FD"] = str(numbers[self.manifest.notify_name])
             bpf = None
+            self.listen = False
             if plan.seccomp.enabled:
-                bpf = self.options.bpf
-                if bpf is None:
-                    from jailer import seccomp
+                from jailer import seccomp
 
-                    bpf = seccomp.compile_bpf(plan.seccomp)
+                self.listen = seccomp.needs_listener(plan.seccomp, options.route_all_to_notify)
+                bpf = options.bpf
+                if bpf is None:
+                    bpf = seccomp.compile_bpf(plan.seccomp, options.route_all_to_notify)
             cgroup_plan = plan.limits.cgroup
             if cgroup_plan is not None and (cgroup_plan.memory_max is not None or cgroup_plan.pids_max is not None
                                             or cgroup_plan.cpu_quota_us is not None):
@@ -182,7 +227,7 @@ class _Launch:
         if pid == 0:
             signal.set_wakeup_fd(-1)
             child = _Child(self.plan, self.enforcement, child_sock.detach(), exec_w, launcher_pid,
-                           self.manifest.entries, argv, environment, bpf, self.cgroup)
+                           self.manifest.entries, argv, environment, bpf, self.listen, self.cgroup)
             try:
                 for fd in (parent_sock.detach(), exec_r, wake_r, wake_w):
                     os.close(fd)
@@ -214,6 +259,8 @@ class _Launch:
         poller = select.poll()
         for fd in (sock.fileno(), exec_r, wake_r, setup_pidfd):
             poller.register(fd, select.POLLIN)
+        if self.notify_fd is not None:
+            poller.register(self.notify_fd, select.POLLIN)
         exec_open = True
         try:
             while True:
@@ -234,6 +281,9 @@ class _Launch:
                             poller.unregister(fd)
                         else:
                             self._notification()
+                    elif fd == self.notify_fd:
+                        if not self._read_notify():
+                            poller.unregister(fd)
                     elif fd == setup_pidfd:
                         _, setup_status = os.waitpid(self.setup_pid, 0)
                         while self._receive(sock, block=False):
@@ -301,24 +351,30 @@ class _Launch:
             self.handshake = (program_pid, sync_number)
 
     def _try_grab(self, sock, poller):
-        """Take the program's seccomp listener (pidfd_getfd) as soon as its filter is loaded."""
+        """Take the program's seccomp listener (pidfd_getfd) as soon as its filter is loaded.
+
+        The filter loads within tens of microseconds of "ready"; until then pidfd_getfd
+        fails with EBADF and this sleeps in short steps (select, no spinning), leaving the
+        CPU to the child. Any other failure will not change: the child would wait forever
+        for its go-ahead, so the sandbox is stopped with a LayerError."""
         from jailer import seccomp, syscalls
 
         pidfd, number, deadline = self.grab
         fd = None
         failure = None
-        spin_until = time.monotonic() + 0.002   # the filter loads within microseconds of "ready"
-        while fd is None and failure is None and time.monotonic() < spin_until:
+        for pause in _GRAB_PAUSES:
             try:
                 fd = syscalls.pidfd_getfd(pidfd, number)
             except OSError as exc:
-                if exc.errno != errno.EBADF:   # EBADF: not loaded yet; anything else will not change
+                if exc.errno != errno.EBADF:
                     failure = f"pidfd_getfd: {exc.strerror}"
-                os.sched_yield()
+                    break
+                select.select((), (), (), pause)
                 continue
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:seccomp notify":
-                os.close(fd)
-                fd = None
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify":
+                break
+            os.close(fd)
+            fd = None
         if fd is None:
             if failure is None and time.monotonic() > deadline:
                 failure = "the program's filter did not appear in time"
@@ -326,23 +382,25 @@ class _Launch:
                 os.close(pidfd)
                 self.grab = None
             if failure is not None and not self.error:
-                # the child waits for a go-ahead that cannot come: the sandbox cannot report, stop it
                 self.error = ("LayerError", "seccomp", f"cannot take the notification listener ({failure})",
-                              "allow the launcher to ptrace its children (kernel.yama.ptrace_scope <= 1), or set "
-                              "report = false in the profile's [seccomp] section")
+                              _GRAB_FIX)
                 self._kill_sandbox(self.program_pid)
             return
         os.close(pidfd)
         self.grab = None
         self.listener = fd
         names = self.options.syscall_names() if self.options.syscall_names else seccomp.syscall_names()
-        self.notifications = seccomp.Notifications(fd, self.plan.seccomp, names, self._kill_sandbox)
+        policy = self.options.notification_policy or seccomp.StagedPolicy(self.plan.seccomp,
+                                                                          self.options.route_all_to_notify)
+        self.notifications = seccomp.Notifications(fd, policy, names, self._kill_sandbox)
         program_pid, sync_number = self.handshake
         self.handshake = (program_pid, next((nr for nr, name in names.items() if name == "read"), -1), sync_number)
         poller.register(fd, select.POLLIN)
         _send(sock.fileno(), "go")
 
     def _notification(self):
+        if self.notify_fd is not None:
+            self._read_notify()   # a READY=1 sent before this syscall counts before it is answered
         try:
             notif = self.notifications.receive()
         except OSError:
@@ -357,14 +415,58 @@ class _Launch:
             except OSError:
                 pass
             return
-        event = self.notifications.answer(notif)
+        event = self.notifications.answer(notif, self.stage)
+        if event is None:
+            return
         self.status.emit("seccomp", **event)
         key = (event["syscall"], event["action"])
         if key not in self.reported:
             self.reported.add(key)
             outcome = f"failed with errno {event['errno']}" if event["action"] == "errno" else "sandbox killed"
-            status.warn(f"seccomp: the program called {event['syscall']}, refused by action "
+            when = " after it was ready" if self.stage == "steady" and self.plan.seccomp.steady else ""
+            status.warn(f"seccomp: the program called {event['syscall']}{when}, refused by action "
                         f"'{event['action']}': {outcome}")
+
+    def _read_notify(self) -> bool:
+        """Read the program's sd_notify-style datagrams; False once its end is gone."""
+        while True:
+            try:
+                data = os.read(self.notify_fd, 4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return True
+            for line in data.decode(errors="replace").split("\n"):
+                key, _, value = line.partition("=")
+                if key == "READY" and value == "1":
+                    if self.started:
+                        self._become_ready()
+                    else:
+                        self.ready_pending = True
+                elif key == "STATUS":
+                    self.status.emit("status", text=value)
+                    self._tell_service_manager(f"STATUS={value}")
+
+    def _become_ready(self):
+        if self.stage != "setup":
+            return
+        self.stage = "steady"
+        self.status.emit("ready", pid=self.program_pid)
+        self._tell_service_manager(f"READY=1\nMAINPID={os.getpid()}")
+        if self.plan.seccomp.steady and self.listener is not None:
+            self.status.emit("stage", stage="steady")
+
+    def _tell_service_manager(self, state):
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        from jailer import sdnotify
+
+        try:
+            sdnotify.notify(state)
+        except JailerError as exc:
+            status.warn(str(exc))
 
     def _kill_sandbox(self, pid):
         for target in (pid, self.program_pid):   # the program's end ends the pid namespace
@@ -383,11 +485,14 @@ class _Launch:
         if self.plan.seccomp.enabled and "seccomp" not in self.enforcement.skipped:
             self.enforcement.applied["seccomp"] = {
                 "rules": len(self.plan.seccomp.rules), "default": self.plan.seccomp.default_action,
-                "report": "user-notify" if self.listener is not None else "no"}
+                "report": "user-notify" if self.listener is not None and self.plan.seccomp.report else "no",
+                "steady_rules": len(self.plan.seccomp.steady)}
         self.status.emit("started", pid=self.program_pid)
         self.status.emit("enforced", layers=self.enforcement.applied, skipped=self.enforcement.skipped)
         for layer, reason in self.enforcement.skipped.items():
             status.warn(f"layer '{layer}' skipped (best effort): {reason}")
+        if self.plan.program.ready == "exec" or self.ready_pending:
+            self._become_ready()
 
     def _forward_signals(self):
         while self.pending_signals:
@@ -431,7 +536,8 @@ def _drain(fd):
 class _Child:
     """The setup child, then (after the pid-namespace fork) the sandbox's pid 1 and the program."""
 
-    def __init__(self, plan, enforcement, sock_fd, exec_w, launcher_pid, entries, argv, environment, bpf, cgroup):
+    def __init__(self, plan, enforcement, sock_fd, exec_w, launcher_pid, entries, argv, environment, bpf, listen,
+                 cgroup):
         self.plan = plan
         self.enforcement = enforcement
         self.sock_fd = sock_fd
@@ -441,6 +547,7 @@ class _Child:
         self.argv = argv
         self.environment = environment
         self.bpf = bpf
+        self.listen = listen            # the filter notifies: the launcher takes its listener
         self.cgroup = cgroup
         self.user_namespace = False
         self.last_cap = None
@@ -590,7 +697,7 @@ class _Child:
         environment = dict(self.environment)
         if "LISTEN_FDS" in environment:
             environment["LISTEN_PID"] = str(os.getpid())
-        report = bool(self.bpf) and plan.seccomp.report
+        report = bool(self.bpf) and self.listen
         listener_number = -1
         if report:   # the kernel gives the listener the lowest free number: tell the launcher which
             listener_number = fcntl.fcntl(self.sock_fd, fcntl.F_DUPFD_CLOEXEC, 0)

@@ -32,14 +32,16 @@ _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%\Z")
 
 TOP_KEYS = ("name", "die_with_parent", "program", "namespaces", "identity", "filesystem", "landlock",
             "seccomp", "limits", "fds", "network", "environment", "enforcement")
-PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site")
+PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready")
 NAMESPACE_KEYS = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup", "hostname", "pid1")
 IDENTITY_KEYS = ("uid", "gid", "unprivileged_uid", "unprivileged_gid")
 FILESYSTEM_KEYS = ("root_size", "readonly_root", "proc", "devices", "bind", "tmpfs", "symlink")
 BIND_KEYS = ("source", "target", "writable", "optional")
 TMPFS_KEYS = ("target", "size", "mode")
 SYMLINK_KEYS = ("target", "points_to")
-SECCOMP_KEYS = ("enabled", "default_action", "default_errno", "allow", "rule", "report")
+SECCOMP_KEYS = ("enabled", "default_action", "default_errno", "allow", "rule", "report", "steady_deny",
+                "steady_action", "steady_errno", "steady_rule")
+STEADY_ACTIONS = ("kill", "kill_thread", "errno")   # a steady rule only takes permissions away
 RULE_KEYS = ("syscall", "action", "errno", "args")
 ARG_KEYS = ("index", "op", "value", "mask")
 LIMIT_KEYS = tuple(sorted(SIZE_RLIMITS + COUNT_RLIMITS)) + ("cgroup",)
@@ -328,6 +330,12 @@ class _PlanBuilder:
             die_with_parent=r.get(self.data, "", "die_with_parent", _boolean, True),
             best_effort=frozenset(self.best_effort()),
         )
+        notify_fds = [fd.name for fd in fds if fd.kind == "notify"]
+        if len(notify_fds) > 1:
+            r.fail("fds", f"found {len(notify_fds)} notify fds ({', '.join(notify_fds)}), expected at most one")
+        elif program.ready == "notify" and not notify_fds:
+            r.fail("program.ready", 'found "notify" without a notify fd, expected an [[fds]] entry with kind = '
+                   '"notify" (the program writes READY=1 to it) or ready = "exec"')
         if not _directory_in_sandbox(program.cwd, plan.filesystem):
             r.fail("program.cwd", f"found {_describe(program.cwd)}, expected \"/\" or a directory the sandbox "
                    "has: a tmpfs or directory bind target, a directory inside such a bind, or a parent of a target")
@@ -383,7 +391,8 @@ class _PlanBuilder:
         if resolved is None:
             return P.ProgramPlan(argv=tuple(argv), executable=executable or "/", cwd=cwd), None
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,
-                             cwd=cwd), resolved
+                             cwd=cwd, ready=r.get(section, "program", "ready", _choice(P.READY_MODES), "exec")), \
+            resolved
 
     def namespaces(self):
         r = self.r
@@ -493,44 +502,18 @@ class _PlanBuilder:
     def seccomp(self):
         r = self.r
         section = self.section("seccomp", SECCOMP_KEYS)
-        default_action = r.get(section, "seccomp", "default_action", _choice(P.SECCOMP_ACTIONS), "kill")
-        default_errno = r.get(section, "seccomp", "default_errno", _errno_number)
-        if default_action == "errno" and default_errno is None:
-            default_errno = _errno_number("ENOSYS")
-        elif default_action != "errno" and "default_errno" in section:
-            r.fail("seccomp.default_errno", f'found {_describe(section["default_errno"])}, expected no '
-                   'default_errno (only used with default_action = "errno")')
+        default_action, default_errno = self.action_and_errno(section, "seccomp", "default_action", "default_errno",
+                                                              P.SECCOMP_ACTIONS, "kill", "ENOSYS")
         table = _SyscallTable()
-        rules = []
-        for key, entry in r.tables(section.get("rule", []), "seccomp.rule", RULE_KEYS):
-            syscall = r.require(entry, key, "syscall", _string, "a syscall name")
-            action = r.get(entry, key, "action", _choice(P.SECCOMP_ACTIONS), "allow")
-            err = r.get(entry, key, "errno", _errno_number)
-            if action == "errno" and err is None:
-                err = _errno_number("EPERM")
-            elif action != "errno" and "errno" in entry:
-                r.fail(f"{key}.errno", f'found {_describe(entry["errno"])}, expected no errno '
-                       '(only used with action = "errno")')
-            args = [self.arg_condition(arg_key, arg) for arg_key, arg in r.tables(entry.get("args", []),
-                                                                                   f"{key}.args", ARG_KEYS)]
-            if syscall is not None and table.check(r, f"{key}.syscall", syscall):
-                rules.append(P.SeccompRule(syscall=syscall, action=action, errno=err,
-                                           args=tuple(a for a in args if a is not None)))
+        rules = self.seccomp_rules(section, "rule", P.SECCOMP_ACTIONS, "allow", table)
         ruled = {rule.syscall for rule in rules}
         allowed = []
         problems_before = len(r.problems)
-        for index, name in enumerate(r.get(section, "seccomp", "allow", _string_list, [])):
-            key = f"seccomp.allow[{index}]"
+        for key, name, names in self.syscall_list(section, "allow", table):
             if name.startswith("@"):
-                from jailer import syscall_groups
-
-                if name not in syscall_groups.GROUPS:
-                    r.wrong(key, name, "a syscall group: one of " + ", ".join(syscall_groups.GROUPS),
-                            did_you_mean(name, syscall_groups.GROUPS))
-                    continue
                 # A syscall that has its own rules is governed by them, not by the group.
-                allowed += [s for s in syscall_groups.expand(name) if s not in ruled and table.exists(s)]
-            elif table.check(r, key, name):
+                allowed += [s for s in names if s not in ruled]
+            else:
                 if name in ruled:
                     r.fail(key, f"found {_describe(name)}, expected it either in seccomp.allow or in "
                            "[[seccomp.rule]], not both (an unconditional allow would void the rule)")
@@ -542,9 +525,75 @@ class _PlanBuilder:
                 rule.syscall == "execve" and rule.action in ("allow", "log") for rule in rules):
             r.fail("seccomp.allow", 'found no rule allowing execve, expected "execve" or "@default" (the program '
                    "is started by execve after the filter is installed)")
+        steady = self.steady_rules(section, table)
+        if steady and not enabled:
+            r.fail("seccomp.steady_deny" if "steady_deny" in section else "seccomp.steady_rule",
+                   "found steady rules with enabled = false, expected seccomp enabled (steady rules are "
+                   "part of the filter)")
+        native_only = {rule.syscall for rule in rules if rule.action in ("trap", "log")}
+        if default_action in ("trap", "log"):
+            native_only |= {rule.syscall for rule in steady} - {s for s in allowed} - ruled
+        for name in sorted(native_only & {rule.syscall for rule in steady}):
+            r.fail("seccomp.steady_deny", f"found steady rules for {_describe(name)}, whose plain action is trap "
+                   "or log, expected no steady rule for it (a syscall with steady rules is decided by the "
+                   "launcher, which can neither raise the trap's SIGSYS nor log it for the kernel)")
         return P.SeccompPlan(enabled=enabled, default_action=default_action, default_errno=default_errno,
                              rules=tuple(P.SeccompRule(syscall=s) for s in allowed) + tuple(rules),
-                             report=r.get(section, "seccomp", "report", _boolean, True))
+                             report=r.get(section, "seccomp", "report", _boolean, True), steady=steady)
+
+    def action_and_errno(self, table, prefix, action_key, errno_key, actions, default_action, default_errno):
+        """An action and its errno (only with "errno", where it defaults to default_errno)."""
+        r = self.r
+        action = r.get(table, prefix, action_key, _choice(actions), default_action)
+        err = r.get(table, prefix, errno_key, _errno_number)
+        if action == "errno" and err is None:
+            err = _errno_number(default_errno)
+        elif action != "errno" and errno_key in table:
+            r.fail(_join(prefix, errno_key), f'found {_describe(table[errno_key])}, expected no {errno_key} '
+                   f'(only used with {action_key} = "errno")')
+        return action, err
+
+    def syscall_list(self, section, list_key, table):
+        """(key, entry, syscalls) for each valid entry of a list of syscall names and @groups."""
+        r = self.r
+        entries = []
+        for index, name in enumerate(r.get(section, "seccomp", list_key, _string_list, [])):
+            key = f"seccomp.{list_key}[{index}]"
+            if name.startswith("@"):
+                from jailer import syscall_groups
+
+                if name not in syscall_groups.GROUPS:
+                    r.wrong(key, name, "a syscall group: one of " + ", ".join(syscall_groups.GROUPS),
+                            did_you_mean(name, syscall_groups.GROUPS))
+                    continue
+                entries.append((key, name, [s for s in syscall_groups.expand(name) if table.exists(s)]))
+            elif table.check(r, key, name):
+                entries.append((key, name, [name]))
+        return entries
+
+    def seccomp_rules(self, section, name, actions, default_action, table):
+        """[[seccomp.rule]] or [[seccomp.steady_rule]] entries as SeccompRules."""
+        r = self.r
+        rules = []
+        for key, entry in r.tables(section.get(name, []), f"seccomp.{name}", RULE_KEYS):
+            syscall = r.require(entry, key, "syscall", _string, "a syscall name")
+            action, err = self.action_and_errno(entry, key, "action", "errno", actions, default_action, "EPERM")
+            args = [self.arg_condition(arg_key, arg) for arg_key, arg in r.tables(entry.get("args", []),
+                                                                                   f"{key}.args", ARG_KEYS)]
+            if syscall is not None and table.check(r, f"{key}.syscall", syscall):
+                rules.append(P.SeccompRule(syscall=syscall, action=action, errno=err,
+                                           args=tuple(a for a in args if a is not None)))
+        return rules
+
+    def steady_rules(self, section, table):
+        """steady_deny (names and @groups, all with steady_action) and [[seccomp.steady_rule]]."""
+        r = self.r
+        action, err = self.action_and_errno(section, "seccomp", "steady_action", "steady_errno", STEADY_ACTIONS,
+                                            "kill", "EPERM")
+        denied = [s for _, _, names in self.syscall_list(section, "steady_deny", table) for s in names]
+        rules = self.seccomp_rules(section, "steady_rule", STEADY_ACTIONS, "kill", table)
+        return tuple(P.SeccompRule(syscall=s, action=action, errno=err) for s in dict.fromkeys(denied)) + \
+            tuple(rules)
 
     def arg_condition(self, key, entry):
         r = self.r

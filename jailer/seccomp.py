@@ -1,22 +1,40 @@
-"""Seccomp: compile Plan.seccomp to classic BPF, load it last, and name refused syscalls.
+"""Seccomp: compile Plan.seccomp to classic BPF, load it last, name refused syscalls, stage rules.
 
 Compiling uses pyseccomp (libseccomp) and happens in the launcher, never on the hot path
 when the profile's cache is warm: the exported BPF bytes are cached per profile. Loading
 is one seccomp(2) call in the process about to exec.
 
-Reporting (SeccompPlan.report): the deny actions (kill, kill_thread, errno, including the
-default action) compile to SECCOMP_RET_USER_NOTIF instead. The filter's listener fd goes
-to the launcher, which takes it from the child with pidfd_getfd (the child cannot send it:
-once the filter is loaded, sendmsg may itself be refused and would wait for a listener
-nobody holds yet; the child only waits in one read() for the launcher's go-ahead, which,
-if the filter refuses read, is the first notification and is answered silently). The
-launcher then receives each notification, names the syscall, re-evaluates the
-plan's rules for the syscall's arguments, and answers: errno rules fail the call with
-their errno; kill and kill_thread kill the whole sandbox (its status then reads SIGSYS,
-as the kernel's own action would). The launcher never answers CONTINUE, checks that a
-notification is still valid before acting on its pid, and if the launcher disappears the
-kernel fails every pending and future notified syscall (ENOSYS). trap and log stay
-native actions. Without reporting, actions map one to one onto the kernel's.
+Notification (SECCOMP_RET_USER_NOTIF). Three things route a syscall to the launcher
+instead of letting the kernel act alone:
+  - reporting (SeccompPlan.report): the deny actions (kill, kill_thread, errno, including
+    the default action) notify, so the launcher can name the refused syscall;
+  - staging (SeccompPlan.steady): every syscall a steady rule names notifies, whatever
+    its arguments, because the kernel's filter cannot change once loaded (a second,
+    stricter filter would have to be installed by the program itself);
+  - learning (compile_bpf(..., route_all_to_notify=True)): every syscall notifies.
+The filter's listener fd goes to the launcher, which takes it from the child with
+pidfd_getfd (the child cannot send it: once the filter is loaded, sendmsg may itself be
+refused and would wait for a listener nobody holds yet; the child only waits in one
+read() for the launcher's go-ahead, which, if the filter notifies read, is the first
+notification and is answered silently). The launcher then receives each notification
+and asks its decision policy (NotificationPolicy: decide(name, nr, args, stage) ->
+(action, errno)) what to do: "errno" fails the call, "kill" kills the whole sandbox
+(its status then reads SIGSYS, as the kernel's own action would), "continue" lets the
+syscall run (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
+
+Why CONTINUE is safe here. seccomp_unotify(2) warns that a supervisor must not base a
+security decision on memory the caller can change between the check and the syscall
+(time-of-check/time-of-use). jailer's decisions read only the syscall number and the
+six argument registers copied into the notification, the same values a kernel filter
+compares; no pointer is ever dereferenced (a path, a sockaddr), so there is nothing the
+program can swap after the decision, and a CONTINUE'd call runs with exactly the values
+decided on. CONTINUE is answered only where the plan allows the syscall with those
+arguments (the "setup" stage before the program is ready, or a steady syscall whose
+steady rules do not match); refusals never depend on it. The launcher checks that a
+notification is still valid before killing on its behalf, and if the launcher
+disappears the kernel fails every pending and future notified syscall (ENOSYS).
+trap and log stay native actions. Without any notification, actions map one to one onto
+the kernel's.
 """
 
 from __future__ import annotations
@@ -60,19 +78,35 @@ def _op_value(pyseccomp, op):
             "gt": pyseccomp.GT, "ge": pyseccomp.GE, "masked_eq": pyseccomp.MASKED_EQ}[op]
 
 
-def compile_bpf(seccomp) -> bytes:
-    """The plan's filter as classic BPF for this machine's native ABI (other ABIs are killed)."""
+def needs_listener(seccomp, route_all_to_notify: bool = False) -> bool:
+    """Whether the filter notifies (the launcher then takes its listener)."""
+    return seccomp.enabled and bool(seccomp.report or seccomp.steady or route_all_to_notify)
+
+
+def compile_bpf(seccomp, route_all_to_notify: bool = False) -> bytes:
+    """The plan's filter as classic BPF for this machine's native ABI (other ABIs are killed).
+
+    A syscall named by a steady rule notifies unconditionally (its plain rules are then
+    applied by the launcher's policy, see StagedPolicy). route_all_to_notify=True makes
+    every syscall notify (for learning a profile with a recording policy)."""
     import pyseccomp
 
+    if route_all_to_notify:
+        return _export(pyseccomp.SyscallFilter(pyseccomp.NOTIFY))
     default = _action_value(pyseccomp, seccomp.default_action, seccomp.default_errno, seccomp.report)
     syscall_filter = pyseccomp.SyscallFilter(default)
+    staged = steady_syscalls(seccomp)
+    for name in sorted(staged):
+        _check_known(pyseccomp, name)
+        if default != pyseccomp.NOTIFY:
+            syscall_filter.add_rule(pyseccomp.NOTIFY, name)
     for rule in seccomp.rules:
+        if rule.syscall in staged:
+            continue
         action = _action_value(pyseccomp, rule.action, rule.errno, seccomp.report)
         if action == default:
             continue
-        if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, rule.syscall) < 0:
-            raise LayerError("seccomp", f"unknown syscall '{rule.syscall}' in a rule",
-                             "check the spelling (names as in syscalls(2))")
+        _check_known(pyseccomp, rule.syscall)
         for conditions in _expanded_conditions(rule):
             args = [pyseccomp.Arg(index, _op_value(pyseccomp, op), *operands) for index, op, operands in conditions]
             try:
@@ -80,6 +114,19 @@ def compile_bpf(seccomp) -> bytes:
             except OSError as exc:
                 raise LayerError("seccomp", f"libseccomp refused the rule for {rule.syscall}: {exc.strerror}",
                                  "rules for one syscall must not contradict each other") from None
+    return _export(syscall_filter)
+
+
+def steady_syscalls(seccomp) -> set[str]:
+    return {rule.syscall for rule in seccomp.steady}
+
+
+def _check_known(pyseccomp, name):
+    if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name) < 0:
+        raise LayerError("seccomp", f"unknown syscall '{name}' in a rule", "check the spelling (names as in syscalls(2))")
+
+
+def _export(syscall_filter) -> bytes:
     memfd = os.memfd_create("jailer-bpf", os.MFD_CLOEXEC)
     with open(memfd, "w+b") as buffer:
         syscall_filter.export_bpf(buffer)
@@ -174,22 +221,61 @@ def _condition_holds(syscall: str, condition, value: int) -> bool:
 
 
 def decide(seccomp, name: str, args) -> tuple[str, int | None]:
-    """(action, errno) the plan gives this syscall with these arguments: the most severe
-    of the matching rules, or the default action when none matches."""
-    matching = [rule for rule in seccomp.rules if rule.syscall == name
-                and all(_condition_holds(name, c, args[c.index]) for c in rule.args)]
-    if not matching:
+    """(action, errno) the plan's plain rules give this syscall with these arguments: the most
+    severe of the matching rules, or the default action when none matches."""
+    rule = _most_severe(seccomp.rules, name, args)
+    if rule is None:
         return seccomp.default_action, seccomp.default_errno
-    rule = max(matching, key=lambda r: SEVERITY[r.action])
     return rule.action, rule.errno
 
 
-class Notifications:
-    """The launcher's side of the listener: answer each notified syscall and describe it."""
+def _most_severe(rules, name, args):
+    matching = [rule for rule in rules if rule.syscall == name
+                and all(_condition_holds(name, c, args[c.index]) for c in rule.args)]
+    return max(matching, key=lambda r: SEVERITY[r.action], default=None)
 
-    def __init__(self, listener: int, seccomp, names: dict[int, str], kill_sandbox):
-        self.listener = listener
+
+STAGES = ("setup", "steady")
+POLICY_ACTIONS = ("continue", "errno", "kill")
+
+
+class StagedPolicy:
+    """The default NotificationPolicy: the plan's rules, plus its steady rules once the
+    program is ready (the more severe action wins, so steady rules only take away).
+
+    decide(name, nr, args, stage) -> (action, errno): name is the syscall's name (or
+    "syscall N"), nr its number, args its six argument registers as ints, stage "setup"
+    or "steady"; action is one of POLICY_ACTIONS, errno an int for "errno" (else None).
+    "continue" is only answered for syscalls routed to the launcher while the plan allows
+    them (steady syscalls, or everything when the filter routes all); any other allowed
+    syscall reaching the launcher means the filter and the plan disagree: it is refused."""
+
+    def __init__(self, seccomp, route_all_to_notify: bool = False):
         self.seccomp = seccomp
+        self.continuable = steady_syscalls(seccomp)
+        self.route_all = route_all_to_notify
+
+    def decide(self, name: str, nr: int, args, stage: str) -> tuple[str, int | None]:
+        action, errno = decide(self.seccomp, name, args)
+        if stage == "steady":
+            steady = _most_severe(self.seccomp.steady, name, args)
+            if steady is not None and SEVERITY[steady.action] > SEVERITY[action]:
+                action, errno = steady.action, steady.errno
+        if action in ("allow", "log"):
+            if self.route_all or name in self.continuable:
+                return "continue", None
+            return "errno", EPERM
+        if action == "errno":
+            return "errno", EPERM if errno is None else errno
+        return "kill", None   # kill, kill_thread, and trap (its SIGSYS cannot be raised from outside)
+
+
+class Notifications:
+    """The launcher's side of the listener: answer each notified syscall as the policy says."""
+
+    def __init__(self, listener: int, policy, names: dict[int, str], kill_sandbox):
+        self.listener = listener
+        self.policy = policy
         self.names = names
         self.kill_sandbox = kill_sandbox   # called with the notifying pid when a kill action fires
         self.killed = False
@@ -199,22 +285,28 @@ class Notifications:
 
         return syscalls.seccomp_notif_recv(self.listener)
 
-    def answer(self, notif) -> dict:
-        """Answer one notification; returns the status event fields for it."""
+    def answer(self, notif, stage: str) -> dict | None:
+        """Answer one notification; returns the status event fields for a refusal (None when continued)."""
         from jailer import syscalls
 
         nr = notif.data.nr
         name = self.names.get(nr, f"syscall {nr}")
-        action, errno = decide(self.seccomp, name, list(notif.data.args))
-        if action not in DENY_ACTIONS:
-            action, errno = "errno", EPERM   # the filter and the plan disagree: refuse, never continue
+        action, errno = self.policy.decide(name, nr, tuple(notif.data.args), stage)
+        if action == "continue":
+            try:
+                syscalls.seccomp_notif_continue(self.listener, notif.id)
+            except OSError:
+                pass   # the caller was interrupted or killed meanwhile: nothing left to answer
+            return None
         if action == "errno":
             errno = EPERM if errno is None else errno
             try:
                 syscalls.seccomp_notif_fail(self.listener, notif.id, errno)
             except OSError:
-                pass   # the caller was interrupted or killed meanwhile: nothing left to answer
-            return {"syscall": name, "nr": nr, "action": "errno", "errno": errno, "pid": notif.pid}
+                pass
+            return {"syscall": name, "nr": nr, "action": "errno", "errno": errno, "pid": notif.pid, "stage": stage}
+        if action != "kill":
+            raise ValueError(f"notification policy answered {action!r}, expected one of {POLICY_ACTIONS}")
         if syscalls.seccomp_notif_id_valid(self.listener, notif.id):
             self.killed = True
             self.kill_sandbox(notif.pid)
@@ -222,4 +314,4 @@ class Notifications:
             syscalls.seccomp_notif_fail(self.listener, notif.id, EPERM)
         except OSError:
             pass
-        return {"syscall": name, "nr": nr, "action": action, "pid": notif.pid}
+        return {"syscall": name, "nr": nr, "action": "kill", "pid": notif.pid, "stage": stage}

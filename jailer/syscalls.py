@@ -73,6 +73,7 @@ SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
 SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
 SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 
 # Landlock
 LANDLOCK_CREATE_RULESET_VERSION = 1
@@ -212,8 +213,16 @@ def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:
 
 
 def seccomp_notif_fail(listener: int, notif_id: int, errno: int) -> None:
-    """Answer a notification with an error; jailer never answers with CONTINUE."""
-    response = _SeccompNotifResp(notif_id, 0, -errno, 0)
+    """Answer a notification with an error."""
+    _notif_send(_SeccompNotifResp(notif_id, 0, -errno, 0), listener)
+
+
+def seccomp_notif_continue(listener: int, notif_id: int) -> None:
+    """Let the notified syscall run as if the filter had allowed it (see jailer.seccomp on when that is safe)."""
+    _notif_send(_SeccompNotifResp(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE), listener)
+
+
+def _notif_send(response, listener):
     _check(_libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_SEND), ctypes.byref(response)))
 
 

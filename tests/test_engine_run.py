@@ -122,14 +122,15 @@ def test_sigterm_kills_a_plain_sleep(pid1):
 def test_status_fd_reports_started_enforced_and_exited():
     result, events = run_with_status(plan_for("root", "exit 4"))
     assert result.returncode == 4
-    assert [e["event"] for e in events] == ["started", "enforced", "exited"]
+    assert [e["event"] for e in events] == ["started", "enforced", "ready", "exited"]
     assert isinstance(events[0]["pid"], int) and events[0]["pid"] > 1
     layers = events[1]["layers"]
     for layer in ("user_namespace", "mount_namespace", "pid_namespace", "net_namespace", "pivot_root", "landlock",
                   "capabilities", "no_new_privs", "securebits"):
         assert layer in layers
     assert events[1]["skipped"] == {}
-    assert events[2] == {"event": "exited", "code": 4}
+    assert events[2] == {"event": "ready", "pid": events[0]["pid"]}
+    assert events[3] == {"event": "exited", "code": 4}
 
 
 def test_killed_program_exits_like_a_shell():

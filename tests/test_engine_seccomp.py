@@ -29,9 +29,9 @@ def test_killed_syscall_is_named_on_stderr_and_in_status(invocation):
     assert result.returncode == 128 + 31
     assert "survived" not in result.stdout
     assert "jailer: seccomp: the program called ptrace, refused by action 'kill': sandbox killed" in result.stderr
-    assert [e["event"] for e in events] == ["started", "enforced", "seccomp", "exited"]
-    assert events[2]["syscall"] == "ptrace" and events[2]["action"] == "kill"
-    assert events[3] == {"event": "exited", "signal": 31}
+    assert [e["event"] for e in events] == ["started", "enforced", "ready", "seccomp", "exited"]
+    assert events[3]["syscall"] == "ptrace" and events[3]["action"] == "kill"
+    assert events[4] == {"event": "exited", "signal": 31}
 
 
 def test_default_action_applies_to_unlisted_syscalls_and_argument_rules_match():
@@ -78,8 +78,8 @@ def test_launchers_own_wait_after_loading_is_not_mistaken_for_the_programs():
     result, events = run_with_status(plan_for("root", "true", seccomp=seccomp))
     assert result.returncode == 128 + 31
     kinds = [e["event"] for e in events]
-    assert kinds[:2] == ["started", "enforced"]   # the program was exec'd
-    assert events[2]["syscall"] == "read" and events[2]["pid"] == events[0]["pid"]
+    assert kinds[:3] == ["started", "enforced", "ready"]   # the program was exec'd
+    assert events[3]["syscall"] == "read" and events[3]["pid"] == events[0]["pid"]
 
 
 @pytest.mark.parametrize("report", [True, False])

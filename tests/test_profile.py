@@ -227,7 +227,7 @@ def test_example_profiles_are_valid():
      "P: namespaces.usr: found unknown key, expected one of user, mount, pid, net, ipc, uts, cgroup, hostname, "
      "pid1 (did you mean 'user'?)"),
     ("[program]\nargv = [\"/bin/true\"]\nruntme = \"native\"\n[seccomp]\nallow = [\"@default\"]\n",
-     "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site "
+     "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site, ready "
      "(did you mean 'runtime'?)"),
     (BASE + "[namespaces]\nuser = \"yes\"\n", 'P: namespaces.user: found "yes", expected true or false'),
     (BASE + "[namespaces]\npid1 = \"reapr\"\n",

@@ -201,7 +201,7 @@ class ServerConnection(FrameReader):
         self.client_max_xfer = P.DEFAULT_MAX_DATA_XFER_SIZE
         self.client_capabilities: dict = {}
         self.outgoing: list = []            # (bytes, fds) for the transport, in order
-        self._parked: deque = deque()       # commands that arrived while one was running
+        self.parked: deque = deque()        # commands that arrived while one was running
         self._replies: dict = {}            # msg_id -> Frame, replies to our requests
         self._waiting: set = set()          # msg_ids of our requests not yet answered
         self._next_id = 1
@@ -217,14 +217,10 @@ class ServerConnection(FrameReader):
             at = self._base + self.end
             self._fds.append((at, at + nbytes, list(fds)))
         self.end += nbytes
-        if self._parked:
+        if self.parked:
             self._run_parked()
-        buf = self.buf
-        out = self.outgoing
-        handler = self.handler
-        read_limits = handler.read_limits
-        write_limits = handler.write_limits
         fast = self.state is READY and not self._fds
+        out = self.outgoing
         while True:
             pos = self.start
             avail = self.end - pos
@@ -233,57 +229,80 @@ class ServerConnection(FrameReader):
                     self._base += pos
                     self.start = self.end = 0
                 return
-            # Hot path: a well-formed REGION_READ/WRITE within bounds, no fds, once negotiated.
-            if avail >= _ACCESS_SIZE and fast:
-                msg_id, cmd, size, flags, _err, offset, region, count = _HDR_ACCESS.unpack_from(buf, pos)
-                if cmd == _REGION_READ and size == _ACCESS_SIZE and not flags and count <= _MAX_XFER:
-                    try:
-                        limit = read_limits[region]
-                    except IndexError:
-                        limit = -1
-                    if offset + count <= limit:
-                        self.start = pos + _ACCESS_SIZE
-                        try:
-                            data = handler.device_read(region, offset, count)
-                        except Exception as exc:           # noqa: BLE001 - turned into an error reply
-                            self._error(msg_id, cmd, flags, exc)
-                            data = None
-                        if data is not None:
-                            if len(data) == count:
-                                out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0,
-                                                             offset, region, count) + data, None))
-                            else:
-                                self._error(msg_id, cmd, flags, DeviceError(
-                                    f"region {region} read returned {len(data)} bytes instead of {count}",
-                                    errno.EIO))
-                        if self._parked:                    # commands that came in during its DMA
-                            self._run_parked()
-                        continue
-                elif cmd == _REGION_WRITE and size == _ACCESS_SIZE + count and not flags & ~_NO_REPLY \
-                        and avail >= size:
-                    try:
-                        limit = write_limits[region]
-                    except IndexError:
-                        limit = -1
-                    if offset + count <= limit and count:
-                        self.start = pos + size
-                        try:
-                            handler.device_write(region, offset, bytes(buf[pos + _ACCESS_SIZE:pos + size]))
-                        except Exception as exc:           # noqa: BLE001 - turned into an error reply
-                            self._error(msg_id, cmd, flags, exc)
-                            flags = _NO_REPLY
-                        if not flags:
-                            out.append((_HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0,
-                                                         offset, region, count), None))
-                        if self._parked:
-                            self._run_parked()
-                        continue
+            if fast:
+                reply = self._hot(pos, avail)
+                if reply is not None:
+                    if reply:
+                        out.append((reply, None))
+                    if self.parked:             # commands that came in during its DMA
+                        self._run_parked()
+                    continue
             frame = self.next_frame()
             if frame is None:
                 return
             self._dispatch(frame)
-            if self._parked:
+            if self.parked:
                 self._run_parked()
+
+    def hot_reply(self, nbytes: int) -> bytes | None:
+        """receive() for the usual case, without its bookkeeping: `nbytes` arrived (no fds)
+        in an empty buffer and start with a plain in-bounds REGION_READ or REGION_WRITE.
+        Runs it and returns its reply (b"" for a posted write). Returns None when the
+        case does not apply, with nothing run. Either way, when `end` or `parked` is left
+        non-zero afterwards, receive(0) must run what remains; replies of those come
+        after the one returned here."""
+        if self.end or self.parked or self._fds or self.state is not READY:
+            self.end += nbytes
+            return None
+        self.end = nbytes
+        reply = self._hot(0, nbytes)
+        if self.start == nbytes:
+            self._base += nbytes
+            self.start = self.end = 0
+        return reply
+
+    def _hot(self, pos: int, avail: int) -> bytes | None:
+        """Run the REGION_READ/WRITE at buf[pos:] if it is a plain, complete, in-bounds one
+        (consuming it first, so DMA the device does meanwhile can receive behind it) and
+        return its reply bytes; None, with nothing done, for anything else."""
+        if avail < _ACCESS_SIZE:
+            return None
+        msg_id, cmd, size, flags, _err, offset, region, count = _HDR_ACCESS.unpack_from(self.buf, pos)
+        handler = self.handler
+        if cmd == _REGION_READ:
+            if size != _ACCESS_SIZE or flags or count > _MAX_XFER:
+                return None
+            try:
+                if offset + count > handler.read_limits[region]:
+                    return None
+            except IndexError:
+                return None
+            self.start = pos + _ACCESS_SIZE
+            try:
+                data = handler.device_read(region, offset, count)
+            except Exception as exc:                       # noqa: BLE001 - turned into an error reply
+                return self._error_reply(msg_id, cmd, flags, exc)
+            if len(data) != count:
+                return self._error_reply(msg_id, cmd, flags, DeviceError(
+                    f"region {region} read returned {len(data)} bytes instead of {count}", errno.EIO))
+            return _HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE + count, _REPLY, 0, offset, region, count) + data
+        if cmd == _REGION_WRITE:
+            if size != _ACCESS_SIZE + count or flags & ~_NO_REPLY or size > avail or not count:
+                return None
+            try:
+                if offset + count > handler.write_limits[region]:
+                    return None
+            except IndexError:
+                return None
+            self.start = pos + size
+            try:
+                handler.device_write(region, offset, bytes(self.buf[pos + _ACCESS_SIZE:pos + size]))
+            except Exception as exc:                       # noqa: BLE001 - turned into an error reply
+                return self._error_reply(msg_id, cmd, flags, exc)
+            if flags:
+                return b""
+            return _HDR_ACCESS.pack(msg_id, cmd, _ACCESS_SIZE, _REPLY, 0, offset, region, count)
+        return None
 
     def receive_replies(self, nbytes: int, fds=()) -> None:
         """Variant of receive() while a command waits for a reply to start_request():
@@ -293,11 +312,11 @@ class ServerConnection(FrameReader):
             if frame.flags & P.FLAG_TYPE_MASK == P.TYPE_REPLY:
                 self._accept_reply(frame)
             else:
-                self._parked.append(frame)
+                self.parked.append(frame)
 
     def _run_parked(self) -> None:
-        while self._parked:
-            self._dispatch(self._parked.popleft())
+        while self.parked:
+            self._dispatch(self.parked.popleft())
 
     def _accept_reply(self, frame: Frame) -> None:
         close_fds(frame.fds)
@@ -397,14 +416,20 @@ class ServerConnection(FrameReader):
         self.outgoing.append((codec.encode_message(frame.msg_id, frame.cmd, P.TYPE_REPLY, payload), fds))
 
     def _error(self, msg_id: int, cmd: int, flags: int, exc: Exception) -> None:
+        reply = self._error_reply(msg_id, cmd, flags, exc)
+        if reply:
+            self.outgoing.append((reply, None))
+
+    @staticmethod
+    def _error_reply(msg_id: int, cmd: int, flags: int, exc: Exception) -> bytes:
+        """Log why a command failed; its error reply, or b"" under NO_REPLY."""
         if isinstance(exc, (DecodeError, DeviceError)):
             err = exc.errno
             log.info("%s (id %d) refused: %s", P.command_name(cmd), msg_id, exc)
         else:
             err = errno.EIO
             log.error("%s (id %d) failed", P.command_name(cmd), msg_id, exc_info=exc)
-        if not flags & P.FLAG_NO_REPLY:
-            self.outgoing.append((codec.encode_error_reply(msg_id, cmd, err), None))
+        return b"" if flags & P.FLAG_NO_REPLY else codec.encode_error_reply(msg_id, cmd, err)
 
     # --- server -> client requests ------------------------------------------------------
 
@@ -425,8 +450,8 @@ class ServerConnection(FrameReader):
 
     def close(self) -> None:
         super().close()
-        while self._parked:
-            close_fds(self._parked.popleft().fds)
+        while self.parked:
+            close_fds(self.parked.popleft().fds)
         self.state = CLOSED
 
 

@@ -54,6 +54,7 @@ CAPABILITIES = {
 }
 _EPOLLIN = select.EPOLLIN
 _CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC     # (the kernel echoes MSG_CMSG_CLOEXEC in msg_flags)
 # While a client keeps sending, its session reads on (a blocking read bounded by
 # HOT_WAIT seconds) instead of going back to epoll after every message: one system call
 # less per round trip. After HOT_READS messages, a due timer, or a quiet HOT_WAIT, the
@@ -263,8 +264,10 @@ class Session(DeviceHost):
         conn = self.conn
         transport = self.transport
         recvmsg_into = transport.sock.recvmsg_into
+        send = transport.sock.send
         space = transport.ancillary_space
         empty_views = conn.empty_views
+        hot_reply = conn.hot_reply
         out = conn.outgoing
         timers = self.server._timers
         budget = HOT_READS
@@ -279,12 +282,23 @@ class Session(DeviceHost):
                     continue
                 except OSError as exc:
                     raise TransportError(f"receive failed: {exc.strerror or exc}") from None
-                if ancdata or msg_flags:
+                if ancdata or msg_flags & _TRUNCATED:
                     conn.receive(nbytes, transport.ancillary_fds(ancdata, msg_flags))
-                elif nbytes:
-                    conn.receive(nbytes)
-                if not nbytes:
+                    if not nbytes:
+                        raise TransportError("end of stream")
+                elif not nbytes:
                     raise TransportError("end of stream")
+                else:
+                    reply = hot_reply(nbytes)
+                    if reply is None:
+                        conn.receive(0)
+                    else:
+                        if reply:
+                            sent = send(reply)
+                            if sent != len(reply):
+                                transport.flush([(reply[sent:], None)])
+                        if conn.end or conn.parked:
+                            conn.receive(0)
                 if out:
                     transport.flush(out)
                 budget -= 1
@@ -295,6 +309,8 @@ class Session(DeviceHost):
             self.server._end_session(f"malformed frame: {exc}")
         except TransportError as exc:
             self.server._end_session(str(exc))
+        except OSError as exc:
+            self.server._end_session(f"send failed: {exc.strerror or exc}")
         else:
             if self._closed:
                 self.server._end_session("connection lost during DMA")

@@ -66,7 +66,7 @@ class SocketTransport:
             return self.receive(reader)
         except OSError as exc:
             raise TransportError(f"receive failed: {exc.strerror or exc}") from None
-        if not ancdata and not msg_flags:
+        if not ancdata and not msg_flags & _TRUNCATED:
             return nbytes, ()
         return nbytes, self.ancillary_fds(ancdata, msg_flags)
 
