@@ -356,7 +356,8 @@ def test_seccomp_violation_is_named(invocation, scratch, jailed):
     assert device.proc.wait(10) == SIGSYS_STATUS, device.errors()
     violations = [e for e in device.events() if e["event"] == "seccomp"]
     assert violations and violations[0]["syscall"] == "accept4" and violations[0]["action"] == "kill"
-    assert "jailer: seccomp: the program called accept4, refused by action 'kill'" in device.errors()
+    assert "jailer: seccomp: the program called accept4 after it was ready, refused by action 'kill'" \
+        in device.errors()
     assert not os.path.exists(sock)
 
 
@@ -388,7 +389,9 @@ def test_enforced_layers_are_the_profile_s(scratch, jailed):
         assert layers[layer], layer
     assert layers["network"] == {"mode": "none"}
     assert set(layers["capabilities"].values()) == {0}
-    assert layers["seccomp"]["default"] == "kill"
+    assert layers["seccomp"]["default"] == "kill" and layers["seccomp"]["steady_rules"] == 1   # execve
+    stages = [e["event"] for e in device.events() if e["event"] in ("ready", "stage")]
+    assert stages == ["ready", "stage"]                        # the steady rules apply once it runs
     assert layers["rlimits"]["nofile"] == [64, 64] and layers["rlimits"]["core"] == [0, 0]
     if IS_ROOT:
         assert set(layers["cgroup"]) == {"memory", "pids", "cpu"}
