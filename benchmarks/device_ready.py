@@ -16,7 +16,9 @@ each per round, as root and as uid 65534 (setpriv).
           environment, the listening socket passed as a descriptor, and the profile's
           seccomp filter compiled by jailer.seccomp.compile_bpf (killing instead of
           reporting, plus wait4 for bwrap's own pid 1, which runs under the filter too) on
-          --seccomp. Not expressible in bwrap: Landlock, rlimits, cgroups.
+          --seccomp. Not expressible in bwrap: Landlock, rlimits, cgroups, and the steady
+          rule that denies execve once the device runs (jailer answers it from a seccomp
+          notification listener).
           bwrap always runs as uid 65534: as root it cannot drop the device to another
           host uid itself, so in the root row it is started through setpriv (which execs).
   bare    the interpreter, flags and environment the plan runs the device with, i.e.
@@ -95,14 +97,15 @@ def bwrap_argv(plan_json, socket_fd, seccomp_fd):
 
 def seccomp_memfd():
     """The profile's filter as BPF in a memfd, for bwrap: kill actions kill (bwrap has no one
-    to report to), and wait4 is allowed, because bwrap loads the filter in its own pid 1 too,
-    which reaps with it."""
+    to report to), no steady rules (they need jailer's notification listener), and wait4 is
+    allowed, because bwrap loads the filter in its own pid 1 too, which reaps with it."""
     from jailer import seccomp
     from jailer.plan import SeccompRule
     from jailer.profile import build_plan
 
     filter_plan = build_plan(PROFILE, euid=os.geteuid()).seccomp
-    filter_plan = dataclasses.replace(filter_plan, report=False, rules=(*filter_plan.rules, SeccompRule("wait4")))
+    filter_plan = dataclasses.replace(filter_plan, report=False, steady=(),
+                                      rules=(*filter_plan.rules, SeccompRule("wait4")))
     bpf = seccomp.compile_bpf(filter_plan)
     fd = os.memfd_create("idio16-seccomp", 0)
     os.write(fd, bpf)
