@@ -40,6 +40,7 @@ EXERCISERS = ("vfio-user", "none")
 LOW32 = 0xFFFFFFFF
 PROT_EXEC = 0x4
 CLONE_NEW_FLAGS = 0x7E020000 | 0x80       # CLONE_NEWNS..CLONE_NEWNET, CLONE_NEWCGROUP, CLONE_NEWTIME
+OPEN_WRITING = 0x243                     # O_WRONLY | O_RDWR | O_CREAT | O_TRUNC: 0 means opening to read
 COMMENT_COLUMN = 72                      # comments after longer entries just follow them
 MAX_VALUES = 16                          # more distinct values than this: the argument is left free
 # syscall -> ((argument index, mask or None), ...): the arguments that select what a call does.
@@ -50,6 +51,7 @@ SELECTORS = {
     "getsockopt": ((1, None), (2, None)), "prctl": ((0, None),), "arch_prctl": ((0, None),),
     "madvise": ((2, None),), "personality": ((0, None),), "clone": ((0, CLONE_NEW_FLAGS),),
     "mmap": ((2, PROT_EXEC),), "mprotect": ((2, PROT_EXEC),), "pkey_mprotect": ((2, PROT_EXEC),),
+    "open": ((1, OPEN_WRITING),), "openat": ((2, OPEN_WRITING),),
 }
 # Syscalls that give a process new powers: new descriptors from paths or sockets, new
 # processes or programs, new names in the file system. Seen only during start-up, they
@@ -227,6 +229,8 @@ def _describe(name, conditions, names) -> str:
     for index, op, value, mask in conditions:
         if op == "masked_eq" and mask == PROT_EXEC:
             parts.append("executable" if value else "not executable")
+        elif op == "masked_eq" and mask == OPEN_WRITING:
+            parts.append("for writing" if value else "read-only")
         elif op == "masked_eq" and mask == CLONE_NEW_FLAGS:
             parts.append("new namespaces" if value else "no new namespaces")
         elif value in names.get((name, index), {}):
@@ -267,24 +271,36 @@ def _aligned(entries) -> list:
     return [f"    {(entry + ','):<{width}}  # {comment}" if comment else f"    {entry}," for entry, comment in entries]
 
 
-def render_section(learned: Learned, original, exerciser: str, kept_rules=(), runs: int = 1) -> str:
-    """The new [seccomp] section: sorted, one syscall (or rule) per line, each with its counts."""
+_KEPT_LINE = re.compile(r'^\s*"([A-Za-z0-9_]+)",?\s*#\s*(keep:.*?)\s*$', re.MULTILINE)
+
+
+def kept_by_review(section_text: str) -> dict:
+    """name -> comment of the allow entries a reviewer marked `# keep: why` (they survive re-learning)."""
+    return {match.group(1): match.group(2) for match in _KEPT_LINE.finditer(section_text)}
+
+
+def render_section(learned: Learned, original, exerciser: str, kept_rules=(), runs: int = 1, kept_names=None) -> str:
+    """The new [seccomp] section: sorted, one syscall (or rule) per line, each with its counts.
+    `kept_names` (name -> "keep: why") are allowed too, with the reviewer's comment."""
     names = _value_names()
     default = original.default_action if original.default_action in DENY else "kill"
     lines = ["[seccomp]",
              f"# Learned by `jailer learn --exerciser {exerciser}` from {learned.calls()} calls of "
              f"{len(learned.names)} syscalls, then reviewed.",
-             f"# Counts are calls recorded in {runs} learning run{'s' if runs > 1 else ''} (the first records every "
-             "call, later ones",
-             '# only what was new): "setup" before the program was ready, "steady" after. Re-learn when',
-             "# the device, its Python or its libraries change; see docs/seccomp-learning.md.",
+             *((f"# Counts are calls recorded in {runs} learning runs (the first records every call, later ones",
+                "# only what was new):") if runs > 1 else ("# Counts are calls recorded in the learning run:",)),
+             '# "setup" before the program was ready, "steady" after. Re-learn when the device, its',
+             "# Python or its libraries change; see docs/seccomp-learning.md.",
              f'default_action = "{default}"']
     if default == "errno" and original.default_errno is not None:
         lines.append(f"default_errno = {original.default_errno}")
     if not original.report:
         lines.append("report = false")
     lines.append("allow = [")
-    lines += _aligned([(f'"{name}"', _stages(stages)) for name, stages in sorted(learned.allow.items())])
+    ruled = {name for name, _, _ in learned.rules}
+    entries = {name: _stages(stages) for name, stages in learned.allow.items()}
+    entries.update({name: why for name, why in (kept_names or {}).items() if name not in entries and name not in ruled})
+    lines += _aligned([(f'"{name}"', comment) for name, comment in sorted(entries.items())])
     lines.append("]")
     rules = [(_inline_rule(name, conditions), "; ".join(filter(None, [_describe(name, conditions, names),
                                                                        _stages(stages)])))
@@ -382,10 +398,9 @@ def _attached_start(text: str, offset: int) -> int:
     return start
 
 
-def replace_seccomp_section(text: str, section: str, path: str = "profile") -> str:
-    """`text` with its [seccomp] table (and [[seccomp.*]] tables) replaced by `section`."""
-    import toml
-
+def _seccomp_spans(text: str) -> list:
+    """(start, end) offsets of the [seccomp] and [[seccomp.*]] tables, with the comments directly
+    above the later ones (those above [seccomp] itself stay with the file)."""
     headers = _headers(text)
     spans = []
     for position, (offset, key) in enumerate(headers):
@@ -397,6 +412,18 @@ def replace_seccomp_section(text: str, section: str, path: str = "profile") -> s
             spans[-1] = (spans[-1][0], end)
         else:
             spans.append((start, end))
+    return spans
+
+
+def seccomp_section_text(text: str) -> str:
+    return "".join(text[start:end] for start, end in _seccomp_spans(text))
+
+
+def replace_seccomp_section(text: str, section: str, path: str = "profile") -> str:
+    """`text` with its [seccomp] table (and [[seccomp.*]] tables) replaced by `section`."""
+    import toml
+
+    spans = _seccomp_spans(text)
     if not spans:
         if "seccomp" in toml.loads(text):
             raise UsageError(f"{path}: the seccomp settings are not written as a [seccomp] table; "
@@ -653,7 +680,8 @@ def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, run
     learned = Learned(counts)
     if not learned.names:
         raise JailerError(f"{profile}: no syscall was recorded (is seccomp reporting available here?)")
-    section = render_section(learned, plan.seccomp, exerciser, Recorder(plan.seccomp).kept, runs)
+    kept_names = kept_by_review(seccomp_section_text(original))
+    section = render_section(learned, plan.seccomp, exerciser, Recorder(plan.seccomp).kept, runs, kept_names)
     text = replace_seccomp_section(original, section, profile)
     validation = validate(text, profile, exerciser, passed, codes.pop(), timeout)
     return {"profile_text": text, "syscalls": learned.names, "calls": learned.calls(),

@@ -1,6 +1,7 @@
 """jailer learn: rules from a trace, the seccomp section rewritten alone, and real learning runs."""
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -30,21 +31,23 @@ TRACE = Counter({
     ("read", (), "setup"): 10, ("read", (), "steady"): 50, ("execve", (), "setup"): 1,
     ("ioctl", (0x5401,), "setup"): 2, ("ioctl", (0x5421,), "steady"): 3,
     ("mmap", (learn.PROT_EXEC,), "setup"): 5, ("mmap", (0,), "setup"): 20, ("mmap", (0,), "steady"): 7,
-    ("mprotect", (0,), "steady"): 4, ("openat", (), "setup"): 100, ("fcntl", (3,), "steady"): 4,
+    ("mprotect", (0,), "steady"): 4, ("openat", (0,), "setup"): 100, ("fcntl", (3,), "steady"): 4,
     ("socket", (1, 0x80001), "setup"): 1, ("socket", ("errno", 13), "steady"): 2,
 })
 
 
 def test_rules_from_a_trace():
     learned = learn.Learned(TRACE)
-    assert sorted(learned.allow) == ["execve", "mmap", "openat", "read"]     # mmap: both prot values seen
+    assert sorted(learned.allow) == ["execve", "mmap", "read"]     # mmap: both prot values seen
     assert learned.allow["read"] == Counter(setup=10, steady=50)
     rules = {(name, conditions) for name, conditions, _ in learned.rules}
     assert rules == {("ioctl", ((1, "eq", 0x5401, None),)), ("ioctl", ((1, "eq", 0x5421, None),)),
                      ("fcntl", ((1, "eq", 3, None),)), ("mprotect", ((2, "masked_eq", 0, learn.PROT_EXEC),)),
+                     ("openat", ((2, "masked_eq", 0, learn.OPEN_WRITING),)),
                      ("socket", ((0, "eq", 1, None), (1, "eq", 0x80001, None)))}
     steady = {(name, conditions) for name, conditions, _ in learned.steady}
-    assert steady == {("execve", ()), ("openat", ()), ("ioctl", ((1, "eq", 0x5401, None),)),
+    assert steady == {("execve", ()), ("openat", ((2, "masked_eq", 0, learn.OPEN_WRITING),)),
+                      ("ioctl", ((1, "eq", 0x5401, None),)),
                       ("socket", ((0, "eq", 1, None), (1, "eq", 0x80001, None))),
                       ("mmap", ((2, "masked_eq", learn.PROT_EXEC, learn.PROT_EXEC),))}
     assert learned.refused == Counter({("socket", 13): 2}) and learned.calls() == 207
@@ -139,10 +142,21 @@ def test_rendered_section_builds_a_plan_and_keeps_deny_rules(tmp_path):
     plan = build_plan(str(profile))
     assert plan.seccomp.default_action == "kill"
     by_name = Counter(rule.syscall for rule in plan.seccomp.rules)
-    assert by_name["ioctl"] == 2 and by_name["socket"] == 2 and by_name["read"] == 1
+    assert by_name["ioctl"] == 2 and by_name["socket"] == 2 and by_name["read"] == 1 and by_name["openat"] == 1
+    assert "read-only; 100 setup" in section
     assert any(r.syscall == "socket" and r.action == "errno" and r.errno == 13 for r in plan.seccomp.rules)
     if learn.staging_supported():
         assert {r.syscall for r in plan.seccomp.steady} == {"execve", "openat", "ioctl", "socket", "mmap"}
+
+
+def test_reviewed_keeps_survive_relearning():
+    old = ('[seccomp]\nallow = [\n    "read",  # 3 steady\n    "uname",   # keep: jailer selftest\'s probe\n'
+           '    "ioctl",  # keep: not a plain allow once learned with rules\n]\n[limits]\n')
+    kept = learn.kept_by_review(learn.seccomp_section_text(old))
+    assert kept == {"uname": "keep: jailer selftest's probe", "ioctl": "keep: not a plain allow once learned with rules"}
+    section = learn.render_section(learn.Learned(TRACE), SeccompPlan(), "none", kept_names=kept)
+    assert re.search(r'\n    "uname", +# keep: jailer selftest\'s probe\n', section)
+    assert '    "ioctl",' not in section            # ioctl has learned rules: a plain allow would void them
 
 
 def test_syntax_error_fails_in_one_line(tmp_path):
