@@ -288,9 +288,11 @@ def render_section(learned: Learned, original, exerciser: str, kept_rules=(), ru
              f"# Learned by `jailer learn --exerciser {exerciser}` from {learned.calls()} calls of "
              f"{len(learned.names)} syscalls, then reviewed.",
              *((f"# Counts are calls recorded in {runs} learning runs (the first records every call, later ones",
-                "# only what was new):") if runs > 1 else ("# Counts are calls recorded in the learning run:",)),
-             '# "setup" before the program was ready, "steady" after. Re-learn when the device, its',
-             "# Python or its libraries change; see docs/seccomp-learning.md.",
+                '# only what was new): "setup" before the program was ready, "steady" after. Re-learn when',
+                "# the device, its Python or its libraries change; see docs/seccomp-learning.md.") if runs > 1 else
+               ('# Counts are calls recorded in the learning run: "setup" before the program was ready,',
+                '# "steady" after. Re-learn when the device, its Python or its libraries change; see',
+                "# docs/seccomp-learning.md.")),
              f'default_action = "{default}"']
     if default == "errno" and original.default_errno is not None:
         lines.append(f"default_errno = {original.default_errno}")
