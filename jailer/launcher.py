@@ -173,6 +173,14 @@ class _Launch:
         owner = (namespaces.outside_id(identity.uid, identity.uid_map),
                  namespaces.outside_id(identity.gid, identity.gid_map))
         options = self.options
+        pidfile = _write_pidfile(options.pidfile) if options.pidfile else None
+        try:
+            return self._run(plan, options, owner)
+        finally:
+            if pidfile is not None:
+                _remove_if_same(*pidfile)
+
+    def _run(self, plan, options, owner) -> int:
         given = dict(options.given_fds)
         if "LISTEN_FDS" in os.environ:
             given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
@@ -290,6 +298,8 @@ class _Launch:
                             pass
                         if exec_open:
                             self._exec_done()
+                        if self.notify_fd is not None:
+                            self._read_notify()   # what the program said before it ended
                         return self._finish(setup_status)
                 if self.grab:
                     self._try_grab(sock, poller)
@@ -525,6 +535,32 @@ class _Launch:
         return status.exit_code(wait_status)
 
 
+def _write_pidfile(path) -> tuple[str, int]:
+    """Write our pid to `path` atomically (a reader never sees a partial file); returns (path, inode)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as exc:
+        _remove_if_same(temporary, None)
+        raise JailerError(f"cannot write the pid file {path}: {exc.strerror}") from None
+    return path, inode
+
+
+def _remove_if_same(path, inode):
+    """Remove a file jailer made, unless something else has replaced it meanwhile."""
+    try:
+        if inode is None or os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def _drain(fd):
     try:
         while os.read(fd, 64):
@@ -590,7 +626,7 @@ class _Child:
             self.inside()
             return
         my_pid = os.getpid()
-        pid1 = os.fork()
+        pid1 = self._fork_giving_up_exec_pipe()
         if pid1 == 0:
             self._die_with(my_pid)
             self.inside()
@@ -599,6 +635,22 @@ class _Child:
         _, wait_status = os.waitpid(pid1, 0)
         _send(self.sock_fd, "status", "program" if plan.namespaces.pid1 == "program" else "pid1", wait_status)
         os._exit(0)
+
+    def _fork_giving_up_exec_pipe(self) -> int:
+        """fork(); the child goes on only once the parent has closed its copy of the exec pipe,
+        so that the pipe closes exactly when the program execs (the launcher's signal that
+        the program runs and its steady stage may begin), never later."""
+        release_r, release_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(release_w)
+            os.read(release_r, 1)
+            os.close(release_r)
+            return 0
+        os.close(self.exec_w)
+        os.close(release_w)
+        os.close(release_r)
+        return pid
 
     def _join_cgroup(self):
         self.cgroup.join()
@@ -669,14 +721,13 @@ class _Child:
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, forward)
         reaper_pid = os.getpid()
-        pid = os.fork()
+        pid = self._fork_giving_up_exec_pipe()
         if pid == 0:
             self._die_with(reaper_pid)
             return
         program.append(pid)
         for signum in pending:
             forward(signum, None)
-        os.close(self.exec_w)
         fdlib.close_all_but({2, self.sock_fd})
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
         while True:

@@ -18,17 +18,24 @@ import sys
 from jailer.errors import UsageError
 
 USAGE = """\
-usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--status-fd N] [--no-cache]
-                  PROFILE [-- ARG...]
+usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--socket NAME=PATH]...
+                  [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache] PROFILE [-- ARG...]
 
 Run the program a profile describes inside the sandbox the profile describes.
 
   --fd NAME=N        hand the caller's open fd N to the program as the profile's fd NAME
-  --fd N             the same, for the profile's only unix-listener fd (vhost-user style)
-  --socket-path PATH create a listening AF_UNIX socket at PATH for the unix-listener fd
-  --status-fd N      write JSON-lines status events (started, enforced, seccomp, exited) to fd N
+  --fd N             the same, for the profile's unix-listener fd (the only one, or "vfio-user")
+  --socket-path PATH create a listening AF_UNIX socket at PATH for that unix-listener fd
+  --socket NAME=PATH create a listening AF_UNIX socket at PATH for the unix-listener fd NAME
+  --status-fd N      write JSON-lines status events (started, enforced, ready, stage, seccomp,
+                     exited) to fd N
+  --log-fd N         jailer's messages and the program's stderr go to fd N instead of stderr
+  --pidfile PATH     write the launcher's pid (the process to signal) to PATH while it runs
   --no-cache         resolve the profile and compile its filter even if a cached copy is valid
   ARG...             appended to the profile's program arguments
+
+Sockets passed by a service manager (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES) are taken as
+the profile's fds of those names (a single one as its unix-listener).
 
 Exit status: the program's, or 128+N when signal N ended it; 1 on an error, 2 on a usage
 or profile error, 3 when a required sandbox layer cannot be applied. See jailer(1).
@@ -40,7 +47,10 @@ class Arguments:
         self.profile = None
         self.given_fds = {}
         self.socket_path = None
+        self.sockets = {}
         self.status_fd = None
+        self.log_fd = None
+        self.pidfile = None
         self.use_cache = True
         self.extra_args = []
 
@@ -65,7 +75,7 @@ def parse(argv) -> Arguments:
             args.extra_args = items
             break
         option, has_value, value = item.partition("=") if item.startswith("--") else (item, False, "")
-        if option in ("--fd", "--socket-path", "--status-fd"):
+        if option in ("--fd", "--socket-path", "--socket", "--status-fd", "--log-fd", "--pidfile"):
             if not has_value:
                 if not items:
                     raise UsageError(f"{option} needs a value (see jailer run --help)")
@@ -77,6 +87,17 @@ def parse(argv) -> Arguments:
                 args.given_fds[name or None] = _fd_number(number, "--fd")
             elif option == "--socket-path":
                 args.socket_path = os.path.abspath(value)
+            elif option == "--socket":
+                name, equals, path = value.partition("=")
+                if not equals or not name or not path:
+                    raise UsageError(f"--socket {value}: expected NAME=PATH")
+                if name in args.sockets:
+                    raise UsageError(f"--socket {value}: fd {name} given twice")
+                args.sockets[name] = os.path.abspath(path)
+            elif option == "--pidfile":
+                args.pidfile = os.path.abspath(value)
+            elif option == "--log-fd":
+                args.log_fd = _fd_number(value, "--log-fd")
             else:
                 args.status_fd = _fd_number(value, "--status-fd")
         elif item == "--no-cache":
@@ -239,7 +260,7 @@ def resolve(profile: str, use_cache: bool = True):
         from jailer import seccomp
 
         bpf = seccomp.compile_bpf(plan.seccomp)
-        names = seccomp.syscall_names() if plan.seccomp.report else None
+        names = seccomp.syscall_names() if seccomp.needs_listener(plan.seccomp) else None
     _write_cache(directory, file, {"key": key, "plan": plan.to_dict(), "bpf": bpf, "names": names})
     return plan, bpf, names
 
@@ -252,8 +273,18 @@ def main(argv) -> int:
         sys.stdout.write(USAGE)
         return 0
     args = parse(argv)
+    if args.log_fd is not None and args.log_fd != 2:
+        os.dup2(args.log_fd, 2)   # every later message, the program's stderr included, goes there
     plan, bpf, names = resolve(args.profile, args.use_cache)
-    return run_plan(plan, args, bpf, names)
+    code = run_plan(plan, args, bpf, names)
+    # Done: skip the interpreter's teardown (module and heap finalization cost more than the
+    # whole sandbox set-up); everything jailer made is already removed, only stdio may hold data.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
@@ -261,6 +292,6 @@ def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
     from jailer import launcher
 
     options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,
-                               extra_args=args.extra_args, bpf=bpf,
-                               syscall_names=(lambda: names) if names else None)
+                               extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
+                               sockets=args.sockets, pidfile=args.pidfile)
     return launcher.run(plan, options)

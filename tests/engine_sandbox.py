@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "tests" / "run_plan.py"
 NOBODY = 65534
 INVOCATIONS = ("root", "user")
+DEVICE_PROFILE = REPO / "profiles" / "gpio-pci-idio-16.toml"
 SYSTEM_DIRS = tuple(p for p in ("/usr", "/lib", "/lib64", "/bin", "/sbin") if os.path.exists(p))
 
 
@@ -118,3 +119,16 @@ def run_with_status(plan: Plan, *options: str, invocation: str = "root", pass_fd
                      invocation=invocation)
         status.seek(0)
         return result, status_events(status.read())
+
+
+def staged_device_profile(directory: Path) -> Path:
+    """The device profile, ready once the device reports READY=1 (so SIGTERM finds its handler
+    installed) and with steady rules that forbid what a serving device never needs."""
+    text = DEVICE_PROFILE.read_text()
+    text = text.replace('modules = ["devices"]\n', 'modules = ["devices"]\nready = "notify"\n', 1)
+    text = text.replace('default_action = "kill"\n', 'default_action = "kill"\n'
+                        'steady_deny = ["execve", "open", "openat", "socket", "socketpair", "connect"]\n', 1)
+    text += '\n[[fds]]\nname = "ready"\nkind = "notify"\nnumber = 4\n'
+    profile = directory / "gpio-pci-idio-16-staged.toml"
+    profile.write_text(text)
+    return profile
