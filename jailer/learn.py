@@ -11,7 +11,7 @@ on timing are taken as often as in production. The union of the runs becomes:
 
   - allow: the syscalls seen, unconditionally when their selecting arguments do not matter;
   - rule:  the syscalls whose selecting arguments took few values, one rule per value;
-  - steady_deny/steady_rule: kill rules for what only start-up needed and a compromised device should
+  - steady_rule: kill rules for what only start-up needed and a compromised device should
     never do again (open files, exec, create processes or sockets, map executable memory).
 
 Only the profile's seccomp section is rewritten; every other byte of the file stays as it
@@ -319,27 +319,20 @@ def render_section(learned: Learned, original, exerciser: str, kept_rules=(), ru
         lines += _aligned(sorted(rules))
         lines.append("]")
     if learned.steady and staging_supported():
-        lines.append("# Taken away once the program is ready: only start-up needed them.")
-        unconditional = [(name, stages) for name, conditions, stages in learned.steady if not conditions]
-        conditional = [(name, conditions, stages) for name, conditions, stages in learned.steady if conditions]
-        if unconditional:
-            lines.append("steady_deny = [")
-            lines += _aligned([(f'"{name}"', "only " + _stages(stages)) for name, stages in unconditional])
-            lines.append("]")
-        if conditional:
-            lines.append("steady_rule = [")
-            lines += _aligned([(_inline_rule(name, conditions), "; ".join(filter(None, [
-                _describe(name, conditions, names), "only " + _stages(stages)])))
-                for name, conditions, stages in conditional])
-            lines.append("]")
+        lines.append("# Taken away once the program is ready (killed): only start-up needed them.")
+        lines.append("steady_rule = [")
+        lines += _aligned([(_inline_rule(name, conditions), "; ".join(filter(None, [
+            _describe(name, conditions, names), "only " + _stages(stages)])))
+            for name, conditions, stages in sorted(learned.steady)])
+        lines.append("]")
     return "\n".join(lines) + "\n"
 
 
 def staging_supported() -> bool:
-    """Whether this jailer's profile reader knows seccomp.steady_deny/steady_rule (staged rules)."""
+    """Whether this jailer's profile reader knows seccomp.steady_rule (staged rules)."""
     from jailer import profile
 
-    return "steady_deny" in profile.SECCOMP_KEYS
+    return "steady_rule" in profile.SECCOMP_KEYS
 
 
 # --- rewriting only the seccomp section of a TOML file ----------------------------------------
