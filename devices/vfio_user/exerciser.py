@@ -17,9 +17,10 @@ disable); DMA_MAP/UNMAP with memfds and without (message-based), dirty logging
 start/report/stop, UNMAP_ALL; DEVICE_RESET; migration (feature probes, flags, PRE_COPY,
 STOP_COPY with MIG_DATA_READ, RESUMING with MIG_DATA_WRITE on a new connection, a refused
 stream); error replies (bad region, bad argsz, unknown and obsolete commands, VERSION
-twice); a malformed frame (the server must close the connection); reconnection (state
-kept, eventfds redone); the control socket when given (set-inputs raises an interrupt
-delivered on the eventfd); and finally `terminate()` (e.g. SIGTERM), which must exit 0.
+twice, the largest message a server accepts); a malformed frame (the server must close
+the connection); reconnection (state kept, eventfds redone); the control socket when
+given (set-inputs raises an interrupt delivered on the eventfd, an over-long line is
+refused); and finally `terminate()` (e.g. SIGTERM), which must exit 0.
 """
 
 from __future__ import annotations
