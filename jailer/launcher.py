@@ -4,9 +4,13 @@ Processes (outer pids are the launcher's view):
 
   launcher   stays outside: writes the id maps, owns the cgroup and the veth host end,
              forwards SIGTERM/SIGINT/SIGHUP, answers seccomp notifications, reports status.
-  setup      forked child; joins the cgroup, unshares the namespaces, waits for its maps.
-             With a pid namespace it forks the sandbox's pid 1 and waits for it (it cannot
-             enter the new pid namespace itself); without one it carries on as pid 1.
+  setup      the child. With a pid namespace it is cloned straight into it (and into the
+             user namespace, which must own it) and is the sandbox's pid 1 from the start;
+             it joins the cgroup, unshares the other namespaces and waits for its maps.
+             When that clone is refused (or without a pid namespace) it is a plain fork
+             that unshares everything itself, which names the failing layer (or skips a
+             best-effort one); it then forks pid 1 and waits for it (a process cannot
+             enter a new pid namespace itself), staying outside as a fourth process.
   pid 1      inside every namespace: builds the sandbox, then either execs the program
              (pid1 = "program") or forks it and stays as a tiny reaper (pid1 = "reaper",
              the default) that reaps orphans, forwards SIGTERM/SIGINT/SIGHUP to the
@@ -19,9 +23,10 @@ Processes (outer pids are the launcher's view):
 
 The documented order, all in single-threaded children between fork and exec:
   1. cgroup: the launcher creates <its cgroup>/<parent>/<name>.<pid> and writes the
-     limits; the setup child joins it before unsharing anything (so the cgroup
+     limits; the setup child joins it before unsharing the cgroup namespace (so that
      namespace is rooted there);
-  2. namespaces: user first (alone), then mount, pid, net, ipc, uts, cgroup together;
+  2. namespaces: user and pid at the clone (root's supplementary groups dropped for
+     it), else user first (alone); then mount, (pid,) net, ipc, uts, cgroup together;
      hostname set;
   3. uid/gid maps: written from outside by the launcher ("deny" to setgroups first);
   4. network: veth pair created by the launcher; lo/veth raised inside;
@@ -231,11 +236,11 @@ class _Launch:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
         old_wakeup = signal.set_wakeup_fd(wake_w)
         launcher_pid = os.getpid()
-        pid = os.fork()
+        pid, cloned = self._start_child()
         if pid == 0:
             signal.set_wakeup_fd(-1)
             child = _Child(self.plan, self.enforcement, child_sock.detach(), exec_w, launcher_pid,
-                           self.manifest.entries, argv, environment, bpf, self.listen, self.cgroup)
+                           self.manifest.entries, argv, environment, bpf, self.listen, self.cgroup, cloned)
             try:
                 for fd in (parent_sock.detach(), exec_r, wake_r, wake_w):
                     os.close(fd)
@@ -258,6 +263,29 @@ class _Launch:
             parent_sock.close()
             if self.listener is not None:
                 os.close(self.listener)
+
+    def _start_child(self) -> tuple[int, int]:
+        """(pid, clone flags it was created with). With a pid namespace the child is cloned
+        straight into it (and into the user namespace, which must own it) as its pid 1, which
+        saves the fork a child that unshared would need; when that clone is refused, a plain
+        fork takes the unshare path, which tells exactly which layer failed (or skips it)."""
+        from jailer import syscalls
+
+        namespaces_plan = self.plan.namespaces
+        if not namespaces_plan.pid:
+            return os.fork(), 0
+        flags = syscalls.CLONE_NEWPID | (syscalls.CLONE_NEWUSER if namespaces_plan.user else 0)
+        groups = None
+        if namespaces_plan.user and os.geteuid() == 0:
+            groups = os.getgroups()   # root's supplementary groups cannot be dropped inside the new userns
+            os.setgroups([])
+        try:
+            pid = syscalls.clone_process(flags)
+        except OSError:
+            pid, flags = os.fork(), 0
+        if pid != 0 and groups is not None:
+            os.setgroups(groups)
+        return pid, flags
 
     def _on_signal(self, signum, frame):
         self.pending_signals.append(signum)
@@ -479,7 +507,10 @@ class _Launch:
             status.warn(str(exc))
 
     def _kill_sandbox(self, pid):
-        for target in (pid, self.program_pid):   # the program's end ends the pid namespace
+        """SIGKILL the sandbox: the process that holds it together first (pid 1 of its pid namespace,
+        or the set-up process pid 1 dies with), then the program, then `pid`. A task blocked in a
+        notified syscall is killed last, so that nothing waiting on it runs on meanwhile."""
+        for target in (self.setup_pid, self.program_pid, pid):
             if target:
                 try:
                     os.kill(target, signal.SIGKILL)
@@ -573,7 +604,7 @@ class _Child:
     """The setup child, then (after the pid-namespace fork) the sandbox's pid 1 and the program."""
 
     def __init__(self, plan, enforcement, sock_fd, exec_w, launcher_pid, entries, argv, environment, bpf, listen,
-                 cgroup):
+                 cgroup, cloned):
         self.plan = plan
         self.enforcement = enforcement
         self.sock_fd = sock_fd
@@ -585,6 +616,7 @@ class _Child:
         self.bpf = bpf
         self.listen = listen            # the filter notifies: the launcher takes its listener
         self.cgroup = cgroup
+        self.cloned = cloned            # clone flags this process was created with (0: a plain fork)
         self.user_namespace = False
         self.last_cap = None
 
@@ -609,9 +641,17 @@ class _Child:
         plan = self.plan
         if self.cgroup is not None:
             self.enforcement.attempt("cgroup", self._join_cgroup)
-        if os.geteuid() == 0 and plan.namespaces.user:
-            os.setgroups([])   # the last moment root's supplementary groups can be dropped
-        self.user_namespace = namespaces.enter_user_namespace(plan.namespaces, self.enforcement)
+        if self.cloned:
+            from jailer import syscalls
+
+            self.user_namespace = bool(self.cloned & syscalls.CLONE_NEWUSER)
+            if self.user_namespace:
+                self.enforcement.applied["user_namespace"] = True
+            self.enforcement.applied["pid_namespace"] = True
+        else:
+            if os.geteuid() == 0 and plan.namespaces.user:
+                os.setgroups([])   # the last moment root's supplementary groups can be dropped
+            self.user_namespace = namespaces.enter_user_namespace(plan.namespaces, self.enforcement)
         entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)
         _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
         if _receive(self.sock_fd) != ("go",):
@@ -622,8 +662,8 @@ class _Child:
             syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
             syscalls.setfsgid(plan.identity.gid)
         self._die_with(self.launcher_pid)   # unshare and setfs[ug]id cleared the parent-death signal
-        if "pid_namespace" not in entered:
-            self.inside()
+        if self.cloned or "pid_namespace" not in entered:
+            self.inside()   # already pid 1 of its pid namespace, or there is none
             return
         my_pid = os.getpid()
         pid1 = self._fork_giving_up_exec_pipe()

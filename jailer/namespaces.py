@@ -34,10 +34,12 @@ def enter_user_namespace(namespaces, enforcement) -> bool:
 
 
 def enter_namespaces(namespaces, enforcement) -> set[str]:
-    """Unshare every other requested namespace at once, or one by one to find which fails."""
-    wanted = {layer: flag for layer, (flag, attr) in NAMESPACE_LAYERS.items() if getattr(namespaces, attr)}
+    """Unshare every other requested namespace at once, or one by one to find which fails;
+    returns every namespace layer the process is in (those it was cloned into included)."""
+    wanted = {layer: flag for layer, (flag, attr) in NAMESPACE_LAYERS.items()
+              if getattr(namespaces, attr) and layer not in enforcement.applied}
     if not wanted:
-        return set()
+        return {layer for layer in NAMESPACE_LAYERS if layer in enforcement.applied}
     combined = 0
     for flag in wanted.values():
         combined |= flag
@@ -49,8 +51,8 @@ def enter_namespaces(namespaces, enforcement) -> set[str]:
     else:
         for layer in wanted:
             enforcement.applied[layer] = True
-    entered = {layer for layer in wanted if layer in enforcement.applied}
-    if "uts_namespace" in entered:
+    entered = {layer for layer in NAMESPACE_LAYERS if layer in enforcement.applied}
+    if "uts_namespace" in wanted and "uts_namespace" in entered:
         def set_hostname():
             syscalls.sethostname(namespaces.hostname)
             return {"hostname": namespaces.hostname}

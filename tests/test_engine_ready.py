@@ -254,3 +254,22 @@ def test_the_vfio_user_device_serves_a_whole_session_under_steady_rules_denying_
         status.seek(0)
         events = [json.loads(line) for line in status.read().splitlines()]
     assert [e["event"] for e in events if e["event"] != "enforced"] == ["started", "ready", "stage", "exited"]
+
+
+def test_the_vfio_user_backend_without_jailer_tells_notify_socket_it_is_ready(tmp_path):
+    import signal
+
+    address = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(address)
+        manager.settimeout(20)
+        device = subprocess.Popen([sys.executable, "-m", "devices.gpio_pci_idio16", "--socket-path",
+                                   str(tmp_path / "idio16.sock")], env={**os.environ, "NOTIFY_SOCKET": address},
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  stderr=subprocess.DEVNULL)
+        try:
+            assert manager.recv(64) == b"READY=1"
+            assert os.path.exists(tmp_path / "idio16.sock")   # it listens before it says so
+        finally:
+            device.send_signal(signal.SIGTERM)
+            device.wait(20)
