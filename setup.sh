@@ -24,4 +24,16 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check wheel
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+
+# The `jailer` command starts Python isolated and without site (-IS): `jailer run` is a
+# start-up hot path and site alone costs more than the kernel work of a whole sandbox.
+# jailer.cli adds the venv's site-packages the first time an import needs them.
+cat > .venv/bin/jailer <<ENTRY
+#!$PWD/.venv/bin/python -IS
+import sys
+sys.path.insert(0, "$PWD")
+from jailer.cli import main
+main()
+ENTRY

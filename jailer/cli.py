@@ -12,11 +12,34 @@ SUBCOMMANDS = {
     "show": ("jailer.inspect:show_command", "Print the sandbox plan a profile resolves to."),
     "check": ("jailer.hostcheck:check_command", "Validate a profile and report what this host can enforce."),
     "probe": ("devices.vfio_user.probe:probe_command", "Print what a vfio-user device offers."),
+    "selftest": ("jailer.selftest:selftest_command", "Run the escape probes inside a profile's sandbox and print a verdict."),
+    "systemd": ("jailer.systemd:systemd_command",
+                "Write systemd units (service, socket or drop-in) that run a profile under jailer run."),
+    "descriptors": ("jailer.descriptors:descriptors_command", "List the vfio-user backend descriptors in effect."),
 }
+
+
+class _SitePackagesOnDemand:
+    """Started with -S (see setup.sh), the venv's site-packages are not on sys.path: the
+    run hot path needs only the standard library. The first top-level import that nothing
+    else can find adds them (site.main()) and is retried."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if path is not None:
+            return None
+        sys.meta_path.remove(cls)
+        import importlib.util
+        import site
+
+        site.main()
+        return importlib.util.find_spec(name)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.flags.no_site and _SitePackagesOnDemand not in sys.meta_path:
+        sys.meta_path.append(_SitePackagesOnDemand)
     from jailer.errors import JailerError
 
     try:

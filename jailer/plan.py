@@ -38,7 +38,8 @@ LAYERS = (
 RUNTIMES = ("native", "python")
 SECCOMP_ACTIONS = ("allow", "errno", "kill", "kill_thread", "trap", "log")
 ARG_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "masked_eq")
-FD_KINDS = ("unix-listener", "unix-stream", "memfd", "eventfd", "file")
+FD_KINDS = ("unix-listener", "unix-stream", "memfd", "eventfd", "file", "notify")
+READY_MODES = ("exec", "notify")
 NETWORK_MODES = ("none", "loopback", "veth")
 PID1_MODES = ("reaper", "program")
 
@@ -49,6 +50,7 @@ class ProgramPlan:
     executable: str                 # absolute path exec'd (visible at the same path inside)
     runtime: str = "native"         # one of RUNTIMES
     cwd: str = "/"
+    ready: str = "exec"             # one of READY_MODES: "notify" = when it writes READY=1 to its notify fd
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,9 @@ class SeccompPlan:
     default_errno: int | None = None
     rules: tuple[SeccompRule, ...] = ()   # groups already expanded
     report: bool = True             # tell the user the name of a refused/killed syscall
+    # Rules added once the program is ready (staged policy): evaluated on top of `rules`,
+    # the more severe action wins, so they can only take permissions away.
+    steady: tuple[SeccompRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,8 @@ class FdSpec:
     path: str | None = None         # unix-listener: socket to create; file: file to open
     size: int | None = None         # memfd: size to create
     mode: str = "r"                 # file: "r", "w" or "rw"
+    # notify: one end of a datagram socketpair the launcher creates; the program writes
+    # sd_notify-style "READY=1" to it (its number is also in $JAILER_NOTIFY_FD).
     required: bool = True           # must be provided (by --fd, --socket-path or creation)
 
 

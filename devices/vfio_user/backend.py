@@ -12,7 +12,10 @@ Command line it implements:
     --print-capabilities      print {"type": device_type, "features": [...]} and exit 0
     -v/--verbose              debug logging (logs go to stderr; never daemonizes)
 Neither --socket-path nor --fd: socket activation (LISTEN_PID == getpid(), LISTEN_FDS >= 1,
-first fd 3). SIGTERM/SIGINT end the loop (it wakes through signal.set_wakeup_fd) and the
+first fd 3). Once it serves, READY=1 goes to the fd in $JAILER_NOTIFY_FD (jailer's notify
+socket; profile ready = "notify") or else to $NOTIFY_SOCKET (plain systemd Type=notify);
+everything steady serving needs is imported and open by then, so a jailer steady policy
+can deny open/openat/execve/socket afterwards. SIGTERM/SIGINT end the loop (it wakes through signal.set_wakeup_fd) and the
 program exits 0. Usage errors exit 2, runtime errors exit 1, each with one line on stderr.
 
 Hooks for a device program:
@@ -168,6 +171,7 @@ def _serve(make_device, options, setup) -> int:
             publish(path)
         logging.getLogger("vfio_user").info("serving %s on %s", server.device.device_type,
                                             path or f"fd {sock.fileno()}")
+        announce_ready()
         server.serve_forever()
     finally:
         signal.set_wakeup_fd(-1)
@@ -183,6 +187,30 @@ def _serve(make_device, options, setup) -> int:
             _unlink(path)
             _unlink(staging_path(path))
     return 0
+
+
+def announce_ready(environ=os.environ) -> None:
+    """READY=1 to jailer's notify fd (closed afterwards), else to a service manager's socket."""
+    notify_fd = environ.pop("JAILER_NOTIFY_FD", None)
+    address = environ.pop("NOTIFY_SOCKET", None)
+    if notify_fd is not None:
+        try:
+            fd = int(notify_fd)
+        except ValueError:
+            raise BackendError(f"JAILER_NOTIFY_FD={notify_fd!r} is not an fd number") from None
+        try:
+            os.write(fd, b"READY=1")
+        except OSError as exc:
+            raise BackendError(f"cannot report readiness on fd {fd}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+    elif address:
+        target = "\0" + address[1:] if address.startswith("@") else address
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            try:
+                notify.sendto(b"READY=1", target)
+            except OSError as exc:
+                raise BackendError(f"cannot notify the service manager at {address}: {exc.strerror}") from None
 
 
 def _drain(sock: socket.socket) -> None:

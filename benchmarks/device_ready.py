@@ -1,0 +1,318 @@
+"""Time to ready and resident memory of the bundled IDIO-16 device: jailed by `jailer run`,
+in the equivalent bubblewrap sandbox, and bare, all measured in one run.
+
+    .venv/bin/python benchmarks/device_ready.py [--runs 20] [--warmup 3] [--json FILE]
+
+Ready is from spawning the command until the project's vfio-user client completes a
+VERSION handshake on the device's socket (connect polled every 0.5 ms). Once ready, the
+RSS and PSS (/proc/PID/smaps_rollup) of every process the command left running are
+summed; then the device is stopped with SIGTERM. The variants run interleaved, one of
+each per round, as root and as uid 65534 (setpriv).
+
+  jailer  jailer run profiles/gpio-pci-idio-16.toml --socket-path S
+  bwrap   bwrap with the same sandbox as far as bwrap expresses it: --unshare-all,
+          --die-with-parent, --new-session, a read-only tmpfs root holding exactly the
+          binds and symlinks `jailer show --json` lists, /proc, --clearenv plus the plan's
+          environment, the listening socket passed as a descriptor, and the profile's
+          seccomp filter compiled by jailer.seccomp.compile_bpf (killing instead of
+          reporting, plus wait4 for bwrap's own pid 1, which runs under the filter too) on
+          --seccomp. Not expressible in bwrap: Landlock, rlimits, cgroups, and the steady
+          rule that denies execve once the device runs (jailer answers it from a seccomp
+          notification listener).
+          bwrap always runs as uid 65534: as root it cannot drop the device to another
+          host uid itself, so in the root row it is started through setpriv (which execs).
+  bare    the interpreter, flags and environment the plan runs the device with, i.e.
+          python -S -m devices.gpio_pci_idio16 --socket-path S, without any sandbox
+"""
+
+import argparse
+import dataclasses
+import errno
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from startup import (PROJECT_PACKAGES, SYSTEM_PYTHON, UNPRIVILEGED, UNPRIVILEGED_UID, own_home,  # noqa: E402
+                     precompile, readable_by_others, world_readable_copy)
+
+from devices.vfio_user.client import Client, ClientError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROFILE = os.path.join(REPO, "profiles", "gpio-pci-idio-16.toml")
+READY_TIMEOUT = 20.0
+TARGET_READY = 1.15     # jailer's time to ready at most 1.15x bwrap's
+TARGET_MEMORY = 1.2     # jailer's resident memory at most 1.2x bwrap's
+VARIANTS = ("jailer", "bwrap", "bare")
+
+
+@dataclasses.dataclass
+class Identity:
+    name: str
+    prefix: tuple            # setpriv for uid 65534, else empty
+    jailer: list             # the jailer command as this identity runs it
+    env: dict
+
+
+def identity(name, unprivileged, scratch):
+    env = {key: value for key, value in os.environ.items() if key not in ("XDG_CACHE_HOME", "PYTHONPATH")}
+    script = os.path.join(REPO, ".venv", "bin", "jailer")      # setup.sh's -IS entry point
+    jailer = [script] if os.path.exists(script) else [sys.executable, "-m", "jailer"]
+    if unprivileged:
+        env["HOME"] = own_home(scratch, UNPRIVILEGED_UID)
+        if not (readable_by_others(sys.executable) and readable_by_others(os.path.join(REPO, "jailer"))):
+            env["PYTHONPATH"] = world_readable_copy(os.path.join(scratch, "tree"))
+            jailer = [SYSTEM_PYTHON, "-m", "jailer"]
+    return Identity(name, UNPRIVILEGED if unprivileged else (), jailer, env)
+
+
+def bwrap_argv(plan_json, socket_fd, seccomp_fd):
+    """bwrap reproducing the plan jailer shows: binds, symlinks, /proc, environment, fds, seccomp."""
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+            "--hostname", plan_json["namespaces"]["hostname"], "--chdir", plan_json["program"]["cwd"],
+            "--cap-drop", "ALL"]
+    filesystem = plan_json["filesystem"]
+    for bind in filesystem["binds"]:
+        argv += ["--bind" if bind["writable"] else "--ro-bind", bind["source"], bind["target"]]
+    for link in filesystem["symlinks"]:
+        argv += ["--symlink", link["points_to"], link["target"]]
+    if filesystem["proc"]:
+        argv += ["--proc", "/proc"]
+    if filesystem["readonly_root"]:
+        argv += ["--remount-ro", "/"]
+    for name, value in plan_json["environment"]:
+        argv += ["--setenv", name, value]
+    argv += ["--seccomp", str(seccomp_fd), "--"]
+    program = [arg.replace("{fd:vfio-user}", str(socket_fd)) for arg in plan_json["program"]["argv"]]
+    return argv + program
+
+
+def seccomp_memfd():
+    """The profile's filter as BPF in a memfd, for bwrap: kill actions kill (bwrap has no one
+    to report to), no steady rules (they need jailer's notification listener), and wait4 is
+    allowed, because bwrap loads the filter in its own pid 1 too, which reaps with it."""
+    from jailer import seccomp
+    from jailer.plan import SeccompRule
+    from jailer.profile import build_plan
+
+    filter_plan = build_plan(PROFILE, euid=os.geteuid()).seccomp
+    filter_plan = dataclasses.replace(filter_plan, report=False, steady=(),
+                                      rules=(*filter_plan.rules, SeccompRule("wait4")))
+    bpf = seccomp.compile_bpf(filter_plan)
+    fd = os.memfd_create("idio16-seccomp", 0)
+    os.write(fd, bpf)
+    return fd
+
+
+def listening_socket(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    return sock
+
+
+def wait_ready(path, proc):
+    """Seconds spent until a VERSION handshake succeeds (connect retried while the path is absent)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            Client.connect(path, timeout=READY_TIMEOUT).close()
+            return
+        except ClientError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or proc.poll() is not None:
+                raise RuntimeError(f"not ready: {exc} (exit status {proc.poll()})") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready within {READY_TIMEOUT} s") from None
+            time.sleep(0.0005)
+
+
+def descendants(root_pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, pending = [], [root_pid]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending += children.get(pid, [])
+    return found
+
+
+def process_figures(pid):
+    """(name, RSS KiB, PSS KiB, CPU ms) of one process; CPU counts its reaped children too."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = {line.split(":")[0]: line.split()[1] for line in f if ":" in line and line.split()[1].isdigit()}
+    with open(f"/proc/{pid}/stat") as f:
+        times = f.read().rsplit(")", 1)[1].split()[11:15]          # utime stime cutime cstime
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = [arg.decode() for arg in f.read().split(b"\0") if arg]
+    name = os.path.basename(argv[0])
+    if name.startswith("python"):                                  # the module or script it runs
+        program = argv[argv.index("-m") + 1] if "-m" in argv else next(a for a in argv[1:] if a[0] != "-")
+        name = os.path.basename(program)
+    cpu_ms = sum(map(int, times)) * 1000 / os.sysconf("SC_CLK_TCK")
+    return name, int(fields["Rss"]), int(fields["Pss"]), cpu_ms
+
+
+def shown_plan(who: Identity) -> dict:
+    show = subprocess.run([*who.prefix, *who.jailer, "show", "--json", PROFILE],
+                          env=who.env, capture_output=True, text=True, check=True, cwd="/")
+    return json.loads(show.stdout)
+
+
+class Runner:
+    """Starts each variant for one identity; bwrap always as `bwrap_who` (uid 65534, see above)."""
+
+    def __init__(self, who: Identity, bwrap_who: Identity, scratch):
+        self.who = who
+        self.bwrap_who = bwrap_who
+        self.bwrap_plan = shown_plan(bwrap_who)
+        self.plan = shown_plan(who)
+        self.scratch = scratch
+        self.count = 0
+        self.seccomp_fd = seccomp_memfd()
+
+    def spawn(self, variant, path):
+        who = self.who
+        if variant == "jailer":
+            argv = [*who.prefix, *who.jailer, "run", PROFILE, "--socket-path", path]
+            return subprocess.Popen(argv, env=who.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    cwd="/"), None
+        if variant == "bare":
+            program = [arg for arg in self.plan["program"]["argv"] if arg != "--fd={fd:vfio-user}"]
+            argv = [*who.prefix, *program, "--socket-path", path]
+            env = dict(who.env, **dict(self.plan["environment"]))
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    cwd="/"), None
+        sock = listening_socket(path)
+        os.lseek(self.seccomp_fd, 0, os.SEEK_SET)
+        argv = [*self.bwrap_who.prefix, *bwrap_argv(self.bwrap_plan, sock.fileno(), self.seccomp_fd)]
+        proc = subprocess.Popen(argv, env=self.bwrap_who.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                pass_fds=[sock.fileno(), self.seccomp_fd], cwd="/")
+        return proc, sock
+
+    def once(self, variant):
+        """(seconds to ready, [(name, rss, pss, cpu) per process left running])."""
+        self.count += 1
+        path = os.path.join(self.scratch, f"{variant}-{self.count}.sock")
+        start = time.perf_counter()
+        proc, sock = self.spawn(variant, path)
+        try:
+            if sock is not None:
+                sock.close()
+            wait_ready(path, proc)
+            ready = time.perf_counter() - start
+            processes = [process_figures(pid) for pid in descendants(proc.pid)]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if os.path.exists(path):
+                os.unlink(path)
+        return ready, processes
+
+
+def measure(who, bwrap_who, runs, warmup, scratch):
+    runner = Runner(who, bwrap_who, scratch)
+    ready = {variant: [] for variant in VARIANTS}
+    memory = {variant: [] for variant in VARIANTS}
+    for index in range(warmup + runs):
+        for variant in VARIANTS:
+            seconds, processes = runner.once(variant)
+            if index >= warmup:
+                ready[variant].append(seconds * 1000)
+                memory[variant].append(processes)
+    os.close(runner.seccomp_fd)
+    return ready, memory
+
+
+def median_breakdown(samples):
+    """The sample with the median PSS total, as {"rss": total, "pss": total, "processes": [...]}."""
+    ordered = sorted(samples, key=lambda processes: sum(p[2] for p in processes))
+    chosen = ordered[len(ordered) // 2]
+    return {"rss": sum(p[1] for p in chosen), "pss": sum(p[2] for p in chosen), "processes": chosen}
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else "-"
+
+
+def report(results, runs):
+    print(f"IDIO-16 device, {runs} runs per variant, interleaved; medians")
+    print("time to ready (spawn -> VERSION handshake), ms")
+    print(f"  {'identity':13} {'jailer':>8} {'bwrap':>8} {'bare':>8} {'jailer/bwrap':>13} {'jailer/bare':>12}")
+    verdicts = []
+    for name, (ready, _) in results.items():
+        m = {variant: statistics.median(values) for variant, values in ready.items()}
+        print(f"  {name:13} {m['jailer']:8.1f} {m['bwrap']:8.1f} {m['bare']:8.1f} "
+              f"{ratio(m['jailer'], m['bwrap']):>13} {ratio(m['jailer'], m['bare']):>12}")
+        verdicts.append(f"{name}: ready jailer/bwrap {m['jailer'] / m['bwrap']:.2f} "
+                        f"({'within' if m['jailer'] <= TARGET_READY * m['bwrap'] else 'OVER'} the "
+                        f"{TARGET_READY}x target)")
+    print("CPU time to ready (user + system of the process tree, clock ticks), ms: steadier on a busy machine")
+    for name, (_, samples) in results.items():
+        m = {variant: statistics.median(sum(p[3] for p in processes) for processes in runs)
+             for variant, runs in samples.items()}
+        print(f"  {name:13} {m['jailer']:8.1f} {m['bwrap']:8.1f} {m['bare']:8.1f} "
+              f"{ratio(m['jailer'], m['bwrap']):>13} {ratio(m['jailer'], m['bare']):>12}")
+    print("resident memory once ready, sum over the processes left running, KiB")
+    print(f"  {'identity':13} {'variant':7} {'RSS':>7} {'PSS':>7}  processes (name RSS/PSS)")
+    for name, (_, memory) in results.items():
+        rows = {variant: median_breakdown(samples) for variant, samples in memory.items()}
+        for variant, row in rows.items():
+            processes = ", ".join(f"{p[0]} {p[1]}/{p[2]}" for p in row["processes"])
+            print(f"  {name:13} {variant:7} {row['rss']:7} {row['pss']:7}  {processes}")
+        jailer, bwrap, bare = rows["jailer"], rows["bwrap"], rows["bare"]
+        print(f"  {name:13} ratios  RSS jailer/bwrap {ratio(jailer['rss'], bwrap['rss'])}, jailer/bare "
+              f"{ratio(jailer['rss'], bare['rss'])}; PSS jailer/bwrap {ratio(jailer['pss'], bwrap['pss'])}, "
+              f"jailer/bare {ratio(jailer['pss'], bare['pss'])}")
+        verdicts.append(f"{name}: PSS jailer/bwrap {jailer['pss'] / bwrap['pss']:.2f} "
+                        f"({'within' if jailer['pss'] <= TARGET_MEMORY * bwrap['pss'] else 'OVER'} the "
+                        f"{TARGET_MEMORY}x target)")
+    for line in verdicts:
+        print(line)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    options = parser.parse_args(argv)
+    for package in PROJECT_PACKAGES:
+        precompile(os.path.join(REPO, package))
+    identities = {"root": False, "unprivileged": True} if os.geteuid() == 0 else {"unprivileged": False}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="jailer-bench-") as scratch:
+        os.chmod(scratch, 0o777)
+        who = {name: identity(name, unprivileged, scratch) for name, unprivileged in identities.items()}
+        for name in identities:
+            results[name] = measure(who[name], who["unprivileged"], options.runs, options.warmup, scratch)
+    report(results, options.runs)
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump({"runs": options.runs, "ready_ms": {n: r for n, (r, _) in results.items()},
+                       "processes_name_rss_kib_pss_kib_cpu_ms": {n: m for n, (_, m) in results.items()}},
+                      handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

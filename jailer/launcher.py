@@ -1,0 +1,774 @@
+"""Apply a Plan: fork, build the sandbox in the child, exec the program, supervise it.
+
+Processes (outer pids are the launcher's view):
+
+  launcher   stays outside: writes the id maps, owns the cgroup and the veth host end,
+             forwards SIGTERM/SIGINT/SIGHUP, answers seccomp notifications, reports status.
+  setup      forked child; joins the cgroup, unshares the namespaces, waits for its maps.
+             With a pid namespace it forks the sandbox's pid 1 and waits for it (it cannot
+             enter the new pid namespace itself); without one it carries on as pid 1.
+  pid 1      inside every namespace: builds the sandbox, then either execs the program
+             (pid1 = "program") or forks it and stays as a tiny reaper (pid1 = "reaper",
+             the default) that reaps orphans, forwards SIGTERM/SIGINT/SIGHUP to the
+             program and reports its exit status. The reaper is the default because a
+             program that is pid 1 ignores every signal it has no handler for (a plain
+             `sleep` would survive SIGTERM) and must reap orphans itself. The reaper runs
+             with the same namespaces, Landlock domain, rlimits, uid/gid and empty
+             capability sets as the program, is not dumpable (the program cannot ptrace
+             it), but is not under the program's seccomp filter.
+
+The documented order, all in single-threaded children between fork and exec:
+  1. cgroup: the launcher creates <its cgroup>/<parent>/<name>.<pid> and writes the
+     limits; the setup child joins it before unsharing anything (so the cgroup
+     namespace is rooted there);
+  2. namespaces: user first (alone), then mount, pid, net, ipc, uts, cgroup together;
+     hostname set;
+  3. uid/gid maps: written from outside by the launcher ("deny" to setgroups first);
+  4. network: veth pair created by the launcher; lo/veth raised inside;
+  5. mounts: "/" made MS_PRIVATE|MS_REC, pivot_root into a fresh tmpfs, binds/tmpfs/
+     device binds/symlinks//proc (read-only /proc/sys), old root detached, chdir "/",
+     "/" remounted read-only (see jailer.mounts);
+  6. Landlock (jailer.landlock), with the ABI the kernel offers;
+  7. rlimits;
+  8. fds: manifest fds moved to their numbers, every other fd closed (close_range);
+  9. setsid (no controlling terminal);
+ 10. privileges: bounding and ambient sets emptied, securebits set and locked,
+     setresgid/setresuid to the plan's identity, effective/permitted/inheritable
+     emptied, all five sets verified empty, no_new_privs (see jailer.capabilities);
+ 11. (reaper mode: fork the program here; the reaper stays behind)
+ 12. seccomp, last, in the process that execs; its listener fd (reporting mode) is
+     taken by the launcher with pidfd_getfd while the child waits;
+ 13. execve.
+A layer that cannot be applied stops the launch with LayerError, unless the plan lists
+it in best_effort: then it is skipped and the skip is reported (stderr and status).
+
+Readiness and stages. The program is "ready" right after its exec (program.ready =
+"exec") or when it writes READY=1 to its notify fd (program.ready = "notify": one end of a
+datagram socketpair, its number in $JAILER_NOTIFY_FD; sd_notify-style newline-separated
+KEY=VALUE datagrams, STATUS=... is passed on). On ready the launcher emits the status
+event "ready", tells $NOTIFY_SOCKET READY=1 with MAINPID=<launcher pid> (the process a
+service manager supervises and signals), and moves the seccomp stage from "setup" to
+"steady": from then on the plan's steady rules apply too (status event "stage").
+
+Notification policy (Options.notification_policy), the hook for answering the syscalls
+the filter routes to the launcher (see jailer.seccomp for which, and why CONTINUE is safe):
+an object with
+
+    decide(name: str, nr: int, args: tuple[int, ...], stage: str) -> (action: str, errno: int | None)
+
+called once per notification in the launcher, with the syscall's name ("syscall N" when
+unknown), number, six argument registers and the stage ("setup" or "steady"); action is
+"continue" (run the syscall), "errno" (fail it with errno) or "kill" (kill the sandbox).
+The default, seccomp.StagedPolicy, applies the plan's rules and steady rules. A learning
+tool passes a recording policy that answers ("continue", None) and sets
+Options.route_all_to_notify=True, so that the filter is compiled with
+seccomp.compile_bpf(plan.seccomp, route_all_to_notify=True) and every syscall the
+program makes reaches decide() (the handshake read before exec excepted).
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import fcntl
+import gc
+import marshal
+import os
+import select
+import signal
+import time
+
+from jailer import fds as fdlib
+from jailer import namespaces, status
+from jailer.errors import JailerError, LayerError
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SETUP_FAILED = 125
+_GRAB_TIMEOUT = 5.0
+_GRAB_PAUSES = (0.00005, 0.0001, 0.0002, 0.0005)   # seconds between pidfd_getfd attempts, then poll's 1 ms
+_GRAB_FIX = ("pidfd_getfd needs ptrace access to the sandbox: run the launcher with CAP_SYS_PTRACE (or, "
+             "unprivileged, with kernel.yama.ptrace_scope <= 1), and not under an outer seccomp filter that "
+             "refuses pidfd_getfd (a container runtime's default profile does); else set report = false and "
+             "drop the steady rules in the profile's [seccomp] section")
+
+
+class Options:
+    """What the command line (or a tool driving the launcher) adds to a plan."""
+
+    def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
+                 syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
+                 pidfile=None):
+        self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
+        self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
+        self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
+        self.status_fd = status_fd
+        self.pidfile = pidfile                   # path written with the launcher's pid while it runs
+        self.extra_args = tuple(extra_args)
+        self.bpf = bpf                           # compiled filter, or None to compile now
+        self.syscall_names = syscall_names       # callable -> {nr: name}, for reporting
+        self.notification_policy = notification_policy   # None: seccomp.StagedPolicy (see above)
+        self.route_all_to_notify = route_all_to_notify   # compile (when bpf is None) and listen for learning
+
+
+def run(plan, options: Options) -> int:
+    """Run the plan's program in its sandbox; returns the launcher's exit code."""
+    return _Launch(plan, options).run()
+
+
+def _send(fd, kind, *fields):
+    os.write(fd, marshal.dumps((kind,) + fields))
+
+
+def _receive(fd):
+    data = os.read(fd, 65536)
+    return marshal.loads(data) if data else None
+
+
+def _error_fields(exc) -> tuple:
+    if isinstance(exc, LayerError):
+        return ("LayerError", exc.layer, exc.reason, exc.fix)
+    if isinstance(exc, JailerError):
+        return ("JailerError", "", str(exc), "")
+    return ("JailerError", "", f"sandbox set-up failed: {type(exc).__name__}: {exc}", "")
+
+
+def _report_failure(fd, exc):
+    if isinstance(exc, SystemExit):
+        return
+    try:
+        _send(fd, "error", *_error_fields(exc))
+    except OSError:
+        pass
+
+
+class _Launch:
+    """The launcher's side: prepare, fork, then supervise until the sandbox is gone."""
+
+    def __init__(self, plan, options):
+        self.plan = plan
+        self.options = options
+        self.enforcement = status.Enforcement(plan.best_effort)
+        self.status = status.StatusStream(options.status_fd)
+        self.manifest = None
+        self.cgroup = None
+        self.setup_pid = None
+        self.program_pid = None         # outer pid of the program
+        self.error = None               # _error_fields of the first failure
+        self.program_status = None
+        self.pid1_status = None
+        self.listener = None
+        self.notifications = None
+        self.grab = None                # (pidfd, fd number, deadline) while taking the listener
+        self.handshake = None           # (pid, nr of read, sync fd): the child's own wait for "go"
+        self.started = False
+        self.stage = "setup"            # "steady" once the program is ready
+        self.ready_pending = False      # READY=1 arrived before the exec was seen
+        self.notify_fd = None           # the launcher's end of the program's notify socketpair
+        self.reported = set()
+        self.pending_signals = []
+
+    def run(self) -> int:
+        plan = self.plan
+        identity = plan.identity
+        owner = (namespaces.outside_id(identity.uid, identity.uid_map),
+                 namespaces.outside_id(identity.gid, identity.gid_map))
+        options = self.options
+        pidfile = _write_pidfile(options.pidfile) if options.pidfile else None
+        try:
+            return self._run(plan, options, owner)
+        finally:
+            if pidfile is not None:
+                _remove_if_same(*pidfile)
+
+    def _run(self, plan, options, owner) -> int:
+        given = dict(options.given_fds)
+        if "LISTEN_FDS" in os.environ:
+            given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
+        self.manifest = fdlib.Manifest.gather(plan.fds, given, options.socket_path, owner, options.sockets)
+        try:
+            self.notify_fd = self.manifest.notify_fd
+            numbers = self.manifest.numbers()
+            argv = fdlib.expand_argv(plan.program.argv + options.extra_args, numbers)
+            environment = dict(plan.environment)
+            environment.update(fdlib.listen_environment(self.manifest.listen_numbers()))
+            if self.notify_fd is not None:
+                environment["JAILER_NOTIFY_FD"] = str(numbers[self.manifest.notify_name])
+            bpf = None
+            self.listen = False
+            if plan.seccomp.enabled:
+                from jailer import seccomp
+
+                self.listen = seccomp.needs_listener(plan.seccomp, options.route_all_to_notify)
+                bpf = options.bpf
+                if bpf is None:
+                    bpf = seccomp.compile_bpf(plan.seccomp, options.route_all_to_notify)
+            cgroup_plan = plan.limits.cgroup
+            if cgroup_plan is not None and (cgroup_plan.memory_max is not None or cgroup_plan.pids_max is not None
+                                            or cgroup_plan.cpu_quota_us is not None):
+                self.enforcement.attempt("cgroup", lambda: self._create_cgroup(cgroup_plan))
+            return self._fork_and_supervise(argv, environment, bpf)
+        finally:
+            if self.cgroup is not None:
+                self.cgroup.remove()
+            self.manifest.close()
+
+    def _create_cgroup(self, cgroup_plan):
+        from jailer.cgroups import Cgroup
+
+        self.cgroup = Cgroup.create(cgroup_plan, self.plan.name)
+        return self.cgroup.describe()
+
+    def _fork_and_supervise(self, argv, environment, bpf) -> int:
+        parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        parent_sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
+        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # Everything the children run is imported before the fork (after pivot_root jailer's
+        # files are gone, and importing once here is cheaper than in a copy-on-write child).
+        from jailer import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
+        if self.plan.network.mode != "none":
+            from jailer import network  # noqa: F401
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        launcher_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            child = _Child(self.plan, self.enforcement, child_sock.detach(), exec_w, launcher_pid,
+                           self.manifest.entries, argv, environment, bpf, self.listen, self.cgroup)
+            try:
+                for fd in (parent_sock.detach(), exec_r, wake_r, wake_w):
+                    os.close(fd)
+                child.setup()
+            except BaseException as exc:   # report, never unwind into the launcher's code
+                _report_failure(child.sock_fd, exc)
+            finally:
+                os._exit(SETUP_FAILED)
+        self.setup_pid = pid
+        child_sock.close()
+        os.close(exec_w)
+        try:
+            return self._supervise(parent_sock, exec_r, wake_r)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for fd in (exec_r, wake_r, wake_w):
+                os.close(fd)
+            parent_sock.close()
+            if self.listener is not None:
+                os.close(self.listener)
+
+    def _on_signal(self, signum, frame):
+        self.pending_signals.append(signum)
+
+    def _supervise(self, sock, exec_r, wake_r) -> int:
+        setup_pidfd = os.pidfd_open(self.setup_pid)
+        poller = select.poll()
+        for fd in (sock.fileno(), exec_r, wake_r, setup_pidfd):
+            poller.register(fd, select.POLLIN)
+        if self.notify_fd is not None:
+            poller.register(self.notify_fd, select.POLLIN)
+        exec_open = True
+        try:
+            while True:
+                for fd, events in poller.poll(1 if self.grab else None):
+                    if fd == sock.fileno():
+                        if not self._receive(sock) and events & select.POLLHUP:
+                            poller.unregister(fd)   # every child end is closed
+                    elif fd == exec_r:
+                        poller.unregister(exec_r)
+                        exec_open = False
+                        while self._receive(sock, block=False):   # an exec failure is reported first
+                            pass
+                        self._exec_done()
+                    elif fd == wake_r:
+                        _drain(wake_r)
+                    elif fd == self.listener:
+                        if events & (select.POLLHUP | select.POLLERR):
+                            poller.unregister(fd)
+                        else:
+                            self._notification()
+                    elif fd == self.notify_fd:
+                        if not self._read_notify():
+                            poller.unregister(fd)
+                    elif fd == setup_pidfd:
+                        _, setup_status = os.waitpid(self.setup_pid, 0)
+                        while self._receive(sock, block=False):
+                            pass
+                        if exec_open:
+                            self._exec_done()
+                        if self.notify_fd is not None:
+                            self._read_notify()   # what the program said before it ended
+                        return self._finish(setup_status)
+                if self.grab:
+                    self._try_grab(sock, poller)
+                self._forward_signals()
+        finally:
+            os.close(setup_pidfd)
+            if self.grab:
+                os.close(self.grab[0])
+
+    def _receive(self, sock, block=True) -> bool:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(65536, _socket.CMSG_SPACE(12), 0 if block else _socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:   # the sandbox ended with our "go" unread (its read was refused)
+            return True
+        if not data:
+            return False
+        sender = None
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_CREDENTIALS:
+                sender = int.from_bytes(payload[:4], "little", signed=True)
+        kind, *fields = marshal.loads(data)
+        if kind == "unshared":
+            self._write_maps_and_release(sock, sender, *fields)
+        elif kind == "ready":
+            self._ready(sender, *fields)
+        elif kind == "skipped":
+            self.enforcement.skipped[fields[0]] = fields[1]
+        elif kind == "error":
+            self.error = self.error or tuple(fields)
+        elif kind == "status":
+            if fields[0] == "program":
+                self.program_status = fields[1]
+            else:
+                self.pid1_status = fields[1]
+        return True
+
+    def _write_maps_and_release(self, sock, setup_pid, user_namespace, net_namespace):
+        try:
+            if user_namespace:
+                namespaces.write_id_maps(setup_pid, self.plan.identity)
+            if net_namespace and self.plan.network.mode == "veth":
+                from jailer import network
+
+                self.enforcement.attempt("network", lambda: network.create_veth(self.plan.network, setup_pid),
+                                         network.FIX_VETH)
+        except JailerError as exc:
+            self.error = _error_fields(exc)
+            os.kill(setup_pid, signal.SIGKILL)
+            return
+        _send(sock.fileno(), "go")
+
+    def _ready(self, program_pid, applied, skipped, listener_number, sync_number):
+        self.program_pid = program_pid
+        self.enforcement.merge(applied, skipped)
+        if listener_number >= 0:
+            self.grab = (os.pidfd_open(program_pid), listener_number, time.monotonic() + _GRAB_TIMEOUT)
+            self.handshake = (program_pid, sync_number)
+
+    def _try_grab(self, sock, poller):
+        """Take the program's seccomp listener (pidfd_getfd) as soon as its filter is loaded.
+
+        The filter loads within tens of microseconds of "ready"; until then pidfd_getfd
+        fails with EBADF and this sleeps in short steps (select, no spinning), leaving the
+        CPU to the child. Any other failure will not change: the child would wait forever
+        for its go-ahead, so the sandbox is stopped with a LayerError."""
+        from jailer import seccomp, syscalls
+
+        pidfd, number, deadline = self.grab
+        fd = None
+        failure = None
+        for pause in _GRAB_PAUSES:
+            try:
+                fd = syscalls.pidfd_getfd(pidfd, number)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    failure = f"pidfd_getfd: {exc.strerror}"
+                    break
+                select.select((), (), (), pause)
+                continue
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify":
+                break
+            os.close(fd)
+            fd = None
+        if fd is None:
+            if failure is None and time.monotonic() > deadline:
+                failure = "the program's filter did not appear in time"
+            if failure is not None or self.error:
+                os.close(pidfd)
+                self.grab = None
+            if failure is not None and not self.error:
+                self.error = ("LayerError", "seccomp", f"cannot take the notification listener ({failure})",
+                              _GRAB_FIX)
+                self._kill_sandbox(self.program_pid)
+            return
+        os.close(pidfd)
+        self.grab = None
+        self.listener = fd
+        names = self.options.syscall_names() if self.options.syscall_names else seccomp.syscall_names()
+        policy = self.options.notification_policy or seccomp.StagedPolicy(self.plan.seccomp,
+                                                                          self.options.route_all_to_notify)
+        self.notifications = seccomp.Notifications(fd, policy, names, self._kill_sandbox)
+        program_pid, sync_number = self.handshake
+        self.handshake = (program_pid, next((nr for nr, name in names.items() if name == "read"), -1), sync_number)
+        poller.register(fd, select.POLLIN)
+        _send(sock.fileno(), "go")
+
+    def _notification(self):
+        if self.notify_fd is not None:
+            self._read_notify()   # a READY=1 sent before this syscall counts before it is answered
+        try:
+            notif = self.notifications.receive()
+        except OSError:
+            return
+        if self.handshake and (notif.pid, notif.data.nr, notif.data.args[0]) == self.handshake:
+            # The child's own wait for "go" after loading the filter, once: release it, do not report it.
+            from jailer import syscalls
+
+            self.handshake = None
+            try:
+                syscalls.seccomp_notif_fail(self.listener, notif.id, 1)
+            except OSError:
+                pass
+            return
+        event = self.notifications.answer(notif, self.stage)
+        if event is None:
+            return
+        self.status.emit("seccomp", **event)
+        key = (event["syscall"], event["action"])
+        if key not in self.reported:
+            self.reported.add(key)
+            outcome = f"failed with errno {event['errno']}" if event["action"] == "errno" else "sandbox killed"
+            when = " after it was ready" if self.stage == "steady" and self.plan.seccomp.steady else ""
+            status.warn(f"seccomp: the program called {event['syscall']}{when}, refused by action "
+                        f"'{event['action']}': {outcome}")
+
+    def _read_notify(self) -> bool:
+        """Read the program's sd_notify-style datagrams; False once its end is gone."""
+        while True:
+            try:
+                data = os.read(self.notify_fd, 4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return True
+            for line in data.decode(errors="replace").split("\n"):
+                key, _, value = line.partition("=")
+                if key == "READY" and value == "1":
+                    if self.started:
+                        self._become_ready()
+                    else:
+                        self.ready_pending = True
+                elif key == "STATUS":
+                    self.status.emit("status", text=value)
+                    self._tell_service_manager(f"STATUS={value}")
+
+    def _become_ready(self):
+        if self.stage != "setup":
+            return
+        self.stage = "steady"
+        self.status.emit("ready", pid=self.program_pid)
+        self._tell_service_manager(f"READY=1\nMAINPID={os.getpid()}")
+        if self.plan.seccomp.steady and self.listener is not None:
+            self.status.emit("stage", stage="steady")
+
+    def _tell_service_manager(self, state):
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        from jailer import sdnotify
+
+        try:
+            sdnotify.notify(state)
+        except JailerError as exc:
+            status.warn(str(exc))
+
+    def _kill_sandbox(self, pid):
+        for target in (pid, self.program_pid):   # the program's end ends the pid namespace
+            if target:
+                try:
+                    os.kill(target, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def _exec_done(self):
+        """The exec pipe closed: the program was exec'd (or its process died before exec)."""
+        if self.error or self.program_pid is None or self.started:
+            return
+        self.started = True
+        gc.enable()   # run_cli turned it off for the start-up; the launcher now only supervises
+        if self.plan.seccomp.enabled and "seccomp" not in self.enforcement.skipped:
+            self.enforcement.applied["seccomp"] = {
+                "rules": len(self.plan.seccomp.rules), "default": self.plan.seccomp.default_action,
+                "report": "user-notify" if self.listener is not None and self.plan.seccomp.report else "no",
+                "steady_rules": len(self.plan.seccomp.steady)}
+        self.status.emit("started", pid=self.program_pid)
+        self.status.emit("enforced", layers=self.enforcement.applied, skipped=self.enforcement.skipped)
+        for layer, reason in self.enforcement.skipped.items():
+            status.warn(f"layer '{layer}' skipped (best effort): {reason}")
+        if self.plan.program.ready == "exec" or self.ready_pending:
+            self._become_ready()
+
+    def _forward_signals(self):
+        while self.pending_signals:
+            if not self.started and self.program_pid is not None and not self.error:
+                return   # the program is being exec'd: deliver once it runs
+            signum = self.pending_signals.pop(0)
+            if not self.started:
+                self._kill_sandbox(self.setup_pid)   # interrupted during set-up: tear it down
+                self.error = self.error or ("JailerError", "", f"interrupted by signal {signum} during set-up", "")
+                continue
+            try:
+                os.kill(self.program_pid, signum)
+            except OSError:
+                pass
+
+    def _finish(self, setup_status) -> int:
+        if self.error and not self.started:
+            kind, layer, reason, fix = self.error
+            if kind == "LayerError":
+                raise LayerError(layer, reason, fix)
+            raise JailerError(reason)
+        wait_status = self.program_status
+        if wait_status is None:
+            wait_status = self.pid1_status if self.pid1_status is not None else setup_status
+        if self.notifications is not None and self.notifications.killed:
+            from jailer.seccomp import SIGSYS
+
+            wait_status = SIGSYS   # what the kernel's own kill action would have shown
+        self.status.emit("exited", **status.describe_exit(wait_status))
+        return status.exit_code(wait_status)
+
+
+def _write_pidfile(path) -> tuple[str, int]:
+    """Write our pid to `path` atomically (a reader never sees a partial file); returns (path, inode)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError as exc:
+        _remove_if_same(temporary, None)
+        raise JailerError(f"cannot write the pid file {path}: {exc.strerror}") from None
+    return path, inode
+
+
+def _remove_if_same(path, inode):
+    """Remove a file jailer made, unless something else has replaced it meanwhile."""
+    try:
+        if inode is None or os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
+
+
+class _Child:
+    """The setup child, then (after the pid-namespace fork) the sandbox's pid 1 and the program."""
+
+    def __init__(self, plan, enforcement, sock_fd, exec_w, launcher_pid, entries, argv, environment, bpf, listen,
+                 cgroup):
+        self.plan = plan
+        self.enforcement = enforcement
+        self.sock_fd = sock_fd
+        self.exec_w = exec_w
+        self.launcher_pid = launcher_pid
+        self.entries = entries
+        self.argv = argv
+        self.environment = environment
+        self.bpf = bpf
+        self.listen = listen            # the filter notifies: the launcher takes its listener
+        self.cgroup = cgroup
+        self.user_namespace = False
+        self.last_cap = None
+
+    def _die_with(self, parent_pid):
+        """SIGKILL this process when its parent dies (and die now if it already has). The parent
+        of the sandbox's pid 1 lives outside its pid namespace, where getppid() reads 0."""
+        from jailer import syscalls
+
+        if self.plan.die_with_parent:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() not in (parent_pid, 0):
+                os._exit(SETUP_FAILED)
+
+    def setup(self):
+        """Join the cgroup, unshare, wait for the maps; fork pid 1 when there is a pid namespace."""
+        from jailer import capabilities
+
+        self.last_cap = capabilities.last_capability()   # /proc may not exist in the new root
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)   # the launcher decides what reaches the program
+        self._die_with(self.launcher_pid)
+        plan = self.plan
+        if self.cgroup is not None:
+            self.enforcement.attempt("cgroup", self._join_cgroup)
+        if os.geteuid() == 0 and plan.namespaces.user:
+            os.setgroups([])   # the last moment root's supplementary groups can be dropped
+        self.user_namespace = namespaces.enter_user_namespace(plan.namespaces, self.enforcement)
+        entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)
+        _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
+        if _receive(self.sock_fd) != ("go",):
+            os._exit(SETUP_FAILED)
+        if self.user_namespace:
+            from jailer import syscalls
+
+            syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
+            syscalls.setfsgid(plan.identity.gid)
+        self._die_with(self.launcher_pid)   # unshare and setfs[ug]id cleared the parent-death signal
+        if "pid_namespace" not in entered:
+            self.inside()
+            return
+        my_pid = os.getpid()
+        pid1 = self._fork_giving_up_exec_pipe()
+        if pid1 == 0:
+            self._die_with(my_pid)
+            self.inside()
+            return
+        fdlib.close_all_but({2, self.sock_fd})
+        _, wait_status = os.waitpid(pid1, 0)
+        _send(self.sock_fd, "status", "program" if plan.namespaces.pid1 == "program" else "pid1", wait_status)
+        os._exit(0)
+
+    def _fork_giving_up_exec_pipe(self) -> int:
+        """fork(); the child goes on only once the parent has closed its copy of the exec pipe,
+        so that the pipe closes exactly when the program execs (the launcher's signal that
+        the program runs and its steady stage may begin), never later."""
+        release_r, release_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(release_w)
+            os.read(release_r, 1)
+            os.close(release_r)
+            return 0
+        os.close(self.exec_w)
+        os.close(release_w)
+        os.close(release_r)
+        return pid
+
+    def _join_cgroup(self):
+        self.cgroup.join()
+        return self.cgroup.describe()
+
+    def inside(self):
+        """Everything from the network to the exec, in the documented order."""
+        from jailer import capabilities
+
+        plan, attempt = self.plan, self.enforcement.attempt
+        os.umask(0o022)
+        if "net_namespace" in self.enforcement.applied:
+            if plan.network.mode == "none":
+                self.enforcement.applied["network"] = {"mode": "none"}
+            else:
+                from jailer import network
+
+                attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
+        pivoted = False
+        if "mount_namespace" in self.enforcement.applied:
+            from jailer import mounts
+
+            attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid))
+            pivoted = "pivot_root" in self.enforcement.applied
+        try:
+            os.chdir(plan.program.cwd)
+        except OSError as exc:
+            raise LayerError("pivot_root", f"cannot enter the program's cwd {plan.program.cwd}: {exc.strerror}",
+                             "bind the directory or change program.cwd") from None
+        if plan.landlock.enabled:
+            from jailer import landlock
+
+            attempt("landlock", lambda: landlock.restrict(plan, pivoted), landlock.FIX)
+        if plan.limits.rlimits:
+            from jailer import limits
+
+            attempt("rlimits", lambda: limits.apply_rlimits(plan.limits.rlimits))
+        self.sock_fd, self.exec_w = fdlib.install(self.entries, [self.sock_fd, self.exec_w])
+        os.setsid()
+        last_cap = self.last_cap
+        attempt("capabilities", lambda: capabilities.drop_bounding_set(last_cap), capabilities.FIX)
+        attempt("securebits", capabilities.lock_securebits, capabilities.FIX)
+        capabilities.become(plan.identity.uid, plan.identity.gid,
+                            drop_groups=not self.user_namespace and os.geteuid() == 0)
+        attempt("capabilities", lambda: capabilities.clear_capabilities(last_cap), capabilities.FIX)
+        attempt("no_new_privs", capabilities.set_no_new_privs)
+        self._die_with(os.getppid())   # the uid change cleared the parent-death signal
+        if "pid_namespace" in self.enforcement.applied and plan.namespaces.pid1 == "reaper":
+            self.fork_program()
+        self.exec_program()
+
+    def fork_program(self):
+        """Fork the program; this process stays as the sandbox's pid 1 (returns only in the program)."""
+        from jailer import syscalls
+
+        program = []
+        pending = []
+
+        def forward(signum, frame):
+            if program:
+                try:
+                    os.kill(program[0], signum)
+                except OSError:
+                    pass
+            else:
+                pending.append(signum)
+
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, forward)
+        reaper_pid = os.getpid()
+        pid = self._fork_giving_up_exec_pipe()
+        if pid == 0:
+            self._die_with(reaper_pid)
+            return
+        program.append(pid)
+        for signum in pending:
+            forward(signum, None)
+        fdlib.close_all_but({2, self.sock_fd})
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        while True:
+            try:
+                reaped, wait_status = os.wait()
+            except ChildProcessError:
+                os._exit(0)
+            if reaped == pid:
+                break
+        _send(self.sock_fd, "status", "program", wait_status)
+        os._exit(0)
+
+    def exec_program(self):
+        """The process that execs: environment, seccomp last, execve."""
+        plan = self.plan
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        environment = dict(self.environment)
+        if "LISTEN_FDS" in environment:
+            environment["LISTEN_PID"] = str(os.getpid())
+        report = bool(self.bpf) and self.listen
+        listener_number = -1
+        if report:   # the kernel gives the listener the lowest free number: tell the launcher which
+            listener_number = fcntl.fcntl(self.sock_fd, fcntl.F_DUPFD_CLOEXEC, 0)
+            os.close(listener_number)
+        _send(self.sock_fd, "ready", self.enforcement.applied, self.enforcement.skipped, listener_number,
+              self.sock_fd)
+        if self.bpf:
+            from jailer import seccomp
+
+            self.enforcement.attempt("seccomp", lambda: seccomp.load(self.bpf, report),
+                                     "use a kernel with seccomp filters (and user notification, Linux >= 5.0)")
+            if "seccomp" in self.enforcement.skipped:
+                _send(self.sock_fd, "skipped", "seccomp", self.enforcement.skipped["seccomp"])
+            elif report:
+                try:
+                    os.read(self.sock_fd, 1)   # wait until the launcher holds the listener
+                except OSError:
+                    pass
+        try:
+            os.execve(plan.program.executable, self.argv, environment)
+        except OSError as exc:
+            raise JailerError(f"cannot execute {plan.program.executable}: {exc.strerror} "
+                              "(is it bound into the sandbox, and executable by its uid?)") from None

@@ -1,0 +1,158 @@
+"""Build the sandbox's file system: a fresh tmpfs as "/", holding only what the plan lists.
+
+Runs in the child, inside its new mount (and pid) namespace, in this order:
+  1. make every mount private (MS_REC|MS_PRIVATE on "/") so nothing propagates back;
+  2. open every bind source as an O_PATH fd *before* the root changes, and later bind that
+     very fd (through /proc/self/fd), so a path cannot be swapped between check and mount;
+  3. mount a tmpfs of Plan.filesystem.root_size over /tmp and pivot_root into it, keeping
+     the old root at /.oldroot only while the tree is built;
+  4. mount binds, tmpfs, device binds, symlinks and /proc (parents before children);
+     binds are MS_REC|MS_BIND, then nosuid+nodev (devices keep dev) and read-only unless
+     writable, applied recursively with mount_setattr; tmpfs are nosuid,nodev,noexec;
+     /proc is nosuid,nodev,noexec with /proc/sys and friends read-only;
+  5. detach the old root (umount2 MNT_DETACH), chdir "/", and remount "/" read-only when
+     readonly_root.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from jailer import syscalls
+from jailer.errors import LayerError
+
+NEW_ROOT_MOUNTPOINT = "/tmp"
+OLD_ROOT = "/.oldroot"
+READ_ONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
+_FIX = "check the paths in the profile's [filesystem] section (`jailer show` prints the resolved plan)"
+
+
+def build_root(fs, uid: int, gid: int) -> dict:
+    """Pivot into a new root built from `fs`; returns what was mounted, for the status."""
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    sources = _open_sources(fs)
+    try:
+        _pivot_into_tmpfs(fs.root_size)
+        entries = [(b.target, "bind", b) for b in fs.binds if b.source in sources]
+        entries += [(t.target, "tmpfs", t) for t in fs.tmpfs]
+        entries += [(d, "device", d) for d in fs.devices]
+        entries += [(s.target, "symlink", s) for s in fs.symlinks]
+        if fs.proc:
+            entries.append(("/proc", "proc", None))
+        entries.sort(key=lambda entry: entry[0].rstrip("/").count("/"))
+        for target, kind, item in entries:
+            _mount_entry(target, kind, item, sources, uid, gid)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+    syscalls.umount2(OLD_ROOT, syscalls.MNT_DETACH)
+    os.rmdir(OLD_ROOT)
+    os.chdir("/")
+    if fs.readonly_root:
+        syscalls.mount_setattr("/", syscalls.MOUNT_ATTR_RDONLY, recursive=False)
+    return {"binds": len([e for e in entries if e[1] == "bind"]), "tmpfs": len(fs.tmpfs),
+            "devices": len(fs.devices), "readonly_root": fs.readonly_root, "proc": fs.proc}
+
+
+def _open_sources(fs) -> dict[str, int]:
+    """source path -> O_PATH fd for every bind and device that exists (optional ones may not)."""
+    sources = {}
+    wanted = [(b.source, b.optional) for b in fs.binds] + [(d, False) for d in fs.devices]
+    try:
+        for path, optional in wanted:
+            if path in sources:
+                continue
+            try:
+                sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not optional:
+                    raise LayerError("pivot_root", f"bind source {path} does not exist",
+                                     "create it, or mark the bind optional in the profile") from None
+            except OSError as exc:
+                raise LayerError("pivot_root", f"cannot open bind source {path}: {exc.strerror}",
+                                 "make the path reachable (search permission) by the sandbox's uid") from None
+    except BaseException:
+        for fd in sources.values():
+            os.close(fd)
+        raise
+    return sources
+
+
+def _pivot_into_tmpfs(size: int) -> None:
+    syscalls.mount("tmpfs", NEW_ROOT_MOUNTPOINT, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
+                   f"size={size},mode=755")
+    os.chdir(NEW_ROOT_MOUNTPOINT)
+    os.mkdir(OLD_ROOT.lstrip("/"), 0o700)
+    syscalls.pivot_root(".", OLD_ROOT.lstrip("/"))
+    os.chdir("/")
+
+
+def _mount_entry(target, kind, item, sources, uid, gid) -> None:
+    try:
+        if kind == "symlink":
+            _make_parents(target)
+            os.symlink(item.points_to, target)
+        elif kind == "tmpfs":
+            _make_mountpoint(target, directory=True)
+            syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+                           f"size={item.size},mode={item.mode:o},uid={uid},gid={gid}")
+        elif kind == "proc":
+            _mount_proc()
+        else:
+            source = item.source if kind == "bind" else item
+            _bind(sources[source], target, writable=kind == "bind" and item.writable, device=kind == "device")
+    except OSError as exc:
+        raise LayerError("pivot_root", f"{kind} {target}: {exc.strerror}", _FIX) from None
+
+
+def _bind(source_fd: int, target: str, writable: bool, device: bool) -> None:
+    directory = stat.S_ISDIR(os.fstat(source_fd).st_mode)
+    _make_mountpoint(target, directory)
+    syscalls.mount(f"{OLD_ROOT}/proc/self/fd/{source_fd}", target, None, syscalls.MS_BIND | syscalls.MS_REC)
+    flags = syscalls.MOUNT_ATTR_NOSUID
+    if device:
+        flags |= syscalls.MOUNT_ATTR_NOEXEC
+    else:
+        flags |= syscalls.MOUNT_ATTR_NODEV
+        if not writable:
+            flags |= syscalls.MOUNT_ATTR_RDONLY
+    syscalls.mount_setattr(target, flags, recursive=True)
+
+
+def _mount_proc() -> None:
+    _make_mountpoint("/proc", directory=True)
+    syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    for name in READ_ONLY_PROC_PATHS:
+        path = f"/proc/{name}"
+        if os.path.lexists(path):
+            syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
+            syscalls.mount_setattr(path, syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID
+                                   | syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC, recursive=True)
+
+
+def _make_parents(path: str) -> None:
+    _refuse_escape(path)
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, 0o755, exist_ok=True)
+
+
+def _refuse_escape(path: str) -> None:
+    """A target must stay in the new root: a symlink in a writable bind's host directory must
+    not lead the build (mkdir, mount) into the old root."""
+    real = os.path.realpath(path)
+    if real == OLD_ROOT or real.startswith(OLD_ROOT + "/"):
+        raise LayerError("pivot_root", f"{path} leads out of the sandbox's root through a symlink",
+                         "remove the symlink from the bound host directory, or bind somewhere else")
+
+
+def _make_mountpoint(path: str, directory: bool) -> None:
+    _make_parents(path)
+    if os.path.lexists(path):
+        _refuse_escape(path)
+        return
+    if directory:
+        os.mkdir(path, 0o755)
+    else:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))

@@ -1,0 +1,84 @@
+"""Entering new namespaces (in the child) and writing its uid/gid maps (in the parent).
+
+The user namespace is created first and alone, so every other namespace is owned by it
+and the child holds all capabilities inside it before any map exists; the maps are then
+written from outside by the launcher, which is the only process allowed to write the
+maps of an unprivileged user (setgroups is denied first, as the kernel requires).
+"""
+
+from __future__ import annotations
+
+from jailer import syscalls
+
+# layer name -> (clone flag, NamespacesPlan attribute)
+NAMESPACE_LAYERS = {
+    "mount_namespace": (syscalls.CLONE_NEWNS, "mount"),
+    "pid_namespace": (syscalls.CLONE_NEWPID, "pid"),
+    "net_namespace": (syscalls.CLONE_NEWNET, "net"),
+    "ipc_namespace": (syscalls.CLONE_NEWIPC, "ipc"),
+    "uts_namespace": (syscalls.CLONE_NEWUTS, "uts"),
+    "cgroup_namespace": (syscalls.CLONE_NEWCGROUP, "cgroup"),
+}
+
+_FIX_USERNS = ("check that user namespaces are enabled (sysctl user.max_user_namespaces > 0) and not "
+               "restricted by AppArmor (sysctl kernel.apparmor_restrict_unprivileged_userns=0)")
+_FIX_OTHER = "run as root, or enable the user namespace in the profile so the other namespaces can be created"
+
+
+def enter_user_namespace(namespaces, enforcement) -> bool:
+    """unshare(CLONE_NEWUSER) when the plan asks; True when the child is now in a new one."""
+    if not namespaces.user:
+        return False
+    enforcement.attempt("user_namespace", lambda: syscalls.unshare(syscalls.CLONE_NEWUSER), _FIX_USERNS)
+    return "user_namespace" in enforcement.applied
+
+
+def enter_namespaces(namespaces, enforcement) -> set[str]:
+    """Unshare every other requested namespace at once, or one by one to find which fails."""
+    wanted = {layer: flag for layer, (flag, attr) in NAMESPACE_LAYERS.items() if getattr(namespaces, attr)}
+    if not wanted:
+        return set()
+    combined = 0
+    for flag in wanted.values():
+        combined |= flag
+    try:
+        syscalls.unshare(combined)
+    except OSError:
+        for layer, flag in wanted.items():
+            enforcement.attempt(layer, lambda flag=flag: syscalls.unshare(flag), _FIX_OTHER)
+    else:
+        for layer in wanted:
+            enforcement.applied[layer] = True
+    entered = {layer for layer in wanted if layer in enforcement.applied}
+    if "uts_namespace" in entered:
+        def set_hostname():
+            syscalls.sethostname(namespaces.hostname)
+            return {"hostname": namespaces.hostname}
+
+        enforcement.attempt("uts_namespace", set_hostname)
+    return entered
+
+
+def write_id_maps(pid: int, identity) -> None:
+    """Write /proc/PID/{setgroups,uid_map,gid_map} from the plan's maps (run by the parent)."""
+    try:
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
+        for name, entries in (("uid_map", identity.uid_map), ("gid_map", identity.gid_map)):
+            text = "".join(f"{m.inside} {m.outside} {m.count}\n" for m in entries)
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(text)
+    except OSError as exc:
+        from jailer.errors import LayerError
+
+        raise LayerError("user_namespace", f"writing the id maps of pid {pid}: {exc.strerror}",
+                         "an unprivileged caller may map only its own uid and gid (one entry each); "
+                         "check identity.uid_map/gid_map in the plan (`jailer show`)") from None
+
+
+def outside_id(inside: int, id_map) -> int:
+    """The host id an id inside the user namespace stands for (itself without a map)."""
+    for entry in id_map:
+        if entry.inside <= inside < entry.inside + entry.count:
+            return entry.outside + inside - entry.inside
+    return inside

@@ -1,0 +1,297 @@
+"""`jailer run`: the start-up hot path, so it parses its own arguments and imports little.
+
+The resolved plan, its compiled seccomp filter and the syscall-name table are cached per
+profile, keyed on the profile's path, mtime, size and contents, the caller's uid/gid,
+the environment variables the profile names, the jailer version and the files of the
+modules that resolve profiles and compile filters; any mismatch or unreadable entry
+falls back to resolving the profile again. toml, click, pyseccomp and pyroute2 are only
+imported on a cache miss or when the plan needs them.
+"""
+
+from __future__ import annotations
+
+import gc
+import marshal
+import os
+import sys
+
+from jailer.errors import UsageError
+
+USAGE = """\
+usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--socket NAME=PATH]...
+                  [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache] PROFILE [-- ARG...]
+
+Run the program a profile describes inside the sandbox the profile describes.
+
+  --fd NAME=N        hand the caller's open fd N to the program as the profile's fd NAME
+  --fd N             the same, for the profile's unix-listener fd (the only one, or "vfio-user")
+  --socket-path PATH create a listening AF_UNIX socket at PATH for that unix-listener fd
+  --socket NAME=PATH create a listening AF_UNIX socket at PATH for the unix-listener fd NAME
+  --status-fd N      write JSON-lines status events (started, enforced, ready, stage, seccomp,
+                     exited) to fd N
+  --log-fd N         jailer's messages and the program's stderr go to fd N instead of stderr
+  --pidfile PATH     write the launcher's pid (the process to signal) to PATH while it runs
+  --no-cache         resolve the profile and compile its filter even if a cached copy is valid
+  ARG...             appended to the profile's program arguments
+
+Sockets passed by a service manager (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES) are taken as
+the profile's fds of those names (a single one as its unix-listener).
+
+Exit status: the program's, or 128+N when signal N ended it; 1 on an error, 2 on a usage
+or profile error, 3 when a required sandbox layer cannot be applied. See jailer(1).
+"""
+
+
+class Arguments:
+    def __init__(self):
+        self.profile = None
+        self.given_fds = {}
+        self.socket_path = None
+        self.sockets = {}
+        self.status_fd = None
+        self.log_fd = None
+        self.pidfile = None
+        self.use_cache = True
+        self.extra_args = []
+
+
+def _fd_number(text, option):
+    if not text.isdigit():
+        raise UsageError(f"{option}: '{text}' is not a file descriptor number")
+    fd = int(text)
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise UsageError(f"{option}: fd {fd} is not open in the caller") from None
+    return fd
+
+
+def parse(argv) -> Arguments:
+    args = Arguments()
+    items = list(argv)
+    while items:
+        item = items.pop(0)
+        if item == "--":
+            args.extra_args = items
+            break
+        option, has_value, value = item.partition("=") if item.startswith("--") else (item, False, "")
+        if option in ("--fd", "--socket-path", "--socket", "--status-fd", "--log-fd", "--pidfile"):
+            if not has_value:
+                if not items:
+                    raise UsageError(f"{option} needs a value (see jailer run --help)")
+                value = items.pop(0)
+            if option == "--fd":
+                name, _, number = value.rpartition("=")
+                if name in args.given_fds or (not name and None in args.given_fds):
+                    raise UsageError(f"--fd {value}: fd {name or 'N'} given twice")
+                args.given_fds[name or None] = _fd_number(number, "--fd")
+            elif option == "--socket-path":
+                args.socket_path = os.path.abspath(value)
+            elif option == "--socket":
+                name, equals, path = value.partition("=")
+                if not equals or not name or not path:
+                    raise UsageError(f"--socket {value}: expected NAME=PATH")
+                if name in args.sockets:
+                    raise UsageError(f"--socket {value}: fd {name} given twice")
+                args.sockets[name] = os.path.abspath(path)
+            elif option == "--pidfile":
+                args.pidfile = os.path.abspath(value)
+            elif option == "--log-fd":
+                args.log_fd = _fd_number(value, "--log-fd")
+            else:
+                args.status_fd = _fd_number(value, "--status-fd")
+        elif item == "--no-cache":
+            args.use_cache = False
+        elif item.startswith("-") and item != "-":
+            raise UsageError(f"unknown option '{item}' (see jailer run --help)")
+        elif args.profile is None:
+            args.profile = item
+        else:
+            raise UsageError(f"unexpected argument '{item}': program arguments go after '--'")
+    if args.profile is None:
+        raise UsageError("missing PROFILE (see jailer run --help)")
+    return args
+
+
+def cache_dir() -> str:
+    if os.environ.get("JAILER_CACHE_DIR"):
+        return os.environ["JAILER_CACHE_DIR"]
+    if os.geteuid() == 0:
+        return "/var/cache/jailer"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jailer")
+
+
+def _cache_key(path: str) -> tuple:
+    """What the resolved plan depends on. The environment counts only through the variables
+    the profile names as TOML strings (environment.pass takes exact names), so unrelated
+    variables, which change from run to run, do not defeat the cache."""
+    import zlib
+
+    from jailer import __version__
+
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        text = f.read()
+    passed = tuple(sorted((name, value) for name, value in os.environ.items()
+                          if f'"{name}"'.encode() in text or f"'{name}'".encode() in text))
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino, zlib.crc32(text), os.geteuid(), os.getegid(), passed,
+            __version__, _resolver_stamp())
+
+
+# The modules whose code decides what a cache entry holds: an edited one invalidates it.
+RESOLVER_MODULES = ("plan.py", "profile.py", "runtime.py", "syscall_groups.py", "seccomp.py")
+
+
+def _resolver_stamp() -> tuple:
+    package = os.path.dirname(os.path.abspath(__file__))
+    stamp = []
+    for name in RESOLVER_MODULES:
+        try:
+            st = os.stat(os.path.join(package, name))
+            stamp.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamp.append((name, None, None))
+    return tuple(stamp)
+
+
+def _cache_file(directory: str, path: str) -> str:
+    import zlib
+
+    return os.path.join(directory, f"{zlib.crc32(path.encode()):08x}-{os.path.basename(path)}.plan")
+
+
+def _read_cache(file: str, key: tuple):
+    """The cached entry when it is ours, private and for exactly this key; else None."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            entry = marshal.load(f)
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _write_cache(directory: str, file: str, entry: dict) -> None:
+    """Best effort: a cache that cannot be written only costs time."""
+    try:
+        os.makedirs(directory, 0o700, exist_ok=True)
+        st = os.stat(directory)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return
+        _prune(directory)
+        temporary = f"{file}.{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            marshal.dump(entry, f)
+        os.replace(temporary, file)
+    except OSError:
+        pass
+
+
+class PlanView:
+    """A cached plan, read-only, with the Plan's attribute names (lists become tuples).
+
+    Building the real Plan dataclasses costs more than the whole sandbox set-up (the
+    dataclass machinery compiles code at import), so a warm `jailer run` reads the cached
+    plan.to_dict() through this view instead; the cache is only written from a Plan that
+    build_plan has validated."""
+
+    def __init__(self, data: dict):
+        for name, value in data.items():
+            object.__setattr__(self, name, _view(value))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a cached plan is read-only")
+
+
+def _view(value):
+    if isinstance(value, dict):
+        return PlanView(value)
+    if isinstance(value, list):
+        return tuple(_view(item) for item in value)
+    return value
+
+
+def _prune(directory: str, limit: int = 256) -> None:
+    """Drop entries whose profile is gone (temporary profiles would pile up); only on a miss."""
+    for name in sorted(os.listdir(directory))[:limit]:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                profile = marshal.load(f)["key"][0]
+        except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError):
+            profile = None
+        if profile is None or not os.path.exists(profile):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def resolve(profile: str, use_cache: bool = True):
+    """(plan, bpf, syscall names) for the profile, from the cache when it is valid."""
+    path = os.path.abspath(profile)
+    try:
+        key = _cache_key(path)
+    except OSError as exc:
+        raise UsageError(f"{profile}: {exc.strerror}") from None
+    directory = cache_dir()
+    file = _cache_file(directory, path)
+    entry = _read_cache(file, key) if use_cache else None
+    if entry is not None:
+        try:
+            return PlanView(entry["plan"]), entry["bpf"], entry["names"]
+        except (KeyError, TypeError, AttributeError):
+            pass
+    from jailer.profile import build_plan
+
+    plan = build_plan(path, euid=os.geteuid())
+    bpf = names = None
+    if plan.seccomp.enabled:
+        from jailer import seccomp
+
+        bpf = seccomp.compile_bpf(plan.seccomp)
+        names = seccomp.syscall_names() if seccomp.needs_listener(plan.seccomp) else None
+    _write_cache(directory, file, {"key": key, "plan": plan.to_dict(), "bpf": bpf, "names": names})
+    return plan, bpf, names
+
+
+def main(argv) -> int:
+    # No garbage collection while starting: a collection in a forked child touches every
+    # object and copies the whole heap; the launcher turns it back on once the program runs.
+    gc.disable()
+    if any(a in ("-h", "--help") for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
+        sys.stdout.write(USAGE)
+        return 0
+    args = parse(argv)
+    if args.log_fd is not None and args.log_fd != 2:
+        os.dup2(args.log_fd, 2)   # every later message, the program's stderr included, goes there
+    plan, bpf, names = resolve(args.profile, args.use_cache)
+    code = run_plan(plan, args, bpf, names)
+    # Done: skip the interpreter's teardown (module and heap finalization cost more than the
+    # whole sandbox set-up); everything jailer made is already removed, only stdio may hold data.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
+    """Run an already resolved plan with the command line's fds, status fd and arguments."""
+    from jailer import launcher
+
+    options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,
+                               extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
+                               sockets=args.sockets, pidfile=args.pidfile)
+    return launcher.run(plan, options)

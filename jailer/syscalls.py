@@ -1,0 +1,273 @@
+"""The only place jailer calls the kernel through ctypes.
+
+Python 3.11 has no os.unshare and no wrappers for pivot_root, mount_setattr, seccomp,
+Landlock, pidfd_getfd or capabilities, so each is a thin function here that raises
+OSError(errno) like the os module does; the rest of the engine goes through them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_MACHINE = os.uname().machine
+
+# Syscall numbers that differ between the architectures jailer supports; 424 and up are shared.
+_NUMBERS = {
+    "x86_64": {"pivot_root": 155, "seccomp": 317, "capget": 125, "capset": 126, "unshare": 272},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "capget": 90, "capset": 91, "unshare": 97},
+}
+_COMMON = {"close_range": 436, "pidfd_getfd": 438,
+           "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
+           "landlock_restrict_self": 446}
+if _MACHINE not in _NUMBERS:
+    raise ImportError(f"jailer supports x86_64 and aarch64, not {_MACHINE}")
+NR = {**_NUMBERS[_MACHINE], **_COMMON}
+
+# clone(2) namespace flags
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2) flags
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+
+# mount_setattr(2)
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+# prctl(2)
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_GET_SECUREBITS = 27
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_IS_SET = 1
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# seccomp(2)
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+
+# Landlock
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+
+
+def _check(result):
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def _syscall(name, *args):
+    return _check(_libc.syscall(NR[name], *args))
+
+
+def _path(path):
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    _syscall("unshare", ctypes.c_int(flags))
+
+
+def mount(source, target, fstype, flags=0, data=None) -> None:
+    _check(_libc.mount(_path(source), _path(target), _path(fstype), ctypes.c_ulong(flags), _path(data)))
+
+
+def umount2(target, flags=0) -> None:
+    _check(_libc.umount2(_path(target), ctypes.c_int(flags)))
+
+
+def pivot_root(new_root, put_old) -> None:
+    _syscall("pivot_root", _path(new_root), _path(put_old))
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(path, attr_set: int, recursive: bool) -> None:
+    """Set mount attributes (never clears any): the kernel keeps locked flags as they are."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    _syscall("mount_setattr", ctypes.c_int(AT_FDCWD), _path(path),
+             ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+
+
+def setfsuid(uid: int) -> None:
+    _libc.setfsuid(ctypes.c_uint(uid))
+
+
+def setfsgid(gid: int) -> None:
+    _libc.setfsgid(ctypes.c_uint(gid))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capget() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of this thread as 64-bit masks."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _syscall("capget", ctypes.byref(header), data)
+    return tuple(getattr(data[0], f) | getattr(data[1], f) << 32 for f in ("effective", "permitted", "inheritable"))
+
+
+def capset_clear() -> None:
+    """Empty the effective, permitted and inheritable sets of this thread."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _syscall("capset", ctypes.byref(header), data)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_load(bpf: bytes, new_listener: bool) -> int:
+    """Install a classic BPF program; returns the notification listener fd (or 0 without one)."""
+    count = len(bpf) // ctypes.sizeof(_SockFilter)
+    program = (_SockFilter * count).from_buffer_copy(bpf)
+    fprog = _SockFprog(count, program)
+    flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if new_listener else 0
+    return _syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(fprog))
+
+
+class SeccompData(ctypes.Structure):
+    _fields_ = [("nr", ctypes.c_int), ("arch", ctypes.c_uint32), ("instruction_pointer", ctypes.c_uint64),
+                ("args", ctypes.c_uint64 * 6)]
+
+
+class SeccompNotif(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("data", SeccompData)]
+
+
+class _SeccompNotifResp(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
+                ("flags", ctypes.c_uint32)]
+
+
+def seccomp_notif_recv(listener: int) -> SeccompNotif:
+    notif = SeccompNotif()
+    _check(_libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_RECV), ctypes.byref(notif)))
+    return notif
+
+
+def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:
+    """True while the notifying task is still blocked in that very syscall."""
+    cookie = ctypes.c_uint64(notif_id)
+    return _libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_ID_VALID),
+                       ctypes.byref(cookie)) == 0
+
+
+def seccomp_notif_fail(listener: int, notif_id: int, errno: int) -> None:
+    """Answer a notification with an error."""
+    _notif_send(_SeccompNotifResp(notif_id, 0, -errno, 0), listener)
+
+
+def seccomp_notif_continue(listener: int, notif_id: int) -> None:
+    """Let the notified syscall run as if the filter had allowed it (see jailer.seccomp on when that is safe)."""
+    _notif_send(_SeccompNotifResp(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE), listener)
+
+
+def _notif_send(response, listener):
+    _check(_libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_SEND), ctypes.byref(response)))
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
+    _syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    return _syscall("pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers (OSError when Landlock is off)."""
+    return _syscall("landlock_create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint(LANDLOCK_CREATE_RULESET_VERSION))
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_create_ruleset(handled_fs: int, handled_net: int, scoped: int) -> int:
+    """Older kernels accept the longer struct as long as the fields they do not know are zero."""
+    attr = _RulesetAttr(handled_fs, handled_net, scoped)
+    return _syscall("landlock_create_ruleset", ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+                    ctypes.c_uint(0))
+
+
+def landlock_add_path_rule(ruleset_fd: int, allowed: int, parent_fd: int) -> None:
+    attr = _PathBeneathAttr(allowed, parent_fd)
+    _syscall("landlock_add_rule", ctypes.c_int(ruleset_fd), ctypes.c_uint(LANDLOCK_RULE_PATH_BENEATH),
+             ctypes.byref(attr), ctypes.c_uint(0))
+
+
+def landlock_restrict_self(ruleset_fd: int) -> None:
+    _syscall("landlock_restrict_self", ctypes.c_int(ruleset_fd), ctypes.c_uint(0))
+
+
+def ioctl_ifreq(fd: int, request: int, ifreq: bytearray) -> None:
+    """ioctl(fd, request, struct ifreq) on a 40-byte buffer that the kernel may fill in."""
+    buffer = (ctypes.c_char * len(ifreq)).from_buffer(ifreq)
+    _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), buffer))
+

@@ -1,0 +1,134 @@
+"""Helpers for the engine tests: build Plans directly and run them for real, as root or as nobody."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from jailer.plan import Bind, FilesystemPlan, IdentityPlan, IdMap, Plan, ProgramPlan, SeccompPlan
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = REPO / "tests" / "run_plan.py"
+NOBODY = 65534
+INVOCATIONS = ("root", "user")
+DEVICE_PROFILE = REPO / "profiles" / "gpio-pci-idio-16.toml"
+SYSTEM_DIRS = tuple(p for p in ("/usr", "/lib", "/lib64", "/bin", "/sbin") if os.path.exists(p))
+
+
+def plan_for(invocation: str, script: str, **fields) -> Plan:
+    """A plan that runs `sh -c script` with the system directories bound read-only.
+
+    As root the program runs as nobody (mapped to itself); as the unprivileged caller
+    (nobody) the caller is mapped to uid/gid 1000 inside, to show the map is applied."""
+    if invocation == "root":
+        identity = IdentityPlan(NOBODY, NOBODY, (IdMap(NOBODY, NOBODY),), (IdMap(NOBODY, NOBODY),))
+    else:
+        identity = IdentityPlan(1000, 1000, (IdMap(1000, NOBODY),), (IdMap(1000, NOBODY),))
+    filesystem = fields.pop("filesystem", None) or FilesystemPlan(
+        binds=tuple(Bind(p, p) for p in SYSTEM_DIRS), devices=("/dev/null",))
+    plan = Plan(source="test", name="enginetest", invocation="root" if invocation == "root" else "unprivileged",
+                program=ProgramPlan(argv=("sh", "-c", script), executable="/bin/sh"),
+                identity=identity, filesystem=filesystem, seccomp=SeccompPlan(enabled=False),
+                environment=(("PATH", "/usr/bin:/bin"),))
+    return replace(plan, **fields)
+
+
+class _Runner:
+    """How to start tests/run_plan.py: as root, or as nobody with a copy it can read if needed."""
+
+    def __init__(self):
+        self.copy_dir = None
+        self.user_command = None
+
+    def command(self, invocation):
+        if invocation == "root":
+            return [sys.executable, str(RUNNER)], {}
+        if self.user_command is None:
+            self.user_command = self._user_command()
+        return self.user_command
+
+    def _user_command(self):
+        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        probe = subprocess.run(drop + [sys.executable, "-c", "import jailer.launcher, pyseccomp"],
+                               capture_output=True, cwd="/")
+        if probe.returncode == 0:
+            return drop + [sys.executable, str(RUNNER)], {}
+        # The checkout is not readable by nobody: run a readable copy with the system interpreter.
+        self.copy_dir = tempfile.mkdtemp(prefix="jailer-engine-")
+        atexit.register(shutil.rmtree, self.copy_dir, True)
+        os.chmod(self.copy_dir, 0o755)
+        shutil.copytree(REPO / "jailer", Path(self.copy_dir) / "jailer")
+        shutil.copy(RUNNER, self.copy_dir)
+        import pyseccomp
+
+        shutil.copy(pyseccomp.__file__, self.copy_dir)
+        subprocess.run(["chmod", "-R", "a+rX", self.copy_dir], check=True)
+        return drop + ["/usr/bin/python3", str(Path(self.copy_dir) / "run_plan.py")], {"PYTHONPATH": self.copy_dir}
+
+
+RUNNER_FOR = _Runner()
+
+
+def readable_tempdir() -> str:
+    """A temporary directory nobody can read and traverse (for plan files and binds)."""
+    path = tempfile.mkdtemp(prefix="jailer-test-")
+    os.chmod(path, 0o755)
+    return path
+
+
+def run(plan: Plan, *options: str, invocation: str = "root", pass_fds=(), timeout: float = 30,
+        stdout=subprocess.PIPE, wait=True, env=None):
+    """Run the plan through tests/run_plan.py; returns CompletedProcess (or Popen when wait=False)."""
+    directory = readable_tempdir()
+    plan_file = os.path.join(directory, "plan.json")
+    with open(plan_file, "w") as f:
+        json.dump(plan.to_dict(), f)
+    os.chmod(plan_file, 0o644)
+    command, extra_env = RUNNER_FOR.command(invocation)
+    environment = {"PATH": "/usr/bin:/bin", **extra_env, **(env or {})}
+    popen = subprocess.Popen(command + [plan_file, *options], stdout=stdout, stderr=subprocess.PIPE,
+                             pass_fds=pass_fds, env=environment, cwd="/", text=True)
+    if not wait:
+        popen.plan_dir = directory
+        return popen
+    try:
+        out, err = popen.communicate(timeout=timeout)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+    return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
+
+
+def status_events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run_with_status(plan: Plan, *options: str, invocation: str = "root", pass_fds=()):
+    """run() with --status-fd; returns (CompletedProcess, the status events)."""
+    with tempfile.TemporaryFile("w+") as status:
+        result = run(plan, "--status-fd", str(status.fileno()), *options, pass_fds=[status.fileno(), *pass_fds],
+                     invocation=invocation)
+        status.seek(0)
+        return result, status_events(status.read())
+
+
+def staged_device_profile(directory: Path) -> Path:
+    """The device profile, ready once the device reports READY=1 (so SIGTERM finds its handler
+    installed) and with steady rules that forbid what a serving device never needs."""
+    text = DEVICE_PROFILE.read_text()
+    text = text.replace('modules = ["devices"]\n', 'modules = ["devices"]\nready = "notify"\n', 1)
+    text = text.replace('default_action = "kill"\n', 'default_action = "kill"\n'
+                        'steady_deny = ["execve", "open", "openat", "socket", "socketpair", "connect"]\n', 1)
+    text += '\n[[fds]]\nname = "ready"\nkind = "notify"\nnumber = 4\n'
+    profile = directory / "gpio-pci-idio-16-staged.toml"
+    profile.write_text(text)
+    return profile

@@ -1,0 +1,117 @@
+"""cgroups, best-effort layers and fail-closed refusals, for real."""
+
+import os
+import signal
+import tempfile
+import time
+from dataclasses import replace
+
+import pytest
+
+from engine_sandbox import INVOCATIONS, plan_for, run, run_with_status, status_events
+from jailer.plan import Bind, CgroupPlan, LimitsPlan, NamespacesPlan, NetworkPlan
+
+HOG = "exec python3 -c 'blocks = []\nwhile True: blocks.append(b\"x\" * (8 << 20))'"
+
+
+def test_cgroup_memory_limit_stops_a_memory_hog_and_the_cgroup_is_removed():
+    limits = LimitsPlan(cgroup=CgroupPlan(memory_max=48 << 20, pids_max=32))
+    result, events = run_with_status(plan_for("root", HOG, limits=limits))
+    assert result.returncode == 128 + 9, result.stderr   # the OOM killer, inside the cgroup only
+    layers = events[1]["layers"]
+    assert set(layers["cgroup"]) == {"memory", "pids"}
+    for controller, where in layers["cgroup"].items():
+        path = where.split(":", 1)[1]
+        assert path.endswith(f"/jailer/enginetest.{events[0]['pid']}") or "/jailer/enginetest." in path
+        assert not os.path.exists(path), f"{controller} cgroup left behind: {path}"
+
+
+def test_cgroup_limits_are_written_and_the_program_sees_its_own_cgroup_as_root():
+    limits = LimitsPlan(cgroup=CgroupPlan(pids_max=7, memory_max=64 << 20, cpu_quota_us=50000))
+    script = "cat /proc/self/cgroup | grep -E ':(pids|memory|cpu):'"
+    result, events = run_with_status(plan_for("root", script, limits=limits))
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.split(":", 1)[1] for line in result.stdout.split()) == ["cpu:/", "memory:/", "pids:/"]
+    assert set(events[1]["layers"]["cgroup"]) == {"memory", "pids", "cpu"}
+
+
+def test_pids_limit_stops_a_fork_bomb():
+    limits = LimitsPlan(cgroup=CgroupPlan(pids_max=8))
+    script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 1 & done; wait; echo done"
+    result = run(plan_for("root", script, limits=limits))
+    assert result.returncode != 0 and "done" not in result.stdout
+    assert "fork" in result.stderr.lower()
+
+
+def test_required_layer_that_cannot_be_applied_is_refused():
+    # an unprivileged caller cannot create cgroups on this host: without best_effort, no start
+    limits = LimitsPlan(cgroup=CgroupPlan(memory_max=64 << 20))
+    result = run(plan_for("user", "echo should-not-run", limits=limits), invocation="user")
+    assert result.returncode == 3
+    assert "should-not-run" not in result.stdout
+    assert result.stderr.startswith("jailer: cannot apply layer 'cgroup': ")
+    assert "(to fix: " in result.stderr and "Traceback" not in result.stderr
+
+
+def test_best_effort_layer_is_skipped_and_reported():
+    limits = LimitsPlan(cgroup=CgroupPlan(memory_max=64 << 20))
+    plan = plan_for("user", "echo ran", limits=limits, best_effort=frozenset({"cgroup"}))
+    result, events = run_with_status(plan, invocation="user")
+    assert result.returncode == 0 and result.stdout.strip() == "ran"
+    assert "jailer: layer 'cgroup' skipped (best effort): " in result.stderr
+    assert "cgroup" in events[1]["skipped"] and "cgroup" not in events[1]["layers"]
+
+
+def test_namespace_refused_for_an_unprivileged_caller_without_a_user_namespace():
+    plan = plan_for("user", "echo should-not-run", namespaces=NamespacesPlan(user=False))
+    result = run(plan, invocation="user")
+    assert result.returncode == 3
+    assert result.stderr.startswith("jailer: cannot apply layer 'mount_namespace'")
+
+
+def test_cgroup_is_removed_when_a_later_layer_refuses_to_start():
+    limits = LimitsPlan(cgroup=CgroupPlan(pids_max=16))
+    plan = plan_for("root", "true", limits=limits)
+    plan = replace(plan, filesystem=replace(plan.filesystem, binds=plan.filesystem.binds + (
+        Bind("/nonexistent/source", "/data"),)))
+    before = _sandbox_cgroups()
+    result = run(plan)
+    assert result.returncode == 3 and "cannot apply layer 'pivot_root'" in result.stderr
+    assert _sandbox_cgroups() == before
+
+
+def _sandbox_cgroups():
+    found = set()
+    for root, directories, _ in os.walk("/sys/fs/cgroup/pids"):
+        found.update(os.path.join(root, d) for d in directories if d.startswith("enginetest."))
+    return found
+
+
+def test_loopback_is_up_only_when_the_plan_asks():
+    bind = "exec python3 -c \"import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print('bound')\""
+    assert run(plan_for("root", bind, network=NetworkPlan(mode="loopback"))).stdout.strip() == "bound"
+    refused = run(plan_for("root", bind))
+    assert refused.returncode != 0 and "bound" not in refused.stdout
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_sandbox_dies_with_the_launcher(invocation):
+    with tempfile.TemporaryFile("w+") as status:
+        popen = run(plan_for(invocation, "echo ready; exec sleep 30"), "--status-fd", str(status.fileno()),
+                    pass_fds=[status.fileno()], wait=False, invocation=invocation)
+        try:
+            assert popen.stdout.readline().strip() == "ready"
+            deadline = time.monotonic() + 10
+            while not os.fstat(status.fileno()).st_size and time.monotonic() < deadline:
+                time.sleep(0.01)   # "started" is written once the launcher sees the exec
+            status.seek(0)
+            program = status_events(status.readline())[0]["pid"]
+            os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=10)
+            deadline = time.monotonic() + 5
+            while os.path.exists(f"/proc/{program}") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not os.path.exists(f"/proc/{program}")
+        finally:
+            popen.kill()
+            popen.wait()
