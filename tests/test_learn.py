@@ -16,14 +16,8 @@ from jailer.profile import build_plan
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "profiles" / "examples" / "python-threads.toml"
-# The CLI as the lead registers it: `jailer learn` dispatched through jailer.cli.
-CLI = ("import sys; from jailer import cli; "
-       "cli.SUBCOMMANDS.setdefault('learn', ('jailer.learn:learn_command', 'Learn a seccomp allowlist.')); "
-       "cli.main(sys.argv[1:])")
-
-
 def jailer(*args, timeout=120):
-    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "jailer", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout)
 
 
