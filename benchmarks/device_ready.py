@@ -16,7 +16,9 @@ each per round, as root and as uid 65534 (setpriv).
           environment, the listening socket passed as a descriptor, and the profile's
           seccomp filter compiled by jailer.seccomp.compile_bpf (killing instead of
           reporting, plus wait4 for bwrap's own pid 1, which runs under the filter too) on
-          --seccomp. Not expressible in bwrap: Landlock, rlimits, cgroups.
+          --seccomp. Not expressible in bwrap: Landlock, rlimits, cgroups, and the steady
+          rule that denies execve once the device runs (jailer answers it from a seccomp
+          notification listener).
           bwrap always runs as uid 65534: as root it cannot drop the device to another
           host uid itself, so in the root row it is started through setpriv (which execs).
   bare    the interpreter, flags and environment the plan runs the device with, i.e.
@@ -56,19 +58,20 @@ VARIANTS = ("jailer", "bwrap", "bare")
 class Identity:
     name: str
     prefix: tuple            # setpriv for uid 65534, else empty
-    python: list             # interpreter argv that imports jailer and devices for this identity
+    jailer: list             # the jailer command as this identity runs it
     env: dict
 
 
 def identity(name, unprivileged, scratch):
     env = {key: value for key, value in os.environ.items() if key not in ("XDG_CACHE_HOME", "PYTHONPATH")}
-    python = [sys.executable]
+    script = os.path.join(REPO, ".venv", "bin", "jailer")      # setup.sh's -IS entry point
+    jailer = [script] if os.path.exists(script) else [sys.executable, "-m", "jailer"]
     if unprivileged:
         env["HOME"] = own_home(scratch, UNPRIVILEGED_UID)
         if not (readable_by_others(sys.executable) and readable_by_others(os.path.join(REPO, "jailer"))):
             env["PYTHONPATH"] = world_readable_copy(os.path.join(scratch, "tree"))
-            python = [SYSTEM_PYTHON]
-    return Identity(name, UNPRIVILEGED if unprivileged else (), python, env)
+            jailer = [SYSTEM_PYTHON, "-m", "jailer"]
+    return Identity(name, UNPRIVILEGED if unprivileged else (), jailer, env)
 
 
 def bwrap_argv(plan_json, socket_fd, seccomp_fd):
@@ -94,14 +97,15 @@ def bwrap_argv(plan_json, socket_fd, seccomp_fd):
 
 def seccomp_memfd():
     """The profile's filter as BPF in a memfd, for bwrap: kill actions kill (bwrap has no one
-    to report to), and wait4 is allowed, because bwrap loads the filter in its own pid 1 too,
-    which reaps with it."""
+    to report to), no steady rules (they need jailer's notification listener), and wait4 is
+    allowed, because bwrap loads the filter in its own pid 1 too, which reaps with it."""
     from jailer import seccomp
     from jailer.plan import SeccompRule
     from jailer.profile import build_plan
 
     filter_plan = build_plan(PROFILE, euid=os.geteuid()).seccomp
-    filter_plan = dataclasses.replace(filter_plan, report=False, rules=(*filter_plan.rules, SeccompRule("wait4")))
+    filter_plan = dataclasses.replace(filter_plan, report=False, steady=(),
+                                      rules=(*filter_plan.rules, SeccompRule("wait4")))
     bpf = seccomp.compile_bpf(filter_plan)
     fd = os.memfd_create("idio16-seccomp", 0)
     os.write(fd, bpf)
@@ -148,20 +152,24 @@ def descendants(root_pid):
     return found
 
 
-def memory_kib(pid):
-    """(name, RSS, PSS) of one process in KiB."""
+def process_figures(pid):
+    """(name, RSS KiB, PSS KiB, CPU ms) of one process; CPU counts its reaped children too."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         fields = {line.split(":")[0]: line.split()[1] for line in f if ":" in line and line.split()[1].isdigit()}
+    with open(f"/proc/{pid}/stat") as f:
+        times = f.read().rsplit(")", 1)[1].split()[11:15]          # utime stime cutime cstime
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = f.read().split(b"\0")
-    name = os.path.basename(argv[0].decode())
-    if name.startswith("python") and b"-m" in argv:
-        name = argv[argv.index(b"-m") + 1].decode()
-    return name, int(fields["Rss"]), int(fields["Pss"])
+        argv = [arg.decode() for arg in f.read().split(b"\0") if arg]
+    name = os.path.basename(argv[0])
+    if name.startswith("python"):                                  # the module or script it runs
+        program = argv[argv.index("-m") + 1] if "-m" in argv else next(a for a in argv[1:] if a[0] != "-")
+        name = os.path.basename(program)
+    cpu_ms = sum(map(int, times)) * 1000 / os.sysconf("SC_CLK_TCK")
+    return name, int(fields["Rss"]), int(fields["Pss"]), cpu_ms
 
 
 def shown_plan(who: Identity) -> dict:
-    show = subprocess.run([*who.prefix, *who.python, "-m", "jailer", "show", "--json", PROFILE],
+    show = subprocess.run([*who.prefix, *who.jailer, "show", "--json", PROFILE],
                           env=who.env, capture_output=True, text=True, check=True, cwd="/")
     return json.loads(show.stdout)
 
@@ -181,7 +189,7 @@ class Runner:
     def spawn(self, variant, path):
         who = self.who
         if variant == "jailer":
-            argv = [*who.prefix, *who.python, "-m", "jailer", "run", PROFILE, "--socket-path", path]
+            argv = [*who.prefix, *who.jailer, "run", PROFILE, "--socket-path", path]
             return subprocess.Popen(argv, env=who.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd="/"), None
         if variant == "bare":
@@ -198,7 +206,7 @@ class Runner:
         return proc, sock
 
     def once(self, variant):
-        """(seconds to ready, [(name, rss, pss) per process left running])."""
+        """(seconds to ready, [(name, rss, pss, cpu) per process left running])."""
         self.count += 1
         path = os.path.join(self.scratch, f"{variant}-{self.count}.sock")
         start = time.perf_counter()
@@ -208,7 +216,7 @@ class Runner:
                 sock.close()
             wait_ready(path, proc)
             ready = time.perf_counter() - start
-            processes = [memory_kib(pid) for pid in descendants(proc.pid)]
+            processes = [process_figures(pid) for pid in descendants(proc.pid)]
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -258,6 +266,12 @@ def report(results, runs):
         verdicts.append(f"{name}: ready jailer/bwrap {m['jailer'] / m['bwrap']:.2f} "
                         f"({'within' if m['jailer'] <= TARGET_READY * m['bwrap'] else 'OVER'} the "
                         f"{TARGET_READY}x target)")
+    print("CPU time to ready (user + system of the process tree, clock ticks), ms: steadier on a busy machine")
+    for name, (_, samples) in results.items():
+        m = {variant: statistics.median(sum(p[3] for p in processes) for processes in runs)
+             for variant, runs in samples.items()}
+        print(f"  {name:13} {m['jailer']:8.1f} {m['bwrap']:8.1f} {m['bare']:8.1f} "
+              f"{ratio(m['jailer'], m['bwrap']):>13} {ratio(m['jailer'], m['bare']):>12}")
     print("resident memory once ready, sum over the processes left running, KiB")
     print(f"  {'identity':13} {'variant':7} {'RSS':>7} {'PSS':>7}  processes (name RSS/PSS)")
     for name, (_, memory) in results.items():
@@ -295,7 +309,8 @@ def main(argv=None):
     if options.json:
         with open(options.json, "w") as handle:
             json.dump({"runs": options.runs, "ready_ms": {n: r for n, (r, _) in results.items()},
-                       "memory_kib": {n: m for n, (_, m) in results.items()}}, handle, indent=1)
+                       "processes_name_rss_kib_pss_kib_cpu_ms": {n: m for n, (_, m) in results.items()}},
+                      handle, indent=1)
     return 0
 
 

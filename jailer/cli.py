@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "show": ("jailer.inspect:show_command", "Print the sandbox plan a profile resolves to."),
     "check": ("jailer.hostcheck:check_command", "Validate a profile and report what this host can enforce."),
     "probe": ("devices.vfio_user.probe:probe_command", "Print what a vfio-user device offers."),
+    "learn": ("jailer.learn:learn_command",
+              "Record the syscalls a device makes under an exerciser and write the minimal allowlist."),
     "selftest": ("jailer.selftest:selftest_command", "Run the escape probes inside a profile's sandbox and print a verdict."),
     "systemd": ("jailer.systemd:systemd_command",
                 "Write systemd units (service, socket or drop-in) that run a profile under jailer run."),

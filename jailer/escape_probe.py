@@ -489,6 +489,7 @@ def check_fds(options):
 
 RLIMIT_NAMES = {name[len("RLIMIT_"):].lower(): getattr(resource, name)
                 for name in dir(resource) if name.startswith("RLIMIT_")}
+RLIMIT_NAMES.setdefault("locks", 10)   # Python's resource module lacks RLIMIT_LOCKS (asm-generic: 10)
 
 
 def check_rlimits(options):

@@ -12,7 +12,8 @@ is computed from the plan (argument rules compared at the kernel's width: ioctl'
 request is 32 bits) and shown next to the observed one.
 
 The probe runs each attempt in a forked child. When the profile's filter has no rule
-for the syscalls that takes (clone without namespace flags, pipe2, wait4), the derived
+for the syscalls that takes (clone without namespace flags, pipe2, wait4, and getuid,
+getgid, uname, clock_nanosleep around the attempts), the derived
 profile allows exactly those and the report lists them under "added_for_probe". The
 probe's Python start-up must be allowed by the profile itself: a profile for a native
 program whose filter refuses it cannot be self-tested.
@@ -66,6 +67,11 @@ PROBE_MACHINERY = {
                                             "value": 0}]},
     "pipe2": {"syscall": "pipe2"},
     "wait4": {"syscall": "wait4"},
+    # read between attempts (its own namespace's ids and hostname) and the pause before a re-check
+    "getuid": {"syscall": "getuid"},
+    "getgid": {"syscall": "getgid"},
+    "uname": {"syscall": "uname"},
+    "clock_nanosleep": {"syscall": "clock_nanosleep"},
 }
 
 
@@ -143,7 +149,8 @@ def probe_arguments(plan, targets):
 
 
 def machinery_missing(seccomp):
-    """The probe's fork/pipe/wait syscalls on which the filter has no rule (so its default would apply)."""
+    """The probe's own syscalls (fork, pipe, wait, ids, uname, sleep) on which the filter has no
+    rule, so its default would apply."""
     if not seccomp.enabled or seccomp.default_action in ("allow", "log"):
         return []
     ruled = {rule.syscall for rule in seccomp.rules}

@@ -7,6 +7,7 @@ for the device: nothing but config-space reads and info queries is sent.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -42,7 +43,9 @@ def probe(path: str, timeout: float = 5.0) -> dict:
         with Client.connect(path, timeout=timeout) as client:
             return _collect(client)
     except ClientError as exc:
-        raise ProbeError(f"probe {path}: {exc}") from None
+        hint = " (a vfio-user server serves one client at a time: is a VMM connected?)" \
+            if exc.errno == errno.ETIMEDOUT else ""
+        raise ProbeError(f"probe {path}: {exc}{hint}") from None
 
 
 def _collect(client: Client) -> dict:

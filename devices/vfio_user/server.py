@@ -53,8 +53,8 @@ CAPABILITIES = {
     "write_multiple": True,
 }
 _EPOLLIN = select.EPOLLIN
-_CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC     # (the kernel echoes MSG_CMSG_CLOEXEC in msg_flags)
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)          # plain ints: IntFlag arithmetic is slow
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)  # (the kernel echoes MSG_CMSG_CLOEXEC in msg_flags)
 # While a client keeps sending, its session reads on (a blocking read bounded by
 # HOT_WAIT seconds) instead of going back to epoll after every message: one system call
 # less per round trip. After HOT_READS messages, a due timer, or a quiet HOT_WAIT, the

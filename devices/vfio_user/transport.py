@@ -24,7 +24,7 @@ class TransportError(Exception):
 
 
 _FD_SIZE = array.array("i").itemsize
-_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 
 
 def fds_from_ancillary(ancdata) -> list:

@@ -87,12 +87,15 @@ def test_fd_connected_socket_served_until_disconnect():
     ours, theirs = socket.socketpair()
     server = ServerProcess("", "--fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
     theirs.close()
-    client = Client(ours)
-    client.negotiate()
-    client.region_write(0, 0, b"conn")
-    assert client.region_read(0, 0, 4) == b"conn"
-    client.close()
-    assert server.proc.wait(10) == 0
+    try:
+        client = Client(ours)
+        client.negotiate()
+        client.region_write(0, 0, b"conn")
+        assert client.region_read(0, 0, 4) == b"conn"
+        client.close()
+        assert server.proc.wait(10) == 0        # nobody else can connect: the program ends
+    finally:
+        server.stop()
 
 
 def test_socket_activation(tmp_path):

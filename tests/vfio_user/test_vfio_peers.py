@@ -58,3 +58,9 @@ def test_jailer_probe_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert "cannot connect" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_jailer_probe_names_a_busy_server(client, server):
+    result = jailer("probe", "--timeout", "0.5", server.path)
+    assert result.returncode == 1
+    assert "one client at a time" in result.stderr
