@@ -295,12 +295,15 @@ def close_all_but(keep: set[int]) -> None:
     syscalls.close_range(first)
 
 
-def expand_argv(argv, numbers: dict[str, int]) -> list[str]:
-    """Replace every {fd:NAME} with the number the program will find that fd at."""
+def expand_argv(argv, numbers: dict[str, int], optional=()) -> list[str]:
+    """Replace every {fd:NAME} with the number the program will find that fd at. An argument
+    naming an optional fd that was not provided is left out (e.g. `--control-fd={fd:control}`)."""
     expanded = []
     for arg in argv:
         for name, number in numbers.items():
             arg = arg.replace("{fd:" + name + "}", str(number))
+        if any("{fd:" + name + "}" in arg for name in optional):
+            continue
         if "{fd:" in arg:
             raise UsageError(f"program argument '{arg}' names an fd that was not provided")
         expanded.append(arg)

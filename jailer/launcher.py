@@ -193,7 +193,8 @@ class _Launch:
         try:
             self.notify_fd = self.manifest.notify_fd
             numbers = self.manifest.numbers()
-            argv = fdlib.expand_argv(plan.program.argv + options.extra_args, numbers)
+            argv = fdlib.expand_argv(plan.program.argv + options.extra_args, numbers,
+                                     [spec.name for spec in plan.fds if not spec.required])
             environment = dict(plan.environment)
             environment.update(fdlib.listen_environment(self.manifest.listen_numbers()))
             if self.notify_fd is not None:

@@ -279,9 +279,23 @@ def kept_by_review(section_text: str) -> dict:
     return {match.group(1): match.group(2) for match in _KEPT_LINE.finditer(section_text)}
 
 
-def render_section(learned: Learned, original, exerciser: str, kept_rules=(), runs: int = 1, kept_names=None) -> str:
+REVIEWED_STEADY_KEYS = ("steady_deny", "steady_action", "steady_errno")
+
+
+def reviewed_steady(section_text: str) -> dict:
+    """The steady_deny/steady_action/steady_errno a reviewer wrote: a policy decision (e.g.
+    "no file is opened once the device serves") that a recording cannot make, so it is kept."""
+    import toml
+
+    seccomp = toml.loads(section_text).get("seccomp", {}) if section_text else {}
+    return {key: seccomp[key] for key in REVIEWED_STEADY_KEYS if key in seccomp}
+
+
+def render_section(learned: Learned, original, exerciser: str, kept_rules=(), runs: int = 1, kept_names=None,
+                   kept_steady=None) -> str:
     """The new [seccomp] section: sorted, one syscall (or rule) per line, each with its counts.
-    `kept_names` (name -> "keep: why") are allowed too, with the reviewer's comment."""
+    `kept_names` (name -> "keep: why") are allowed too, with the reviewer's comment;
+    `kept_steady` (see reviewed_steady) is written back as it was."""
     names = _value_names()
     default = original.default_action if original.default_action in DENY else "kill"
     lines = ["[seccomp]",
@@ -318,12 +332,17 @@ def render_section(learned: Learned, original, exerciser: str, kept_rules=(), ru
         lines.append("rule = [")
         lines += _aligned(sorted(rules))
         lines.append("]")
-    if learned.steady and staging_supported():
+    if kept_steady:
+        lines.append("# Written by a reviewer, kept by jailer learn: refused once the program is ready.")
+        lines += [f"{key} = {json.dumps(kept_steady[key])}" for key in REVIEWED_STEADY_KEYS if key in kept_steady]
+    denied = set((kept_steady or {}).get("steady_deny", ()))
+    steady = [entry for entry in sorted(learned.steady) if entry[0] not in denied]
+    if steady and staging_supported():
         lines.append("# Taken away once the program is ready (killed): only start-up needed them.")
         lines.append("steady_rule = [")
         lines += _aligned([(_inline_rule(name, conditions), "; ".join(filter(None, [
             _describe(name, conditions, names), "only " + _stages(stages)])))
-            for name, conditions, stages in sorted(learned.steady)])
+            for name, conditions, stages in steady])
         lines.append("]")
     return "\n".join(lines) + "\n"
 
@@ -675,8 +694,9 @@ def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, run
     learned = Learned(counts)
     if not learned.names:
         raise JailerError(f"{profile}: no syscall was recorded (is seccomp reporting available here?)")
-    kept_names = kept_by_review(seccomp_section_text(original))
-    section = render_section(learned, plan.seccomp, exerciser, Recorder(plan.seccomp).kept, runs, kept_names)
+    section_text = seccomp_section_text(original)
+    section = render_section(learned, plan.seccomp, exerciser, Recorder(plan.seccomp).kept, runs,
+                             kept_by_review(section_text), reviewed_steady(section_text))
     text = replace_seccomp_section(original, section, profile)
     validation = validate(text, profile, exerciser, passed, codes.pop(), timeout)
     return {"profile_text": text, "syscalls": learned.names, "calls": learned.calls(),

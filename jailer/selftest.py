@@ -176,6 +176,10 @@ def probe_profile(data, probe_args, scratch, machinery=()):
         derived["seccomp"] = seccomp
     derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", "--stream", *probe_args],
                           "modules": ["jailer"]}
+    if "ready" in data.get("program", {}):
+        # The probe never says READY=1: a staged profile is tested in its set-up stage, the
+        # weaker one (steady rules only take permissions away), so what it blocks holds later too.
+        derived["program"]["ready"] = data["program"]["ready"]
     derived["fds"] = [dict(fd, path=os.path.join(scratch, f"{fd['name']}.sock"))
                       if fd.get("kind") == "unix-listener" and "path" in fd else fd
                       for fd in data.get("fds", []) if isinstance(fd, dict)]
@@ -233,7 +237,7 @@ def supplied_fds(fds, scratch, stack):
     """(--fd options, fd numbers) for the required fds the launcher does not create itself."""
     options, numbers = [], []
     for spec in fds:
-        if not spec.required or spec.kind == "eventfd" or (spec.kind in ("unix-listener", "file") and spec.path) \
+        if not spec.required or spec.kind in ("eventfd", "notify") or (spec.kind in ("unix-listener", "file") and spec.path) \
                 or (spec.kind == "memfd" and spec.size is not None):
             continue
         if spec.kind == "unix-stream":

@@ -122,13 +122,11 @@ def run_with_status(plan: Plan, *options: str, invocation: str = "root", pass_fd
 
 
 def staged_device_profile(directory: Path) -> Path:
-    """The device profile, ready once the device reports READY=1 (so SIGTERM finds its handler
-    installed) and with steady rules that forbid what a serving device never needs."""
-    text = DEVICE_PROFILE.read_text()
-    text = text.replace('modules = ["devices"]\n', 'modules = ["devices"]\nready = "notify"\n', 1)
-    text = text.replace('default_action = "kill"\n', 'default_action = "kill"\n'
-                        'steady_deny = ["execve", "open", "openat", "socket", "socketpair", "connect"]\n', 1)
-    text += '\n[[fds]]\nname = "ready"\nkind = "notify"\nnumber = 4\n'
-    profile = directory / "gpio-pci-idio-16-staged.toml"
-    profile.write_text(text)
-    return profile
+    """The shipped device profile, which is staged: ready once the device reports READY=1 (so
+    SIGTERM finds its handler installed), with steady rules that forbid what a serving
+    device never needs (opening files, execve, socket, clone)."""
+    from jailer.profile import build_plan
+
+    plan = build_plan(str(DEVICE_PROFILE))
+    assert plan.program.ready == "notify" and {"openat", "execve", "socket"} <= {r.syscall for r in plan.seccomp.steady}
+    return DEVICE_PROFILE

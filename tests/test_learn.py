@@ -283,17 +283,21 @@ def test_the_vfio_user_exerciser_needs_a_listening_device(tmp_path):
 
 
 def test_a_device_that_reports_ready_loses_its_start_up_powers(tmp_path):
-    """With ready = "notify" the imports count as set-up: steady rules take opening files,
-    executable mappings, exec and the wake-up socketpair away, and the walk still passes."""
+    """With ready = "notify" the imports count as set-up: learned steady rules kill executable
+    mappings once ready, a reviewer's steady_deny (opening files, exec, ...) is kept as
+    written, and the walk still passes."""
     text = DEVICE_PROFILE.replace('modules = ["devices"]\n', 'modules = ["devices"]\nready = "notify"\n')
+    text = text.replace('allow = ["@vfio-user"]\n', 'allow = ["@vfio-user"]\nsteady_deny = ["openat", "execve", "socket"]\n'
+                        'steady_action = "errno"\nsteady_errno = "EACCES"\n')
     profile = tmp_path / "notify.toml"
     profile.write_text(text + '\n[[fds]]\nname = "ready"\nkind = "notify"\nnumber = 5\n')
     result = jailer("learn", str(profile), "--in-place", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["validation"]["refused"] == 0
     steady = build_plan(str(profile)).seccomp.steady
-    assert {"execve", "openat", "mmap"} <= {rule.syscall for rule in steady}
-    assert all(rule.action == "kill" for rule in steady)
-    mmap = next(rule for rule in steady if rule.syscall == "mmap")
+    reviewed = {rule.syscall: rule for rule in steady if rule.action == "errno"}
+    assert {"execve", "openat", "socket"} <= set(reviewed)
+    learned = [rule for rule in steady if rule.action == "kill"]
+    mmap = next(rule for rule in learned if rule.syscall == "mmap")
     assert [(c.op, c.mask, c.value) for c in mmap.args] == [("masked_eq", learn.PROT_EXEC, learn.PROT_EXEC)]
     assert "accept4" not in {rule.syscall for rule in steady}
