@@ -91,7 +91,8 @@ def bwrap_argv(plan_json, socket_fd, seccomp_fd):
     for name, value in plan_json["environment"]:
         argv += ["--setenv", name, value]
     argv += ["--seccomp", str(seccomp_fd), "--"]
-    program = [arg.replace("{fd:vfio-user}", str(socket_fd)) for arg in plan_json["program"]["argv"]]
+    program = [arg.replace("{fd:vfio-user}", str(socket_fd)) for arg in plan_json["program"]["argv"]
+               if "{fd:" not in arg or "{fd:vfio-user}" in arg]   # the optional control fd is not passed
     return argv + program
 
 
@@ -193,7 +194,7 @@ class Runner:
             return subprocess.Popen(argv, env=who.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd="/"), None
         if variant == "bare":
-            program = [arg for arg in self.plan["program"]["argv"] if arg != "--fd={fd:vfio-user}"]
+            program = [arg for arg in self.plan["program"]["argv"] if "{fd:" not in arg]
             argv = [*who.prefix, *program, "--socket-path", path]
             env = dict(who.env, **dict(self.plan["environment"]))
             return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
