@@ -16,7 +16,10 @@ Processes (outer pids are the launcher's view):
              the default) that reaps orphans, forwards SIGTERM/SIGINT/SIGHUP to the
              program and reports its exit status. The reaper is the default because a
              program that is pid 1 ignores every signal it has no handler for (a plain
-             `sleep` would survive SIGTERM) and must reap orphans itself. The reaper runs
+             `sleep` would survive SIGTERM) and must reap orphans itself. A program that
+             is pid 1 and reports readiness (ready = "notify") is SIGKILLed by a SIGTERM,
+             SIGINT or SIGHUP that arrives before its READY=1: its handler may not exist
+             yet; after READY=1 the signal is forwarded. The reaper runs
              with the same namespaces, Landlock domain, rlimits, uid/gid and empty
              capability sets as the program, is not dumpable (the program cannot ptrace
              it), but is not under the program's seccomp filter.
@@ -547,10 +550,19 @@ class _Launch:
                 self._kill_sandbox(self.setup_pid)   # interrupted during set-up: tear it down
                 self.error = self.error or ("JailerError", "", f"interrupted by signal {signum} during set-up", "")
                 continue
+            if self._program_is_unguarded_pid1():
+                # As pid 1 the program ignores a signal it has no handler for yet, and until it
+                # says READY=1 it may not have one: end it instead of waiting for nothing.
+                self._kill_sandbox(None)
+                continue
             try:
                 os.kill(self.program_pid, signum)
             except OSError:
                 pass
+
+    def _program_is_unguarded_pid1(self) -> bool:
+        return (self.plan.namespaces.pid1 == "program" and self.plan.program.ready == "notify"
+                and self.stage == "setup" and "pid_namespace" in self.enforcement.applied)
 
     def _finish(self, setup_status) -> int:
         if self.error and not self.started:
