@@ -278,18 +278,25 @@ def test_the_vfio_user_backend_without_jailer_tells_notify_socket_it_is_ready(tm
             device.wait(20)
 
 
-def test_a_signal_before_ready_ends_a_pid1_program_that_may_not_handle_it_yet(tmp_path):
-    """pid1 = "program" with ready = "notify": sh as pid 1 has no SIGTERM handler and would
-    ignore the signal; before its READY=1 jailer SIGKILLs it rather than wait forever."""
-    plan = notify_plan("sleep 30")
+def start_pid1_program(tmp_path, script, wait_for):
+    """Run `script` as pid 1 with notify readiness; return (launcher, status file) once the
+    status stream shows `wait_for`."""
+    plan = notify_plan(script)
     plan = replace(plan, namespaces=replace(plan.namespaces, pid1="program"))
     status_path = tmp_path / "status"
     with open(status_path, "w") as status:
         popen = run(plan, "--status-fd", str(status.fileno()), pass_fds=[status.fileno()], wait=False)
     for _ in range(300):
-        if "started" in status_path.read_text():
+        if f'"{wait_for}"' in status_path.read_text():
             break
         time.sleep(0.02)
+    return popen, status_path
+
+
+def test_a_signal_before_ready_ends_a_pid1_program_that_may_not_handle_it_yet(tmp_path):
+    """pid1 = "program" with ready = "notify": sh as pid 1 has no SIGTERM handler and would
+    ignore the signal; before its READY=1 jailer SIGKILLs it rather than wait forever."""
+    popen, status_path = start_pid1_program(tmp_path, "sleep 30", "started")
     popen.send_signal(signal.SIGTERM)
     assert popen.wait(timeout=10) == 128 + signal.SIGKILL
     events = [json.loads(line) for line in status_path.read_text().splitlines()]
@@ -298,14 +305,6 @@ def test_a_signal_before_ready_ends_a_pid1_program_that_may_not_handle_it_yet(tm
 
 def test_after_ready_a_pid1_program_gets_the_signal_itself(tmp_path):
     script = 'trap "exit 7" TERM; printf READY=1 >&3; while :; do sleep 0.05; done'
-    plan = notify_plan(script)
-    plan = replace(plan, namespaces=replace(plan.namespaces, pid1="program"))
-    status_path = tmp_path / "status"
-    with open(status_path, "w") as status:
-        popen = run(plan, "--status-fd", str(status.fileno()), pass_fds=[status.fileno()], wait=False)
-    for _ in range(300):
-        if '"ready"' in status_path.read_text():
-            break
-        time.sleep(0.02)
+    popen, _ = start_pid1_program(tmp_path, script, "ready")
     popen.send_signal(signal.SIGTERM)
     assert popen.wait(timeout=10) == 7
