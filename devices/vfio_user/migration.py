@@ -182,24 +182,31 @@ class Migration:
         if self.state != RESUMING:
             raise DeviceError(f"MIG_DATA_WRITE in migration state {state_name(self.state)}")
         self._in += data
-        if self._expected is None:
-            header = parse_header(self._in)
-            if header is None:
-                return
-            kind, abi, total = header
-            self._check_compatible(kind, abi)
-            self._expected = total
-        if len(self._in) > self._expected:
-            raise DeviceError(f"migration data runs past the end of the envelope ({self._expected} bytes)")
+        try:
+            if self._expected is None:
+                header = parse_header(self._in)
+                if header is None:
+                    return
+                kind, abi, total = header
+                self._check_compatible(kind, abi)
+                self._expected = total
+            if len(self._in) > self._expected:
+                raise DeviceError(f"migration data runs past the end of the envelope ({self._expected} bytes)")
+        except DeviceError:
+            self._discard_incoming()
+            raise
+
+    def _discard_incoming(self) -> None:
+        """Forget a refused stream: the device stays in RESUMING, ready for the whole stream again."""
+        self._in = bytearray()
+        self._expected = None
 
     def _check_compatible(self, kind: str, abi: int) -> None:
         device = self.device
         if kind != device.device_type:
-            self._in.clear()
             log.error("migration refused: state of a %r device offered to a %r device", kind, device.device_type)
             raise DeviceError(f"migration data is for device type {kind!r}, this is {device.device_type!r}")
         if not device.accepts_abi(abi):
-            self._in.clear()
             log.error("migration refused: %s state at abi_version %d, this device is at %d and does not accept it",
                       kind, abi, device.abi_version)
             raise DeviceError(f"{kind} state abi_version {abi} is not accepted (device is at {device.abi_version})")
@@ -209,8 +216,7 @@ class Migration:
             kind, abi, state = unwrap_state(self._in)
             self._check_compatible(kind, abi)
         except DeviceError:
-            self._in = bytearray()          # stay in RESUMING with a fresh stream: send it again
-            self._expected = None
+            self._discard_incoming()
             raise
         try:
             self.device.load_state(state, abi)

@@ -630,3 +630,17 @@ def test_dma_logging_ranges_and_report_page_sizes(client):
         client.dma_logging_stop()
         with pytest.raises(ClientError):
             client.dma_logging_report(0, 0x10000)                     # not logging any more
+
+
+def test_a_refused_stream_is_discarded_and_the_whole_stream_can_follow(client):
+    client.region_write(0, SCRATCH, b"saved!")
+    blob = client.save_device_state()
+    client.set_migration_state(P.MIG_STATE_RUNNING)
+    client.region_write(0, SCRATCH, b"later!")
+    client.set_migration_state(P.MIG_STATE_RESUMING)
+    with pytest.raises(ClientError):
+        client.mig_data_write(b"XXXX" + blob[4:])                     # bad magic: refused
+    assert client.migration_state() == P.MIG_STATE_RESUMING
+    client.mig_data_write(blob)                                       # no leftovers in front of it
+    client.set_migration_state(P.MIG_STATE_RUNNING)
+    assert client.region_read(0, SCRATCH, 6) == b"saved!"
