@@ -252,7 +252,10 @@ class ControlServer:
     def _drop(self, fd: int) -> None:
         client = self.clients.pop(fd)
         self.loop.remove_reader(fd)
-        client.sock.close()
+        try:
+            client.sock.close()
+        except InterruptedError:
+            pass   # a signal interrupted close(2): on Linux the descriptor is released all the same
         if not self._accepting:
             self._accepting = True
             self.loop.add_reader(self.listener.fileno(), self._accept)
