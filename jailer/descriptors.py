@@ -263,6 +263,10 @@ def _click_command():
             return
         for descriptor in found:
             click.echo(_summary_line(descriptor))
+        if not found:   # say where we looked: an empty listing alone does not tell a user why
+            searched = ", ".join(str(d) for d in (list(dirs) or default_dirs()))
+            kind = f" of type '{device_type}'" if device_type else ""
+            click.echo(f"no vfio-user descriptors{kind} in {searched}", err=True)
 
     return descriptors_command
 

@@ -287,3 +287,13 @@ def test_hook_without_systemd_from_docs(tmp_path):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_an_empty_listing_says_where_it_looked(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "jailer", "descriptors", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == ""
+    assert result.stderr == f"no vfio-user descriptors in {tmp_path}\n"
