@@ -671,6 +671,7 @@ class _Child:
         _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
         if _receive(self.sock_fd) != ("go",):
             os._exit(SETUP_FAILED)
+        self._open_bind_sources()   # with the invoker's ids, before taking the sandbox's
         if self.user_namespace:
             from jailer import syscalls
 
@@ -690,6 +691,22 @@ class _Child:
         _, wait_status = os.waitpid(pid1, 0)
         _send(self.sock_fd, "status", "program" if plan.namespaces.pid1 == "program" else "pid1", wait_status)
         os._exit(0)
+
+    def _open_bind_sources(self):
+        self.bind_sources, self.bind_sources_error = {}, None
+        if not self.plan.namespaces.mount:
+            return
+        from jailer import mounts
+
+        try:
+            self.bind_sources = mounts.open_sources(self.plan.filesystem)
+        except LayerError as exc:   # raised where the pivot_root layer is attempted (it may be best effort)
+            self.bind_sources_error = exc
+
+    def _bind_sources(self) -> dict:
+        if self.bind_sources_error is not None:
+            raise self.bind_sources_error
+        return self.bind_sources
 
     def _fork_giving_up_exec_pipe(self) -> int:
         """fork(); the child goes on only once the parent has closed its copy of the exec pipe,
@@ -728,7 +745,8 @@ class _Child:
         if "mount_namespace" in self.enforcement.applied:
             from jailer import mounts
 
-            attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid))
+            attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid,
+                                                            self._bind_sources()))
             pivoted = "pivot_root" in self.enforcement.applied
         try:
             os.chdir(plan.program.cwd)

@@ -28,10 +28,10 @@ READ_ONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
 _FIX = "check the paths in the profile's [filesystem] section (`jailer show` prints the resolved plan)"
 
 
-def build_root(fs, uid: int, gid: int) -> dict:
-    """Pivot into a new root built from `fs`; returns what was mounted, for the status."""
+def build_root(fs, uid: int, gid: int, sources: dict[str, int]) -> dict:
+    """Pivot into a new root built from `fs`, binding `sources` (see open_sources, whose fds
+    this closes); returns what was mounted, for the status."""
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-    sources = _open_sources(fs)
     try:
         _pivot_into_tmpfs(fs.root_size)
         entries = [(b.target, "bind", b) for b in fs.binds if b.source in sources]
@@ -55,8 +55,13 @@ def build_root(fs, uid: int, gid: int) -> dict:
             "devices": len(fs.devices), "readonly_root": fs.readonly_root, "proc": fs.proc}
 
 
-def _open_sources(fs) -> dict[str, int]:
-    """source path -> O_PATH fd for every bind and device that exists (optional ones may not)."""
+def open_sources(fs) -> dict[str, int]:
+    """source path -> O_PATH fd for every bind and device that exists (optional ones may not).
+
+    Opened with the invoker's own file-system ids, before the set-up takes the sandbox's:
+    the profile's author (root, or the user running jailer) decides what is bound, so a
+    runtime under a 0700 directory such as /root is reachable; the sandbox's uid only ever
+    sees the bound files themselves."""
     sources = {}
     wanted = [(b.source, b.optional) for b in fs.binds] + [(d, False) for d in fs.devices]
     try:

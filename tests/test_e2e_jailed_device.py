@@ -117,6 +117,8 @@ class JailedDevice:
         self.stderr = tempfile.TemporaryFile("w+")
         cache = scratch / f"cache-{invocation}"
         environment = {"PATH": "/usr/bin:/bin", "JAILER_CACHE_DIR": str(cache), **env}
+        if invocation == "user" and profile == PROFILE:
+            profile = profile_variant(scratch, "shipped", lambda data: None)   # the checkout may be private
         argv = [*command, "run", "--status-fd", str(self.status.fileno()), *options, str(profile)]
         if program_args:
             argv += ["--", *program_args]
