@@ -292,19 +292,26 @@ def report(results, runs):
 
 
 def main(argv=None):
+    global PROFILE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    parser.add_argument("--profile", default=PROFILE,
+                        help="another profile of the IDIO-16 device (to see what a layer costs)")
+    parser.add_argument("--identity", choices=("root", "unprivileged"), action="append",
+                        help="measure only this identity (repeatable; default: both as root)")
     options = parser.parse_args(argv)
+    PROFILE = os.path.abspath(options.profile)
     for package in PROJECT_PACKAGES:
         precompile(os.path.join(REPO, package))
     identities = {"root": False, "unprivileged": True} if os.geteuid() == 0 else {"unprivileged": False}
+    measured = [name for name in identities if not options.identity or name in options.identity]
     results = {}
     with tempfile.TemporaryDirectory(prefix="jailer-bench-") as scratch:
         os.chmod(scratch, 0o777)
         who = {name: identity(name, unprivileged, scratch) for name, unprivileged in identities.items()}
-        for name in identities:
+        for name in measured:
             results[name] = measure(who[name], who["unprivileged"], options.runs, options.warmup, scratch)
     report(results, options.runs)
     if options.json:

@@ -143,9 +143,10 @@ class Cgroup:
     def describe(self) -> dict:
         return {controller: f"v{self.versions[controller]}:{path}" for controller, path in self.directories.items()}
 
-    def join(self) -> None:
-        """Move the calling process into every directory (run by the child, before unsharing)."""
-        pid = str(os.getpid())
+    def place(self, pid: int) -> None:
+        """Move the process into every directory (run by the launcher while the child builds
+        its root: on cgroup v1 the first move waits out an RCU grace period, ~10 ms, which
+        then overlaps the child's work instead of delaying it)."""
         for directory in sorted(set(self.directories.values())):
             _write(f"{directory}/cgroup.procs", pid)
 
