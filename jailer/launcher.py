@@ -467,7 +467,7 @@ class _Launch:
             notif = self.notifications.receive()
         except OSError:
             return
-        if self.handshake and (notif.pid, notif.data.nr, notif.data.args[0]) == self.handshake:
+        if self.handshake and (notif.pid, notif.nr, notif.args[0]) == self.handshake:
             # The child's own wait for "go" after loading the filter, once: release it, do not report it.
             from jailer import syscalls
 

@@ -95,17 +95,10 @@ def compile_bpf(seccomp, route_all_to_notify: bool = False) -> bytes:
         return _export(pyseccomp.SyscallFilter(pyseccomp.NOTIFY))
     default = _action_value(pyseccomp, seccomp.default_action, seccomp.default_errno, seccomp.report)
     syscall_filter = pyseccomp.SyscallFilter(default)
-    staged = steady_syscalls(seccomp)
-    for name in sorted(staged):
-        _check_known(pyseccomp, name)
-        if default != pyseccomp.NOTIFY:
-            syscall_filter.add_rule(pyseccomp.NOTIFY, name)
-    for rule in seccomp.rules:
-        if rule.syscall in staged:
-            continue
-        action = _action_value(pyseccomp, rule.action, rule.errno, seccomp.report)
+
+    def add(action, rule):
         if action == default:
-            continue
+            return
         _check_known(pyseccomp, rule.syscall)
         for conditions in _expanded_conditions(rule):
             args = [pyseccomp.Arg(index, _op_value(pyseccomp, op), *operands) for index, op, operands in conditions]
@@ -114,7 +107,110 @@ def compile_bpf(seccomp, route_all_to_notify: bool = False) -> bytes:
             except OSError as exc:
                 raise LayerError("seccomp", f"libseccomp refused the rule for {rule.syscall}: {exc.strerror}",
                                  "rules for one syscall must not contradict each other") from None
+
+    staged = steady_syscalls(seccomp)
+    routed_whole = set()
+    for name in sorted(staged):
+        _check_known(pyseccomp, name)
+        carved = _carve_staged(name, seccomp)
+        if carved is None:
+            routed_whole.add(name)
+            if default != pyseccomp.NOTIFY:
+                syscall_filter.add_rule(pyseccomp.NOTIFY, name)
+            continue
+        notified, kept = carved
+        for rule in notified:
+            add(pyseccomp.NOTIFY, rule)
+        for rule in kept:
+            add(_action_value(pyseccomp, rule.action, rule.errno, seccomp.report), rule)
+    for rule in seccomp.rules:
+        if rule.syscall not in staged:
+            add(_action_value(pyseccomp, rule.action, rule.errno, seccomp.report), rule)
     return _export(syscall_filter)
+
+
+def _carve_staged(name, seccomp):
+    """(rules to notify, plain rules to keep in the kernel) for a staged syscall whose steady
+    rules all have argument conditions, so that only the calls a steady rule could change
+    reach the launcher (a Python start-up maps memory ~60 times; only a few mappings are
+    executable); None when that cannot be proven, and every call of it must notify.
+
+    libseccomp cannot be left to order overlapping rules (an unconditional allow silently
+    swallows a conditional notify for the same syscall), so every plain rule kept must be
+    disjoint from every steady rule: provably so (some argument both test can never match
+    both), or made so by adding the complement of a steady rule's single-bit test; a plain
+    rule inside a steady rule is left to the launcher, which applies it before ready."""
+    import dataclasses
+
+    from jailer.plan import ArgCondition   # compiling only: jailer.plan is slow to import on a warm start
+
+    steady = [rule for rule in seccomp.steady if rule.syscall == name]
+    steady_regions = [_region(rule) for rule in steady]
+    if any(not region for region in steady_regions):
+        return None
+    kept = []
+    for rule in seccomp.rules:
+        if rule.syscall != name:
+            continue
+        region = _region(rule)
+        if region is None:
+            return None
+        for steady_region in steady_regions:
+            if _disjoint(region, steady_region):
+                continue
+            if _within(region, steady_region):   # all of the rule's calls notify
+                region = None
+                break
+            complement = _complement(steady_region)
+            if complement is None:
+                return None
+            index, (mask, value) = complement
+            held_mask, held_value = region.get(index, (0, 0))
+            if held_mask & mask:   # fixed to the steady value: all of the rule's calls notify
+                region = None
+                break
+            region[index] = (held_mask | mask, held_value | value)
+        if region is None:
+            continue
+        if not all(_disjoint(region, steady_region) for steady_region in steady_regions):
+            return None
+        kept.append(dataclasses.replace(rule, args=tuple(ArgCondition(index, "masked_eq", value, mask)
+                                                         for index, (mask, value) in sorted(region.items()))))
+    return steady, kept
+
+
+def _region(rule):
+    """{argument index: (mask, value)} the rule's conditions require, at the width the kernel
+    compares; None when a condition is not eq or masked_eq ({} for an unconditional rule)."""
+    region = {}
+    for condition in rule.args:
+        if condition.op not in ("eq", "masked_eq") or condition.index in region:
+            return None
+        width = LOW32 if condition.index in KERNEL_32BIT_ARGS.get(rule.syscall, ()) else (1 << 64) - 1
+        mask = width if condition.op == "eq" else condition.mask & width
+        if condition.value & width & ~mask:
+            return None   # a masked_eq that can never match: not worth reasoning about
+        region[condition.index] = (mask, condition.value & mask)
+    return region
+
+
+def _disjoint(a, b) -> bool:
+    return any((a[i][1] ^ b[i][1]) & a[i][0] & b[i][0] for i in a.keys() & b.keys())
+
+
+def _within(a, b) -> bool:
+    """Every call region a matches, region b matches too."""
+    return all(i in a and a[i][0] & b[i][0] == b[i][0] and a[i][1] & b[i][0] == b[i][1] for i in b)
+
+
+def _complement(region):
+    """(index, (mask, value)) matching exactly the calls outside a one-bit, one-argument region."""
+    if len(region) != 1:
+        return None
+    (index, (mask, value)), = region.items()
+    if mask == 0 or mask & (mask - 1):
+        return None
+    return index, (mask, value ^ mask)
 
 
 def steady_syscalls(seccomp) -> set[str]:
@@ -236,6 +332,7 @@ def _most_severe(rules, name, args):
 
 
 STAGES = ("setup", "steady")
+_ANSWERS_KEPT = 4096
 POLICY_ACTIONS = ("continue", "errno", "kill")
 
 
@@ -254,8 +351,24 @@ class StagedPolicy:
         self.seccomp = seccomp
         self.continuable = steady_syscalls(seccomp)
         self.route_all = route_all_to_notify
+        # Answers depend only on the stage, the syscall and the arguments some rule looks at:
+        # remembered per such key, since a start-up repeats the same few calls hundreds of times.
+        self.examined = {}
+        for rule in (*seccomp.rules, *seccomp.steady):
+            self.examined.setdefault(rule.syscall, set()).update(c.index for c in rule.args)
+        self.examined = {name: tuple(sorted(indexes)) for name, indexes in self.examined.items()}
+        self.answers = {}
 
     def decide(self, name: str, nr: int, args, stage: str) -> tuple[str, int | None]:
+        key = (stage, name, *(args[i] for i in self.examined.get(name, ())))
+        answer = self.answers.get(key)
+        if answer is None:
+            if len(self.answers) >= _ANSWERS_KEPT:
+                self.answers.clear()   # a program cycling through argument values gains nothing
+            answer = self.answers[key] = self._decide(name, args, stage)
+        return answer
+
+    def _decide(self, name: str, args, stage: str) -> tuple[str, int | None]:
         action, errno = decide(self.seccomp, name, args)
         if stage == "steady":
             steady = _most_severe(self.seccomp.steady, name, args)
@@ -289,9 +402,9 @@ class Notifications:
         """Answer one notification; returns the status event fields for a refusal (None when continued)."""
         from jailer import syscalls
 
-        nr = notif.data.nr
+        nr = notif.nr
         name = self.names.get(nr, f"syscall {nr}")
-        action, errno = self.policy.decide(name, nr, tuple(notif.data.args), stage)
+        action, errno = self.policy.decide(name, nr, notif.args, stage)
         if action == "continue":
             try:
                 syscalls.seccomp_notif_continue(self.listener, notif.id)

@@ -8,7 +8,9 @@ OSError(errno) like the os module does; the rest of the engine goes through them
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import struct
 import _signal as signal   # the C module: `signal` imports enum, ~6 ms on the start-up path
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -206,46 +208,48 @@ def seccomp_load(bpf: bytes, new_listener: bool) -> int:
     return _syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(fprog))
 
 
-class SeccompData(ctypes.Structure):
-    _fields_ = [("nr", ctypes.c_int), ("arch", ctypes.c_uint32), ("instruction_pointer", ctypes.c_uint64),
-                ("args", ctypes.c_uint64 * 6)]
+# The notification path runs once per routed syscall of the program (hundreds during a
+# Python program's start-up), so it uses fcntl.ioctl on preallocated buffers, not ctypes.
+_NOTIF = struct.Struct("=QII iIQ 6Q")        # struct seccomp_notif (with its seccomp_data)
+_NOTIF_RESP = struct.Struct("=QqiI")         # struct seccomp_notif_resp
+_NOTIF_ID = struct.Struct("=Q")
+_ZEROED_NOTIF = bytes(_NOTIF.size)
 
 
-class SeccompNotif(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("data", SeccompData)]
+class SeccompNotif:
+    """One notified syscall: the cookie to answer it with, the caller's pid (as the
+    listener's pid namespace sees it), the syscall number and its six argument registers."""
 
+    __slots__ = ("id", "pid", "nr", "args")
 
-class _SeccompNotifResp(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
-                ("flags", ctypes.c_uint32)]
+    def __init__(self, raw):
+        self.id, self.pid, _, self.nr, _, _, *args = _NOTIF.unpack(raw)
+        self.args = tuple(args)
 
 
 def seccomp_notif_recv(listener: int) -> SeccompNotif:
-    notif = SeccompNotif()
-    _check(_libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_RECV), ctypes.byref(notif)))
-    return notif
+    buffer = bytearray(_ZEROED_NOTIF)   # the kernel refuses a buffer that is not zeroed
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buffer, True)
+    return SeccompNotif(buffer)
 
 
 def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:
     """True while the notifying task is still blocked in that very syscall."""
-    cookie = ctypes.c_uint64(notif_id)
-    return _libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_ID_VALID),
-                       ctypes.byref(cookie)) == 0
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, _NOTIF_ID.pack(notif_id))
+    except OSError:
+        return False
+    return True
 
 
 def seccomp_notif_fail(listener: int, notif_id: int, errno: int) -> None:
     """Answer a notification with an error."""
-    _notif_send(_SeccompNotifResp(notif_id, 0, -errno, 0), listener)
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, _NOTIF_RESP.pack(notif_id, 0, -errno, 0))
 
 
 def seccomp_notif_continue(listener: int, notif_id: int) -> None:
     """Let the notified syscall run as if the filter had allowed it (see jailer.seccomp on when that is safe)."""
-    _notif_send(_SeccompNotifResp(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE), listener)
-
-
-def _notif_send(response, listener):
-    _check(_libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_SEND), ctypes.byref(response)))
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, _NOTIF_RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE))
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
