@@ -56,7 +56,7 @@ SELECTORS = {
 # Syscalls that give a process new powers: new descriptors from paths or sockets, new
 # processes or programs, new names in the file system. Seen only during start-up, they
 # are taken away once the device is ready (and so is executable memory, and an ioctl
-# request only start-up used).
+# request only start-up used, but those of QUERY_IOCTLS).
 STEADY_REMOVABLE = frozenset({
     "execve", "execveat", "fork", "vfork", "clone", "clone3", "open", "openat", "openat2", "creat",
     "socket", "socketpair", "bind", "listen", "connect", "memfd_create", "prctl", "unshare", "setns",
@@ -64,11 +64,29 @@ STEADY_REMOVABLE = frozenset({
     "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "chown", "fchown",
     "fchownat", "lchown", "mknod", "mknodat", "ioctl",
 })
+# ioctl requests that only read or set a descriptor's own flags: taking them away gains
+# nothing, while a staged call costs a round trip to the launcher at every start-up
+# (Python asks TCGETS of every file it opens, ~80 times before a device is ready).
+QUERY_IOCTLS = frozenset({
+    0x5401,   # TCGETS
+    0x540F,   # TIOCGPGRP
+    0x5413,   # TIOCGWINSZ
+    0x541B,   # FIONREAD
+    0x5421,   # FIONBIO
+    0x5450,   # FIONCLEX
+    0x5451,   # FIOCLEX
+})
 EXEC_MAPPING = ("mmap", "mprotect", "pkey_mprotect")
 DENY = ("errno", "kill", "kill_thread", "trap")
 
 
 # --- the trace and the rules it gives ----------------------------------------------------------
+
+def _queries(name, conditions) -> bool:
+    """An ioctl whose request condition is one of QUERY_IOCTLS."""
+    return name == "ioctl" and any(index == 1 and op == "eq" and value in QUERY_IOCTLS
+                                   for index, op, value, *_ in conditions)
+
 
 class Recorder:
     """The launcher's notification policy while learning: record every syscall, let it run.
@@ -141,7 +159,7 @@ class Learned:
                 self.rules.append((name, conditions, stages))
             else:
                 self.allow[name] = stages
-            if name in STEADY_REMOVABLE and not stages["steady"]:
+            if name in STEADY_REMOVABLE and not stages["steady"] and not _queries(name, conditions):
                 self.steady.append((name, conditions, stages))
         if name in EXEC_MAPPING:
             executable = Counter()

@@ -23,7 +23,7 @@ def jailer(*args, timeout=120):
 
 TRACE = Counter({
     ("read", (), "setup"): 10, ("read", (), "steady"): 50, ("execve", (), "setup"): 1,
-    ("ioctl", (0x5401,), "setup"): 2, ("ioctl", (0x5421,), "steady"): 3,
+    ("ioctl", (0x5401,), "setup"): 2, ("ioctl", (0x5421,), "steady"): 3, ("ioctl", (0x8912,), "setup"): 1,
     ("mmap", (learn.PROT_EXEC,), "setup"): 5, ("mmap", (0,), "setup"): 20, ("mmap", (0,), "steady"): 7,
     ("mprotect", (0,), "steady"): 4, ("openat", (0,), "setup"): 100, ("fcntl", (3,), "steady"): 4,
     ("socket", (1, 0x80001), "setup"): 1, ("socket", ("errno", 13), "steady"): 2,
@@ -36,15 +36,16 @@ def test_rules_from_a_trace():
     assert learned.allow["read"] == Counter(setup=10, steady=50)
     rules = {(name, conditions) for name, conditions, _ in learned.rules}
     assert rules == {("ioctl", ((1, "eq", 0x5401, None),)), ("ioctl", ((1, "eq", 0x5421, None),)),
+                     ("ioctl", ((1, "eq", 0x8912, None),)),
                      ("fcntl", ((1, "eq", 3, None),)), ("mprotect", ((2, "masked_eq", 0, learn.PROT_EXEC),)),
                      ("openat", ((2, "masked_eq", 0, learn.OPEN_WRITING),)),
                      ("socket", ((0, "eq", 1, None), (1, "eq", 0x80001, None)))}
-    steady = {(name, conditions) for name, conditions, _ in learned.steady}
+    steady = {(name, conditions) for name, conditions, _ in learned.steady}   # TCGETS only queries: kept
     assert steady == {("execve", ()), ("openat", ((2, "masked_eq", 0, learn.OPEN_WRITING),)),
-                      ("ioctl", ((1, "eq", 0x5401, None),)),
+                      ("ioctl", ((1, "eq", 0x8912, None),)),
                       ("socket", ((0, "eq", 1, None), (1, "eq", 0x80001, None))),
                       ("mmap", ((2, "masked_eq", learn.PROT_EXEC, learn.PROT_EXEC),))}
-    assert learned.refused == Counter({("socket", 13): 2}) and learned.calls() == 207
+    assert learned.refused == Counter({("socket", 13): 2}) and learned.calls() == 208
 
 
 def test_too_many_values_leave_the_argument_free():
@@ -136,7 +137,7 @@ def test_rendered_section_builds_a_plan_and_keeps_deny_rules(tmp_path):
     plan = build_plan(str(profile))
     assert plan.seccomp.default_action == "kill"
     by_name = Counter(rule.syscall for rule in plan.seccomp.rules)
-    assert by_name["ioctl"] == 2 and by_name["socket"] == 2 and by_name["read"] == 1 and by_name["openat"] == 1
+    assert by_name["ioctl"] == 3 and by_name["socket"] == 2 and by_name["read"] == 1 and by_name["openat"] == 1
     assert "read-only; 100 setup" in section
     assert any(r.syscall == "socket" and r.action == "errno" and r.errno == 13 for r in plan.seccomp.rules)
     if learn.staging_supported():
