@@ -16,7 +16,7 @@ import os
 
 import click
 
-from jailer import syscalls
+from jailer import monitor, syscalls
 from jailer.errors import UsageError
 from jailer.inspect import profile_command
 
@@ -69,6 +69,7 @@ def host_facts(plan, uid, gid):
         "landlock_abi": _landlock_abi(),
         "cgroup": _cgroup_facts(uid, gid),
         "unreachable_paths": _probe_as(uid, gid, lambda: _unreachable(paths)),
+        "monitor": {"path": monitor.MONITOR, "built": monitor.built()},
     }
 
 
@@ -96,8 +97,8 @@ def assess(plan, host):
                 "make the mount namespace available (see mount_namespace)")
         else:
             add("pivot_root", not unreachable, "cannot open bind sources as this caller: " + "; ".join(
-                f"{path} ({error})" for path, error in unreachable[:3]) + (" ..." if len(unreachable) > 3 else ""),
-                "make them and their parent directories searchable by the caller, or start jailer as root")
+                f"{path} ({error})" for path, error in unreachable[:3]) + (" ..." if len(unreachable) > 3 else "")
+                if unreachable else "", "make them and their parent directories searchable by the caller, or start jailer as root")
     if plan.landlock.enabled:
         abi = host["landlock_abi"]
         add("landlock", isinstance(abi, int), f"ABI {abi}" if isinstance(abi, int) else abi,
@@ -157,6 +158,9 @@ def format_report(plan, host, layers, refused):
              "  cgroup    " + (", ".join(f"{name} (v{c['version']}{', writable' if c['writable'] else ''})"
                                          for name, c in sorted(cg["controllers"].items())) or "no controllers")
              + (f"; v2 at {cg['v2_mount']}" if cg["v2_mount"] else ""),
+             "  monitor   " + ("jailer-monitor (what stays once a program is ready)" if host["monitor"]["built"]
+                               else f"{host['monitor']['path']} not built or older than its source: the Python "
+                               "launcher stays resident (~8 MiB); run ./setup.sh"),
              f"profile     {plan.source} ({plan.invocation} invocation)"]
     for layer in layers:
         status = "ok" if layer["available"] else ("REFUSED" if layer["required"] else "skipped")

@@ -177,6 +177,8 @@ class _Launch:
         self.notify_fd = None           # the launcher's end of the program's notify socketpair
         self.reported = set()
         self.pending_signals = []
+        self.pidfile = None             # (path, inode) of the --pidfile written
+        self.monitor_failed = False
 
     def run(self) -> int:
         plan = self.plan
@@ -184,12 +186,12 @@ class _Launch:
         owner = (namespaces.outside_id(identity.uid, identity.uid_map),
                  namespaces.outside_id(identity.gid, identity.gid_map))
         options = self.options
-        pidfile = _write_pidfile(options.pidfile) if options.pidfile else None
+        self.pidfile = _write_pidfile(options.pidfile) if options.pidfile else None
         try:
             return self._run(plan, options, owner)
         finally:
-            if pidfile is not None:
-                _remove_if_same(*pidfile)
+            if self.pidfile is not None:
+                _remove_if_same(*self.pidfile)
 
     def _run(self, plan, options, owner) -> int:
         given = dict(options.given_fds)
@@ -341,6 +343,8 @@ class _Launch:
                 if self.grab:
                     self._try_grab(sock, poller)
                 self._forward_signals()
+                if self._may_hand_over():
+                    self._hand_over(setup_pidfd)
         finally:
             os.close(setup_pidfd)
             if self.grab:
@@ -577,6 +581,42 @@ class _Launch:
                 os.kill(self.program_pid, signum)
             except OSError:
                 pass
+
+    def _may_hand_over(self) -> bool:
+        """Whether jailer-monitor can take over now (see jailer.monitor): the program is ready
+        and is this process's own child, and nothing but the default policy answers for it."""
+        if (self.stage != "steady" or not self.started or self.error or self.grab or self.pending_signals
+                or self.monitor_failed or self.program_pid != self.setup_pid
+                or self.options.notification_policy is not None or self.options.route_all_to_notify
+                or (self.notifications is not None and self.notifications.killed)):
+            return False
+        from jailer import monitor
+
+        return monitor.available()
+
+    def _hand_over(self, setup_pidfd):
+        """Exec jailer-monitor in this process; returns only if that exec failed."""
+        import sys
+
+        from jailer import monitor
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        self._forward_signals()   # those caught before the block
+        names = self.notifications.names if self.notifications is not None else None
+        text = monitor.state(
+            program_pid=self.program_pid, pidfd=setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
+            status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
+            sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
+            reported=self.reported)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        error = monitor.exec_monitor(text, (setup_pidfd, self.listener, self.notify_fd, self.status.fd))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        self.monitor_failed = True
+        status.warn(f"cannot start {monitor.MONITOR}: {error.strerror}; the launcher stays resident")
 
     def _program_is_unguarded_pid1(self) -> bool:
         return (self.plan.namespaces.pid1 == "program" and self.plan.program.ready == "notify"

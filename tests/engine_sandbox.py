@@ -112,11 +112,11 @@ def status_events(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def run_with_status(plan: Plan, *options: str, invocation: str = "root", pass_fds=()):
+def run_with_status(plan: Plan, *options: str, invocation: str = "root", pass_fds=(), env=None):
     """run() with --status-fd; returns (CompletedProcess, the status events)."""
     with tempfile.TemporaryFile("w+") as status:
         result = run(plan, "--status-fd", str(status.fileno()), *options, pass_fds=[status.fileno(), *pass_fds],
-                     invocation=invocation)
+                     invocation=invocation, env=env)
         status.seek(0)
         return result, status_events(status.read())
 

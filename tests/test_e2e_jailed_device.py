@@ -372,6 +372,25 @@ def test_sigterm_shuts_the_device_down_cleanly(invocation, scratch, jailed):
         assert not os.path.exists(f"/proc/{pid}")
 
 
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_once_ready_only_the_native_monitor_stays_beside_the_device(invocation, scratch, jailed):
+    sock = str(scratch / "idio16.sock")
+    device = jailed(invocation, scratch, "--socket-path", sock)
+    device.connect(sock).close()
+    launcher = device.proc.pid
+    deadline = time.monotonic() + 5
+    while not os.readlink(f"/proc/{launcher}/exe").endswith("/jailer-monitor"):
+        assert time.monotonic() < deadline, "the launcher did not hand over to jailer-monitor"
+        time.sleep(0.01)
+    resident = int(next(line.split()[1] for line in Path(f"/proc/{launcher}/status").read_text().splitlines()
+                        if line.startswith("VmRSS:")))
+    assert resident < 4096, f"jailer-monitor holds {resident} KiB"
+    device.connect(sock).close()   # still served, the same sandbox
+    assert device.stop() == 0, device.errors()
+    assert [e["event"] for e in device.events()][-1:] == ["exited"] and device.events()[-1]["code"] == 0
+    assert not os.path.exists(sock)
+
+
 def test_enforced_layers_are_the_profile_s(scratch, jailed):
     """What the launcher reports applying is the whole sandbox the profile describes."""
     invocation = "root" if IS_ROOT else "user"

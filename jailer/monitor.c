@@ -1,0 +1,516 @@
+/*
+ * jailer-monitor: what stays beside a jailed program once it is ready.
+ *
+ * The Python launcher builds the sandbox, starts the program and sees it through start-up;
+ * once the program is ready it execs this monitor in its own process (same pid, so the
+ * program stays its child, its parent-death signal and the service manager's MAINPID hold),
+ * handing it the state below. A resident Python launcher costs ~8 MiB; this costs ~1 MiB.
+ *
+ * The monitor does exactly what the launcher's steady stage did (jailer/launcher.py):
+ *   - answers the program's seccomp notifications with the plan's rules plus its steady
+ *     rules, the more severe winning (jailer.seccomp.StagedPolicy), naming every refusal
+ *     on stderr (once per syscall and action) and in the status stream;
+ *   - passes STATUS= lines of the program's notify socket on (status and $NOTIFY_SOCKET);
+ *   - forwards SIGTERM, SIGINT and SIGHUP to the program;
+ *   - when the program ends: the "exited" event (SIGSYS if it was killed for a syscall),
+ *     the cgroup removed, the sockets and pid file jailer made removed, the program's exit
+ *     code (or 128 + signal) as its own.
+ *
+ * State: `jailer-monitor STATE_FD`, STATE_FD a file of lines "key values...":
+ *   pid N | pidfd N | listener N | notify N | status N   (descriptors: -1 when absent)
+ *   cgroup PATH | socket INODE PATH | pidfile INODE PATH
+ *   default SEVERITY ERRNO | staged NR | name NR NAME | reported SEVERITY NAME
+ *   rule plain|steady NR SEVERITY ERRNO COUNT {INDEX OP VALUE MASK WIDTH32}*COUNT
+ * with severities 0 allow, 1 log, 2 errno, 3 trap, 4 kill_thread, 5 kill, and ops
+ * eq ne lt le gt ge masked_eq. `jailer-monitor --decide STATE_FD NR ARG0..ARG5` prints the
+ * answer for one call (for the tests that hold it to the Python policy).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { ALLOW, LOG, ERRNO, TRAP, KILL_THREAD, KILL };
+enum { OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE, OP_MASKED_EQ };
+#define MAX_CONDITIONS 6
+#define MAX_RULES 4096
+#define MAX_LIST 64
+#define NR_LIMIT 1024
+#define EPERM_ERRNO 1
+#define SIGSYS_NUMBER 31
+
+struct condition { int index, op, width32; uint64_t value, mask; };
+struct rule { int steady, nr, severity, errnum, count; struct condition conditions[MAX_CONDITIONS]; };
+
+static struct rule rules[MAX_RULES];
+static int rule_count, default_severity = KILL, default_errno = -1;
+static char *names[NR_LIMIT];
+static unsigned char staged[NR_LIMIT];
+static unsigned char reported[NR_LIMIT][KILL + 1];
+static char *cgroups[MAX_LIST], *sockets[MAX_LIST], *pidfile;
+static ino_t socket_inodes[MAX_LIST], pidfile_inode;
+static int cgroup_count, socket_count;
+static pid_t program;
+static int pidfd = -1, listener = -1, notify_fd = -1, status_fd = -1, killed;
+
+static void warn(const char *format, ...)
+{
+	char line[1024];
+	va_list args;
+	int n = snprintf(line, sizeof line, "jailer: ");
+	va_start(args, format);
+	n += vsnprintf(line + n, sizeof line - n - 1, format, args);
+	va_end(args);
+	if (n > (int)sizeof line - 2)
+		n = sizeof line - 2;
+	line[n++] = '\n';
+	if (write(2, line, n) < 0) { /* nothing left to tell */ }
+}
+
+/* One JSON line on the status fd; `body` holds the fields after "event". */
+static void emit(const char *event, const char *body)
+{
+	char line[4096];
+	int n;
+	if (status_fd < 0)
+		return;
+	n = snprintf(line, sizeof line, "{\"event\":\"%s\"%s%s}\n", event, *body ? "," : "", body);
+	if (n >= (int)sizeof line || write(status_fd, line, n) < 0) {
+		warn("status fd %d: %s; no more status events", status_fd, strerror(errno));
+		status_fd = -1;
+	}
+}
+
+/* A JSON string (quotes included) for text, escaped like jailer.status.encode_json. */
+static void json_string(char *out, size_t size, const char *text)
+{
+	size_t n = 0;
+	out[n++] = '"';
+	for (; *text && n + 8 < size; text++) {
+		unsigned char c = *text;
+		if (c == '"' || c == '\\') {
+			out[n++] = '\\';
+			out[n++] = c;
+		} else if (c < ' ' || c == 0x7f) {
+			n += snprintf(out + n, size - n, "\\u%04x", c);
+		} else {
+			out[n++] = c;
+		}
+	}
+	out[n++] = '"';
+	out[n] = 0;
+}
+
+static int severity_of(const char *word) { return atoi(word); }
+
+static int op_of(const char *word)
+{
+	static const char *ops[] = { "eq", "ne", "lt", "le", "gt", "ge", "masked_eq" };
+	for (int i = 0; i < 7; i++)
+		if (!strcmp(word, ops[i]))
+			return i;
+	return -1;
+}
+
+static char *rest_of_line(char *line, int words)
+{
+	/* the text after the first `words` space-separated words (a path may hold spaces) */
+	char *p = line;
+	for (int i = 0; i < words && p; i++) {
+		p = strchr(p, ' ');
+		if (p)
+			p++;
+	}
+	return p ? strdup(p) : NULL;
+}
+
+static int load_state(int fd)
+{
+	FILE *file = fdopen(fd, "r");
+	char line[8192];
+	if (!file)
+		return -1;
+	while (fgets(line, sizeof line, file)) {
+		char key[16], word[64];
+		long a, b;
+		unsigned long long inode;
+		line[strcspn(line, "\n")] = 0;
+		if (sscanf(line, "%15s", key) != 1)
+			continue;
+		if (!strcmp(key, "pid") && sscanf(line, "%*s %ld", &a) == 1) program = a;
+		else if (!strcmp(key, "pidfd") && sscanf(line, "%*s %ld", &a) == 1) pidfd = a;
+		else if (!strcmp(key, "listener") && sscanf(line, "%*s %ld", &a) == 1) listener = a;
+		else if (!strcmp(key, "notify") && sscanf(line, "%*s %ld", &a) == 1) notify_fd = a;
+		else if (!strcmp(key, "status") && sscanf(line, "%*s %ld", &a) == 1) status_fd = a;
+		else if (!strcmp(key, "cgroup") && cgroup_count < MAX_LIST) cgroups[cgroup_count++] = rest_of_line(line, 1);
+		else if (!strcmp(key, "socket") && socket_count < MAX_LIST && sscanf(line, "%*s %llu", &inode) == 1) {
+			socket_inodes[socket_count] = inode;
+			sockets[socket_count++] = rest_of_line(line, 2);
+		} else if (!strcmp(key, "pidfile") && sscanf(line, "%*s %llu", &inode) == 1) {
+			pidfile_inode = inode;
+			pidfile = rest_of_line(line, 2);
+		} else if (!strcmp(key, "default") && sscanf(line, "%*s %ld %ld", &a, &b) == 2) {
+			default_severity = a;
+			default_errno = b;
+		} else if (!strcmp(key, "staged") && sscanf(line, "%*s %ld", &a) == 1 && a >= 0 && a < NR_LIMIT) {
+			staged[a] = 1;
+		} else if (!strcmp(key, "name") && sscanf(line, "%*s %ld %63s", &a, word) == 2 && a >= 0 && a < NR_LIMIT) {
+			names[a] = strdup(word);
+		} else if (!strcmp(key, "reported") && sscanf(line, "%*s %ld %63s", &a, word) == 2) {
+			for (int nr = 0; nr < NR_LIMIT; nr++)
+				if (names[nr] && !strcmp(names[nr], word) && a >= 0 && a <= KILL)
+					reported[nr][a] = 1;
+		} else if (!strcmp(key, "rule") && rule_count < MAX_RULES) {
+			struct rule *r = &rules[rule_count];
+			char stage[8], *p;
+			int used;
+			if (sscanf(line, "%*s %7s %d %15s %d %d%n", stage, &r->nr, word, &r->errnum, &r->count, &used) != 5
+			    || r->count < 0 || r->count > MAX_CONDITIONS)
+				return -1;
+			r->steady = !strcmp(stage, "steady");
+			r->severity = severity_of(word);
+			p = line + used;
+			for (int i = 0; i < r->count; i++) {
+				struct condition *c = &r->conditions[i];
+				char op[16];
+				unsigned long long value, mask;
+				if (sscanf(p, " %d %15s %llu %llu %d%n", &c->index, op, &value, &mask, &c->width32, &used) != 5
+				    || (c->op = op_of(op)) < 0 || c->index < 0 || c->index > 5)
+					return -1;
+				c->value = value;
+				c->mask = mask;
+				p += used;
+			}
+			rule_count++;
+		}
+	}
+	fclose(file);
+	return program > 0 ? 0 : -1;
+}
+
+/* jailer.seccomp._condition_holds: 32-bit arguments compare their low 32 bits. */
+static int holds(const struct condition *c, uint64_t value)
+{
+	uint64_t target = c->value, mask = c->mask;
+	if (c->width32) {
+		value &= 0xffffffffu;
+		target &= 0xffffffffu;
+		mask &= 0xffffffffu;
+	}
+	switch (c->op) {
+	case OP_EQ: return value == target;
+	case OP_NE: return value != target;
+	case OP_LT: return value < target;
+	case OP_LE: return value <= target;
+	case OP_GT: return value > target;
+	case OP_GE: return value >= target;
+	default: return (value & mask) == target;
+	}
+}
+
+/* The most severe matching rule of one kind, or NULL. */
+static const struct rule *most_severe(int steady, int nr, const uint64_t *args)
+{
+	const struct rule *best = NULL;
+	for (int i = 0; i < rule_count; i++) {
+		const struct rule *r = &rules[i];
+		int all = 1;
+		if (r->steady != steady || r->nr != nr)
+			continue;
+		for (int j = 0; j < r->count && all; j++)
+			all = holds(&r->conditions[j], args[r->conditions[j].index]);
+		if (all && (!best || r->severity > best->severity))
+			best = r;
+	}
+	return best;
+}
+
+/* jailer.seccomp.StagedPolicy.decide in the steady stage: 0 continue, else -errno or KILL. */
+static int decide(int nr, const uint64_t *args, int *severity)
+{
+	const struct rule *plain = most_severe(0, nr, args), *steady = most_severe(1, nr, args);
+	int action = plain ? plain->severity : default_severity;
+	int errnum = plain ? plain->errnum : default_errno;
+	if (steady && steady->severity > action) {
+		action = steady->severity;
+		errnum = steady->errnum;
+	}
+	*severity = action;
+	if (action == ALLOW || action == LOG) {
+		if (nr >= 0 && nr < NR_LIMIT && staged[nr])
+			return 0;
+		*severity = ERRNO;
+		return -EPERM_ERRNO;
+	}
+	if (action == ERRNO)
+		return -(errnum < 0 ? EPERM_ERRNO : errnum);
+	*severity = KILL;
+	return KILL;
+}
+
+static void kill_program(pid_t caller)
+{
+	kill(program, SIGKILL);
+	if (caller > 0 && caller != program)
+		kill(caller, SIGKILL);
+}
+
+/* A failure means the caller was interrupted or killed meanwhile: nothing left to answer. */
+static void answer(uint64_t id, int error, uint32_t flags)
+{
+	struct seccomp_notif_resp response = { .id = id, .error = error, .flags = flags };
+	if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &response) < 0)
+		return;
+}
+
+static void notification(void)
+{
+	struct seccomp_notif notif;
+	uint64_t args[6];
+	char name[80], body[512], quoted[160];
+	int severity, result;
+	memset(&notif, 0, sizeof notif);   /* the kernel refuses a buffer that is not zeroed */
+	if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &notif) < 0)
+		return;
+	if (notif.data.nr >= 0 && notif.data.nr < NR_LIMIT && names[notif.data.nr])
+		snprintf(name, sizeof name, "%s", names[notif.data.nr]);
+	else
+		snprintf(name, sizeof name, "syscall %d", notif.data.nr);
+	for (int i = 0; i < 6; i++)
+		args[i] = notif.data.args[i];
+	result = decide(notif.data.nr, args, &severity);
+	if (result == 0) {
+		answer(notif.id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+		return;
+	}
+	json_string(quoted, sizeof quoted, name);
+	if (result == KILL) {
+		if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &notif.id) == 0) {
+			killed = 1;
+			kill_program(notif.pid);
+		}
+		answer(notif.id, -EPERM_ERRNO, 0);
+		snprintf(body, sizeof body, "\"syscall\":%s,\"nr\":%d,\"action\":\"kill\",\"pid\":%u,\"stage\":\"steady\"",
+			 quoted, notif.data.nr, notif.pid);
+	} else {
+		answer(notif.id, result, 0);
+		snprintf(body, sizeof body,
+			 "\"syscall\":%s,\"nr\":%d,\"action\":\"errno\",\"errno\":%d,\"pid\":%u,\"stage\":\"steady\"",
+			 quoted, notif.data.nr, -result, notif.pid);
+	}
+	emit("seccomp", body);
+	if (notif.data.nr >= 0 && notif.data.nr < NR_LIMIT) {
+		if (reported[notif.data.nr][severity])
+			return;
+		reported[notif.data.nr][severity] = 1;
+	}
+	if (result == KILL)
+		warn("seccomp: the program called %s after it was ready, refused by action 'kill': sandbox killed", name);
+	else
+		warn("seccomp: the program called %s after it was ready, refused by action 'errno': failed with errno %d",
+		     name, -result);
+}
+
+static void tell_service_manager(const char *state)
+{
+	const char *address = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un target = { .sun_family = AF_UNIX };
+	socklen_t length;
+	int sock;
+	if (!address || !*address)
+		return;
+	if ((address[0] != '/' && address[0] != '@') || strlen(address) >= sizeof target.sun_path) {
+		warn("NOTIFY_SOCKET=%s is neither an absolute path nor an abstract '@name' socket", address);
+		return;
+	}
+	memcpy(target.sun_path, address, strlen(address));
+	if (address[0] == '@')
+		target.sun_path[0] = 0;
+	length = offsetof(struct sockaddr_un, sun_path) + strlen(address);
+	sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (sock < 0 || sendto(sock, state, strlen(state), 0, (struct sockaddr *)&target, length) < 0)
+		warn("cannot notify the service manager at %s: %s", address, strerror(errno));
+	if (sock >= 0)
+		close(sock);
+}
+
+/* The program's sd_notify-style datagrams; 0 once its end is gone. */
+static int read_notify(void)
+{
+	char data[4097];
+	for (;;) {
+		ssize_t n = recv(notify_fd, data, sizeof data - 1, MSG_DONTWAIT);
+		if (n < 0)
+			return errno == EAGAIN || errno == EINTR;
+		if (n == 0)
+			return 1;
+		data[n] = 0;
+		for (char *line = strtok(data, "\n"); line; line = strtok(NULL, "\n")) {
+			if (!strncmp(line, "STATUS=", 7)) {
+				char body[4200];
+				snprintf(body, sizeof body, "\"text\":");
+				json_string(body + 7, sizeof body - 7, line + 7);
+				emit("status", body);
+				tell_service_manager(line);
+			}
+		}
+	}
+}
+
+static void remove_if_same(const char *path, ino_t inode)
+{
+	struct stat st;
+	if (path && lstat(path, &st) == 0 && st.st_ino == inode)
+		unlink(path);
+}
+
+/* jailer.cgroups.Cgroup.remove: rmdir, killing what is left, for up to 2 s. */
+static void remove_cgroups(void)
+{
+	struct timespec start, now, pause = { 0, 5 * 1000 * 1000 };
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	for (int i = 0; i < cgroup_count; i++) {
+		while (rmdir(cgroups[i]) < 0 && errno != ENOENT) {
+			char procs[4200];
+			FILE *file;
+			long pid;
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			if (now.tv_sec - start.tv_sec >= 2) {
+				warn("could not remove cgroup %s: still busy", cgroups[i]);
+				break;
+			}
+			snprintf(procs, sizeof procs, "%s/cgroup.procs", cgroups[i]);
+			if ((file = fopen(procs, "re"))) {
+				while (fscanf(file, "%ld", &pid) == 1)
+					kill(pid, SIGKILL);
+				fclose(file);
+			}
+			nanosleep(&pause, NULL);
+		}
+	}
+}
+
+static int finish(int wait_status)
+{
+	char body[64];
+	int code;
+	if (notify_fd >= 0)
+		read_notify();   /* what the program said before it ended */
+	if (killed)
+		wait_status = SIGSYS_NUMBER;   /* what the kernel's own kill action would have shown */
+	if (WIFSIGNALED(wait_status)) {
+		snprintf(body, sizeof body, "\"signal\":%d", WTERMSIG(wait_status));
+		code = 128 + WTERMSIG(wait_status);
+	} else {
+		code = WEXITSTATUS(wait_status);
+		snprintf(body, sizeof body, "\"code\":%d", code);
+	}
+	emit("exited", body);
+	remove_cgroups();
+	for (int i = 0; i < socket_count; i++)
+		remove_if_same(sockets[i], socket_inodes[i]);
+	remove_if_same(pidfile, pidfile_inode);
+	return code;
+}
+
+static int monitor(void)
+{
+	sigset_t forwarded;
+	struct pollfd fds[4];
+	int signal_fd;
+	sigemptyset(&forwarded);
+	sigaddset(&forwarded, SIGTERM);
+	sigaddset(&forwarded, SIGINT);
+	sigaddset(&forwarded, SIGHUP);
+	sigprocmask(SIG_BLOCK, &forwarded, NULL);   /* the launcher blocked them before the exec */
+	signal(SIGPIPE, SIG_IGN);
+	signal_fd = signalfd(-1, &forwarded, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (signal_fd < 0) {
+		warn("monitor: signalfd: %s", strerror(errno));
+		return 125;
+	}
+	fds[0] = (struct pollfd){ .fd = pidfd, .events = POLLIN };
+	fds[1] = (struct pollfd){ .fd = signal_fd, .events = POLLIN };
+	fds[2] = (struct pollfd){ .fd = listener, .events = POLLIN };
+	fds[3] = (struct pollfd){ .fd = notify_fd, .events = POLLIN };
+	for (;;) {
+		if (poll(fds, 4, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			warn("monitor: poll: %s", strerror(errno));
+			return 125;
+		}
+		if (fds[3].revents) {
+			if (!read_notify() || fds[3].revents & (POLLHUP | POLLERR))
+				fds[3].fd = -1;
+		}
+		if (fds[2].revents) {
+			if (fds[2].revents & (POLLHUP | POLLERR))
+				fds[2].fd = -1;
+			else
+				notification();
+		}
+		if (fds[1].revents) {
+			struct signalfd_siginfo info;
+			while (read(signal_fd, &info, sizeof info) == sizeof info)
+				kill(program, info.ssi_signo);
+		}
+		if (fds[0].revents) {
+			int wait_status;
+			while (waitpid(program, &wait_status, 0) < 0)
+				if (errno != EINTR) {
+					warn("monitor: waitpid: %s", strerror(errno));
+					return 125;
+				}
+			return finish(wait_status);
+		}
+	}
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 10 && !strcmp(argv[1], "--decide")) {
+		uint64_t args[6];
+		int severity, result;
+		if (load_state(atoi(argv[2])) < 0)
+			return 2;
+		for (int i = 0; i < 6; i++)
+			args[i] = strtoull(argv[4 + i], NULL, 0);
+		result = decide(atoi(argv[3]), args, &severity);
+		if (result == 0)
+			printf("continue\n");
+		else if (result == KILL)
+			printf("kill\n");
+		else
+			printf("errno %d\n", -result);
+		return 0;
+	}
+	if (argc != 2) {
+		fprintf(stderr, "usage: jailer-monitor STATE_FD (started by jailer run, not by hand)\n");
+		return 2;
+	}
+	if (load_state(atoi(argv[1])) < 0) {
+		warn("monitor: the launcher's state is unreadable");
+		if (program > 0)
+			kill(program, SIGKILL);
+		return 125;
+	}
+	return monitor();
+}

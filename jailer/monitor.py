@@ -1,0 +1,92 @@
+"""Handing a ready sandbox over to jailer-monitor (jailer/monitor.c).
+
+Once the program is ready, all the launcher still does is answer steady-stage seccomp
+notifications, pass STATUS= lines on, forward signals, and clean up when the program
+ends. A Python process doing that stays ~8 MiB resident beside every device; the native
+monitor does the same in ~1 MiB. The launcher execs it in its own process, so the pid a
+service manager or --pidfile knows stays right, the program stays its child and the
+program's parent-death signal does not fire. The state goes over in a memfd (format in
+monitor.c); signals are blocked across the exec, so one that arrives meanwhile waits for
+the monitor instead of killing the launcher.
+
+setup.sh builds the monitor next to this file. Without it, or with JAILER_MONITOR=off in
+the environment, the Python launcher stays resident and does the same work.
+"""
+
+from __future__ import annotations
+
+import os
+
+MONITOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jailer-monitor")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor.c")
+SEVERITY_ACTIONS = ("allow", "log", "errno", "trap", "kill_thread", "kill")
+
+
+def available() -> bool:
+    return os.environ.get("JAILER_MONITOR", "") != "off" and built()
+
+
+def built() -> bool:
+    """Built and not older than its source (a stale monitor would answer with old rules)."""
+    try:
+        binary = os.stat(MONITOR)
+        if not os.access(MONITOR, os.X_OK):
+            return False
+        return not os.path.exists(SOURCE) or binary.st_mtime >= os.stat(SOURCE).st_mtime
+    except OSError:
+        return False
+
+
+def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(), sockets=(), pidfile=None,
+          seccomp=None, names=None, reported=()) -> str:
+    """The monitor's state file. seccomp is the plan's SeccompPlan (or its cached view), names
+    {nr: name}; reported the (syscall, action) refusals already told on stderr."""
+    from jailer.seccomp import KERNEL_32BIT_ARGS
+
+    def fd(number):
+        return -1 if number is None else number
+
+    lines = [f"pid {program_pid}", f"pidfd {pidfd}", f"listener {fd(listener)}", f"notify {fd(notify_fd)}",
+             f"status {fd(status_fd)}"]
+    lines += [f"cgroup {directory}" for directory in cgroup_dirs]
+    lines += [f"socket {inode} {path}" for path, inode in sockets]
+    if pidfile is not None:
+        lines.append(f"pidfile {pidfile[1]} {pidfile[0]}")
+    if seccomp is not None and names:
+        numbers = {name: nr for nr, name in names.items()}
+        lines += [f"name {nr} {name}" for nr, name in sorted(names.items())]
+        errno = -1 if seccomp.default_errno is None else seccomp.default_errno
+        lines.append(f"default {SEVERITY_ACTIONS.index(seccomp.default_action)} {errno}")
+        for kind, rules in (("plain", seccomp.rules), ("steady", seccomp.steady)):
+            for rule in rules:
+                if rule.syscall not in numbers:
+                    continue   # not on this architecture: never notified
+                conditions = "".join(
+                    f" {c.index} {c.op} {c.value} {c.mask or 0} {int(c.index in KERNEL_32BIT_ARGS.get(rule.syscall, ()))}"
+                    for c in rule.args)
+                errno = -1 if rule.errno is None else rule.errno
+                lines.append(f"rule {kind} {numbers[rule.syscall]} {SEVERITY_ACTIONS.index(rule.action)} {errno} "
+                             f"{len(rule.args)}{conditions}")
+        lines += [f"staged {numbers[name]}" for name in sorted({r.syscall for r in seccomp.steady}) if name in numbers]
+        lines += [f"reported {SEVERITY_ACTIONS.index(action)} {name}" for name, action in sorted(reported)]
+    return "\n".join(lines) + "\n"
+
+
+def state_fd(text: str) -> int:
+    fd = os.memfd_create("jailer-monitor-state", 0)
+    os.write(fd, text.encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def exec_monitor(text: str, inherited) -> OSError:
+    """Replace this process with the monitor; returns only with the exec's error."""
+    fd = state_fd(text)
+    for number in inherited:
+        if number is not None and number >= 0:
+            os.set_inheritable(number, True)
+    try:
+        os.execv(MONITOR, [MONITOR, str(fd)])
+    except OSError as exc:
+        os.close(fd)
+        return exc
