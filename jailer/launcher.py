@@ -583,9 +583,9 @@ class _Launch:
                 pass
 
     def _may_hand_over(self) -> bool:
-        """Whether jailer-monitor can take over now (see jailer.monitor): the program is ready
-        and is this process's own child, and nothing but the default policy answers for it."""
-        if (self.stage != "steady" or not self.started or self.error or self.grab or self.pending_signals
+        """Whether jailer-monitor can take over now (see jailer.monitor): the program runs and
+        is this process's own child, and nothing but the default policy answers for it."""
+        if (not self.started or self.error or self.grab or self.pending_signals
                 or self.monitor_failed or self.program_pid != self.setup_pid
                 or self.options.notification_policy is not None or self.options.route_all_to_notify
                 or (self.notifications is not None and self.notifications.killed)):
@@ -607,7 +607,9 @@ class _Launch:
             program_pid=self.program_pid, pidfd=setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
             status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
             sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
-            reported=self.reported)
+            reported=self.reported, stage=self.stage,
+            guard=self.plan.namespaces.pid1 == "program" and self.plan.program.ready == "notify"
+            and "pid_namespace" in self.enforcement.applied)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -1,29 +1,34 @@
 /*
- * jailer-monitor: what stays beside a jailed program once it is ready.
+ * jailer-monitor: what stays beside a jailed program once it runs.
  *
- * The Python launcher builds the sandbox, starts the program and sees it through start-up;
- * once the program is ready it execs this monitor in its own process (same pid, so the
- * program stays its child, its parent-death signal and the service manager's MAINPID hold),
- * handing it the state below. A resident Python launcher costs ~8 MiB; this costs ~1 MiB.
+ * The Python launcher builds the sandbox and starts the program; once the program has
+ * exec'd it execs this monitor in its own process (same pid, so the program stays its
+ * child, its parent-death signal and the service manager's MAINPID hold), handing it the
+ * state below. A resident Python launcher costs ~8 MiB and ~50 us per notified syscall;
+ * this costs ~1 MiB and a few us.
  *
- * The monitor does exactly what the launcher's steady stage did (jailer/launcher.py):
- *   - answers the program's seccomp notifications with the plan's rules plus its steady
- *     rules, the more severe winning (jailer.seccomp.StagedPolicy), naming every refusal
- *     on stderr (once per syscall and action) and in the status stream;
- *   - passes STATUS= lines of the program's notify socket on (status and $NOTIFY_SOCKET);
- *   - forwards SIGTERM, SIGINT and SIGHUP to the program;
+ * The monitor does exactly what the launcher did from there on (jailer/launcher.py):
+ *   - answers the program's seccomp notifications with the plan's rules, plus its steady
+ *     rules once the program is ready, the more severe winning
+ *     (jailer.seccomp.StagedPolicy), naming every refusal on stderr (once per syscall and
+ *     action) and in the status stream;
+ *   - reads the program's notify socket: READY=1 makes it ready (status events "ready"
+ *     and "stage", READY=1 and MAINPID to $NOTIFY_SOCKET), STATUS= lines are passed on;
+ *   - forwards SIGTERM, SIGINT and SIGHUP to the program (or, when the program is a pid 1
+ *     that may not handle them before its READY=1, kills the sandbox instead);
  *   - when the program ends: the "exited" event (SIGSYS if it was killed for a syscall),
  *     the cgroup removed, the sockets and pid file jailer made removed, the program's exit
  *     code (or 128 + signal) as its own.
  *
  * State: `jailer-monitor STATE_FD`, STATE_FD a file of lines "key values...":
  *   pid N | pidfd N | listener N | notify N | status N   (descriptors: -1 when absent)
+ *   stage setup|steady | guard 0|1 (signals before ready kill) | staging 0|1 (steady rules apply)
  *   cgroup PATH | socket INODE PATH | pidfile INODE PATH
  *   default SEVERITY ERRNO | staged NR | name NR NAME | reported SEVERITY NAME
  *   rule plain|steady NR SEVERITY ERRNO COUNT {INDEX OP VALUE MASK WIDTH32}*COUNT
  * with severities 0 allow, 1 log, 2 errno, 3 trap, 4 kill_thread, 5 kill, and ops
  * eq ne lt le gt ge masked_eq. `jailer-monitor --decide STATE_FD NR ARG0..ARG5` prints the
- * answer for one call (for the tests that hold it to the Python policy).
+ * answer for one call in the state's stage (for the tests that hold it to the Python policy).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -68,7 +73,7 @@ static char *cgroups[MAX_LIST], *sockets[MAX_LIST], *pidfile;
 static ino_t socket_inodes[MAX_LIST], pidfile_inode;
 static int cgroup_count, socket_count;
 static pid_t program;
-static int pidfd = -1, listener = -1, notify_fd = -1, status_fd = -1, killed;
+static int pidfd = -1, listener = -1, notify_fd = -1, status_fd = -1, killed, steady_stage, guard, staging;
 
 static void warn(const char *format, ...)
 {
@@ -159,6 +164,9 @@ static int load_state(int fd)
 		else if (!strcmp(key, "listener") && sscanf(line, "%*s %ld", &a) == 1) listener = a;
 		else if (!strcmp(key, "notify") && sscanf(line, "%*s %ld", &a) == 1) notify_fd = a;
 		else if (!strcmp(key, "status") && sscanf(line, "%*s %ld", &a) == 1) status_fd = a;
+		else if (!strcmp(key, "stage") && sscanf(line, "%*s %63s", word) == 1) steady_stage = !strcmp(word, "steady");
+		else if (!strcmp(key, "guard") && sscanf(line, "%*s %ld", &a) == 1) guard = a;
+		else if (!strcmp(key, "staging") && sscanf(line, "%*s %ld", &a) == 1) staging = a;
 		else if (!strcmp(key, "cgroup") && cgroup_count < MAX_LIST) cgroups[cgroup_count++] = rest_of_line(line, 1);
 		else if (!strcmp(key, "socket") && socket_count < MAX_LIST && sscanf(line, "%*s %llu", &inode) == 1) {
 			socket_inodes[socket_count] = inode;
@@ -242,10 +250,10 @@ static const struct rule *most_severe(int steady, int nr, const uint64_t *args)
 	return best;
 }
 
-/* jailer.seccomp.StagedPolicy.decide in the steady stage: 0 continue, else -errno or KILL. */
+/* jailer.seccomp.StagedPolicy.decide in the current stage: 0 continue, else -errno or KILL. */
 static int decide(int nr, const uint64_t *args, int *severity)
 {
-	const struct rule *plain = most_severe(0, nr, args), *steady = most_severe(1, nr, args);
+	const struct rule *plain = most_severe(0, nr, args), *steady = steady_stage ? most_severe(1, nr, args) : NULL;
 	int action = plain ? plain->severity : default_severity;
 	int errnum = plain ? plain->errnum : default_errno;
 	if (steady && steady->severity > action) {
@@ -264,6 +272,8 @@ static int decide(int nr, const uint64_t *args, int *severity)
 	*severity = KILL;
 	return KILL;
 }
+
+static int read_notify(void);
 
 static void kill_program(pid_t caller)
 {
@@ -285,10 +295,15 @@ static void notification(void)
 	struct seccomp_notif notif;
 	uint64_t args[6];
 	char name[80], body[512], quoted[160];
+	const char *stage, *when;
 	int severity, result;
+	if (!steady_stage && notify_fd >= 0)
+		read_notify();   /* a READY=1 sent before this syscall counts before it is answered */
 	memset(&notif, 0, sizeof notif);   /* the kernel refuses a buffer that is not zeroed */
 	if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &notif) < 0)
 		return;
+	stage = steady_stage ? "steady" : "setup";
+	when = steady_stage && staging ? " after it was ready" : "";
 	if (notif.data.nr >= 0 && notif.data.nr < NR_LIMIT && names[notif.data.nr])
 		snprintf(name, sizeof name, "%s", names[notif.data.nr]);
 	else
@@ -307,13 +322,13 @@ static void notification(void)
 			kill_program(notif.pid);
 		}
 		answer(notif.id, -EPERM_ERRNO, 0);
-		snprintf(body, sizeof body, "\"syscall\":%s,\"nr\":%d,\"action\":\"kill\",\"pid\":%u,\"stage\":\"steady\"",
-			 quoted, notif.data.nr, notif.pid);
+		snprintf(body, sizeof body, "\"syscall\":%s,\"nr\":%d,\"action\":\"kill\",\"pid\":%u,\"stage\":\"%s\"",
+			 quoted, notif.data.nr, notif.pid, stage);
 	} else {
 		answer(notif.id, result, 0);
 		snprintf(body, sizeof body,
-			 "\"syscall\":%s,\"nr\":%d,\"action\":\"errno\",\"errno\":%d,\"pid\":%u,\"stage\":\"steady\"",
-			 quoted, notif.data.nr, -result, notif.pid);
+			 "\"syscall\":%s,\"nr\":%d,\"action\":\"errno\",\"errno\":%d,\"pid\":%u,\"stage\":\"%s\"",
+			 quoted, notif.data.nr, -result, notif.pid, stage);
 	}
 	emit("seccomp", body);
 	if (notif.data.nr >= 0 && notif.data.nr < NR_LIMIT) {
@@ -322,10 +337,10 @@ static void notification(void)
 		reported[notif.data.nr][severity] = 1;
 	}
 	if (result == KILL)
-		warn("seccomp: the program called %s after it was ready, refused by action 'kill': sandbox killed", name);
+		warn("seccomp: the program called %s%s, refused by action 'kill': sandbox killed", name, when);
 	else
-		warn("seccomp: the program called %s after it was ready, refused by action 'errno': failed with errno %d",
-		     name, -result);
+		warn("seccomp: the program called %s%s, refused by action 'errno': failed with errno %d", name, when,
+		     -result);
 }
 
 static void tell_service_manager(const char *state)
@@ -351,6 +366,20 @@ static void tell_service_manager(const char *state)
 		close(sock);
 }
 
+static void become_ready(void)
+{
+	char body[64], state[64];
+	if (steady_stage)
+		return;
+	steady_stage = 1;
+	snprintf(body, sizeof body, "\"pid\":%d", (int)program);
+	emit("ready", body);
+	snprintf(state, sizeof state, "READY=1\nMAINPID=%d", (int)getpid());
+	tell_service_manager(state);
+	if (staging && listener >= 0)
+		emit("stage", "\"stage\":\"steady\"");
+}
+
 /* The program's sd_notify-style datagrams; 0 once its end is gone. */
 static int read_notify(void)
 {
@@ -363,7 +392,9 @@ static int read_notify(void)
 			return 1;
 		data[n] = 0;
 		for (char *line = strtok(data, "\n"); line; line = strtok(NULL, "\n")) {
-			if (!strncmp(line, "STATUS=", 7)) {
+			if (!strcmp(line, "READY=1")) {
+				become_ready();
+			} else if (!strncmp(line, "STATUS=", 7)) {
 				char body[4200];
 				snprintf(body, sizeof body, "\"text\":");
 				json_string(body + 7, sizeof body - 7, line + 7);
@@ -469,8 +500,12 @@ static int monitor(void)
 		}
 		if (fds[1].revents) {
 			struct signalfd_siginfo info;
-			while (read(signal_fd, &info, sizeof info) == sizeof info)
-				kill(program, info.ssi_signo);
+			while (read(signal_fd, &info, sizeof info) == sizeof info) {
+				if (guard && !steady_stage)
+					kill_program(0);   /* a pid 1 without its handler yet would ignore it */
+				else
+					kill(program, info.ssi_signo);
+			}
 		}
 		if (fds[0].revents) {
 			int wait_status;

@@ -1,9 +1,11 @@
-"""Handing a ready sandbox over to jailer-monitor (jailer/monitor.c).
+"""Handing a running sandbox over to jailer-monitor (jailer/monitor.c).
 
-Once the program is ready, all the launcher still does is answer steady-stage seccomp
-notifications, pass STATUS= lines on, forward signals, and clean up when the program
-ends. A Python process doing that stays ~8 MiB resident beside every device; the native
-monitor does the same in ~1 MiB. The launcher execs it in its own process, so the pid a
+Once the program has exec'd, all the launcher still does is answer seccomp
+notifications, watch the notify socket for READY=1 and STATUS=, forward signals, and clean
+up when the program ends. A Python process doing that stays ~8 MiB resident beside every
+device and takes ~50 us per notified syscall (a Python program's start-up notifies a
+hundred or more openat calls when the steady stage denies openat); the native monitor
+does the same in ~1 MiB and a few us. The launcher execs it in its own process, so the pid a
 service manager or --pidfile knows stays right, the program stays its child and the
 program's parent-death signal does not fire. The state goes over in a memfd (format in
 monitor.c); signals are blocked across the exec, so one that arrives meanwhile waits for
@@ -38,16 +40,19 @@ def built() -> bool:
 
 
 def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(), sockets=(), pidfile=None,
-          seccomp=None, names=None, reported=()) -> str:
+          seccomp=None, names=None, reported=(), stage="steady", guard=False) -> str:
     """The monitor's state file. seccomp is the plan's SeccompPlan (or its cached view), names
-    {nr: name}; reported the (syscall, action) refusals already told on stderr."""
+    {nr: name}; reported the (syscall, action) refusals already told on stderr; stage "setup"
+    until the program is ready; guard: a signal before ready kills the sandbox (its program is
+    a pid 1 that may have no handler yet)."""
     from jailer.seccomp import KERNEL_32BIT_ARGS
 
     def fd(number):
         return -1 if number is None else number
 
     lines = [f"pid {program_pid}", f"pidfd {pidfd}", f"listener {fd(listener)}", f"notify {fd(notify_fd)}",
-             f"status {fd(status_fd)}"]
+             f"status {fd(status_fd)}", f"stage {stage}", f"guard {int(guard)}",
+             f"staging {int(bool(seccomp is not None and seccomp.steady))}"]
     lines += [f"cgroup {directory}" for directory in cgroup_dirs]
     lines += [f"socket {inode} {path}" for path, inode in sockets]
     if pidfile is not None:

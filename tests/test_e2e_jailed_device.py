@@ -373,7 +373,7 @@ def test_sigterm_shuts_the_device_down_cleanly(invocation, scratch, jailed):
 
 
 @pytest.mark.parametrize("invocation", INVOCATIONS)
-def test_once_ready_only_the_native_monitor_stays_beside_the_device(invocation, scratch, jailed):
+def test_once_running_only_the_native_monitor_stays_beside_the_device(invocation, scratch, jailed):
     sock = str(scratch / "idio16.sock")
     device = jailed(invocation, scratch, "--socket-path", sock)
     device.connect(sock).close()

@@ -1,4 +1,4 @@
-"""jailer-monitor, the native process the launcher becomes once its program is ready: it
+"""jailer-monitor, the native process the launcher becomes once its program runs: it
 decides exactly as the launcher's policy would, and the program sees no difference."""
 
 import os
@@ -20,9 +20,9 @@ SYSCALLS = ("ioctl", "mmap", "openat", "uname")
 ACTIONS = ("allow", "log", "errno", "kill_thread", "kill")
 
 
-def monitor_decides(plan, name, args):
+def monitor_decides(plan, name, args, stage):
     text = monitor.state(program_pid=1, pidfd=-1, listener=None, notify_fd=None, status_fd=None, seccomp=plan,
-                         names=NAMES)
+                         names=NAMES, stage=stage)
     fd = monitor.state_fd(text)
     try:
         nr = next(nr for nr, known in NAMES.items() if known == name)
@@ -47,11 +47,12 @@ argument = st.one_of(st.integers(0, 9), st.integers(0, 9).map(lambda v: v | 1 <<
 
 @settings(max_examples=120, deadline=None)
 @given(st.lists(rules, max_size=4), st.lists(steady_rules, min_size=1, max_size=3),
-       st.sampled_from(("allow", "errno", "kill")), st.sampled_from(SYSCALLS), st.tuples(argument, argument, argument))
-def test_monitor_answers_as_the_launchers_steady_policy(plain, steady, default, name, args):
+       st.sampled_from(("allow", "errno", "kill")), st.sampled_from(SYSCALLS), st.tuples(argument, argument, argument),
+       st.sampled_from(seccomp.STAGES))
+def test_monitor_answers_as_the_launchers_policy(plain, steady, default, name, args, stage):
     plan = SeccompPlan(default_action=default, rules=tuple(plain), steady=tuple(steady))
     args = (*args, 0, 0, 0)
-    assert monitor_decides(plan, name, args) == seccomp.StagedPolicy(plan)._decide(name, args, "steady")
+    assert monitor_decides(plan, name, args, stage) == seccomp.StagedPolicy(plan)._decide(name, args, stage)
 
 
 NOTIFY = FdSpec(name="notify", kind="notify", number=3)
@@ -60,8 +61,9 @@ SCRIPT = ("printf READY=1 >&3; sleep 0.3; printf 'STATUS=serving' >&3; "
 
 
 @pytest.mark.parametrize("use_monitor", [True, False], ids=["monitor", "python"])
-def test_after_ready_the_program_sees_no_difference(use_monitor):
-    # pid 1 is the program and this process's child: the launcher hands over once it is ready
+def test_the_program_sees_no_difference(use_monitor):
+    # pid 1 is the program and this process's child: the launcher hands over once it runs,
+    # and the monitor sees READY=1 and takes the steady stage
     plan = plan_for("root", SCRIPT, fds=(NOTIFY,))
     plan = replace(plan, program=replace(plan.program, ready="notify"),
                    namespaces=replace(plan.namespaces, pid1="program"),
