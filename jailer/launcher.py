@@ -178,6 +178,7 @@ class _Launch:
         self.reported = set()
         self.pending_signals = []
         self.pidfile = None             # (path, inode) of the --pidfile written
+        self.primer = None              # pid of the cgroup primer (see cgroups.prime) until reaped
         self.monitor_failed = False
 
     def run(self) -> int:
@@ -219,9 +220,16 @@ class _Launch:
             cgroup_plan = plan.limits.cgroup
             if cgroup_plan is not None and (cgroup_plan.memory_max is not None or cgroup_plan.pids_max is not None
                                             or cgroup_plan.cpu_quota_us is not None):
+                from jailer import cgroups
+
+                self.primer = cgroups.prime(cgroup_plan)
                 self.enforcement.attempt("cgroup", lambda: self._create_cgroup(cgroup_plan))
             return self._fork_and_supervise(argv, environment, bpf)
         finally:
+            if self.primer is not None:
+                from jailer import cgroups
+
+                cgroups.finish_priming(self.primer)
             if self.cgroup is not None:
                 self.cgroup.remove()
             self.manifest.close()
@@ -393,6 +401,11 @@ class _Launch:
             os.kill(setup_pid, signal.SIGKILL)
             return
         _send(sock.fileno(), "go")
+        if self.primer is not None:
+            from jailer import cgroups
+
+            cgroups.finish_priming(self.primer)
+            self.primer = None
         if self.cgroup is not None:
             try:
                 self.enforcement.attempt("cgroup", lambda: self._place_in_cgroup(setup_pid))
