@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import time
 
 from jailer.errors import LayerError
 
-_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_.-]+\Z")
+# What a cgroup name component may hold (not `re`: importing it costs ~6 ms on the start-up path).
+_SAFE_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _FIX = ("run as root, or delegate a cgroup subtree to this user, or list cgroup in the profile's "
         "enforcement.best_effort")
 
@@ -116,7 +116,7 @@ class Cgroup:
     def create(cls, plan_cgroup, name: str) -> "Cgroup":
         parent_parts = [p for p in plan_cgroup.parent.split("/") if p]
         for part in parent_parts + [name]:
-            if not _SAFE_COMPONENT.match(part) or part in (".", ".."):
+            if not part or not _SAFE_CHARACTERS.issuperset(part) or part in (".", ".."):
                 raise LayerError("cgroup", f"unsafe cgroup name component '{part}'",
                                  "use letters, digits, '_', '-' and '.' only")
         unified_mount, v1_mounts = _hierarchies()

@@ -21,6 +21,9 @@ argv = ["/bin/sh", "-c", "echo {word} from $$; exit 5"]
 [seccomp]
 default_action = "allow"
 steady_rule = [{{ syscall = "ptrace" }}]   # staged: the warm path also answers notifications
+
+[limits.cgroup]
+pids = 16
 """
 
 
@@ -47,7 +50,7 @@ def test_run_resolves_a_profile_then_uses_its_cache(tmp_path):
 
     second = _jailer(profile, cache, importtime=True)
     assert second.returncode == 5 and second.stdout == "hello from 2\n"
-    heavy = {"jailer.profile", "jailer.plan", "pyseccomp", "toml", "click", "pyroute2", "json"}
+    heavy = {"jailer.profile", "jailer.plan", "pyseccomp", "toml", "click", "pyroute2", "json", "re", "enum"}
     assert not heavy & _imported(second.stderr)
 
     profile.write_text(PROFILE.format(word="changed"))   # a changed profile is resolved again
