@@ -3,9 +3,9 @@
 Each controller is taken from the unified (v2) hierarchy when it is enabled there for
 the launcher's own cgroup, else from its v1 hierarchy (hybrid hosts). The sandbox's
 cgroup is <launcher's cgroup>/<CgroupPlan.parent>/<name>.<pid> in each hierarchy used.
-The launcher creates it and writes the limits, moves the child into it while the child
-builds its root (the child unshares the cgroup namespace after that, so the program sees
-its own cgroup as "/"), and removes it when the program is gone, on error paths too.
+The launcher creates it and writes the limits; the forked child joins it before it
+unshares the cgroup namespace (so the program sees its own cgroup as "/"); the launcher
+removes it when the program is gone, on error paths too.
 """
 
 from __future__ import annotations
@@ -60,44 +60,6 @@ def _own_paths() -> tuple[str | None, dict[str, str]]:
             for controller in controllers.split(","):
                 v1[controller] = path
     return unified, v1
-
-
-def prime(plan_cgroup):
-    """Start the kernel's wait for moving a process into a cgroup now, in another process, so
-    that the launcher's own move of the sandbox finds it done; returns that process's pid
-    (reap it with finish_priming), or None.
-
-    Every move into a cgroup (v1 or v2) takes a global lock whose writer side first waits
-    for an RCU grace period, unless a move ended less than a grace period ago; on a VM that
-    wait is 5 to 20 ms, which the sandbox's start would otherwise pay. The primer, a
-    process of jailer-monitor, moves itself into the cgroup it is already in, which changes
-    nothing but starts that wait while the launcher prepares the sandbox."""
-    from jailer import monitor
-
-    if not monitor.built():
-        return None
-    unified_path, v1_paths = _own_paths()
-    unified_mount, v1_mounts = _hierarchies()
-    for controller in _controllers_needed(plan_cgroup):
-        if controller in v1_mounts and controller in v1_paths:
-            procs = f"{v1_mounts[controller]}{v1_paths[controller]}".rstrip("/") + "/cgroup.procs"
-            break
-    else:
-        if unified_mount is None or unified_path is None:
-            return None
-        procs = f"{unified_mount}{unified_path}".rstrip("/") + "/cgroup.procs"
-    try:
-        return os.posix_spawn(monitor.MONITOR, [monitor.MONITOR, "--prime", procs], {})
-    except OSError:
-        return None
-
-
-def finish_priming(pid) -> None:
-    if pid is not None:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def _write(path: str, value) -> None:
@@ -181,12 +143,15 @@ class Cgroup:
     def describe(self) -> dict:
         return {controller: f"v{self.versions[controller]}:{path}" for controller, path in self.directories.items()}
 
-    def place(self, pid: int) -> None:
-        """Move the process into every directory (run by the launcher while the child builds
-        its root: on cgroup v1 the first move waits out an RCU grace period, ~10 ms, which
-        then overlaps the child's work instead of delaying it)."""
+    def join(self) -> None:
+        """Move the calling process into every directory (run by the single-threaded child,
+        before it unshares). Moving a whole process (cgroup.procs) takes a global lock whose
+        writer waits for an RCU grace period, 5 to 20 ms on a VM; on v1, writing 0 to
+        `tasks` moves just the calling thread, which is the whole child, without that lock.
+        v2 has no such file: there the move pays the wait."""
         for directory in sorted(set(self.directories.values())):
-            _write(f"{directory}/cgroup.procs", pid)
+            version = next(self.versions[c] for c, d in self.directories.items() if d == directory)
+            _write(f"{directory}/{'tasks' if version == 1 else 'cgroup.procs'}", 0)
 
     def remove(self, timeout: float = 2.0) -> None:
         """rmdir every directory, waiting briefly for exiting tasks to leave."""

@@ -6,7 +6,7 @@ Processes (outer pids are the launcher's view):
              forwards SIGTERM/SIGINT/SIGHUP, answers seccomp notifications, reports status.
   setup      the child. With a pid namespace it is cloned straight into it (and into the
              user namespace, which must own it) and is the sandbox's pid 1 from the start;
-             it unshares the other namespaces and waits for its maps.
+             it joins the cgroup, unshares the other namespaces and waits for its maps.
              When that clone is refused (or without a pid namespace) it is a plain fork
              that unshares everything itself, which names the failing layer (or skips a
              best-effort one); it then forks pid 1 and waits for it (a process cannot
@@ -26,20 +26,17 @@ Processes (outer pids are the launcher's view):
 
 The documented order, all in single-threaded children between fork and exec:
   1. cgroup: the launcher creates <its cgroup>/<parent>/<name>.<pid> and writes the
-     limits before the fork;
+     limits; the setup child joins it before unsharing the cgroup namespace (so that
+     namespace is rooted there), moving only itself (see jailer.cgroups.Cgroup.join);
   2. namespaces: user and pid at the clone (root's supplementary groups dropped for
-     it), else user first (alone); then mount, (pid,) net, ipc, uts together, and cgroup
-     too unless there is a cgroup to enter first (step 6); hostname set;
-  3. uid/gid maps: written from outside by the launcher ("deny" to setgroups first),
-     which then moves the child into the cgroup while the child goes on with step 4
-     (on cgroup v1 the move waits out an RCU grace period: overlapped, not serial);
+     it), else user first (alone); then mount, (pid,) net, ipc, uts, cgroup together;
+     hostname set;
+  3. uid/gid maps: written from outside by the launcher ("deny" to setgroups first);
   4. network: veth pair created by the launcher; lo/veth raised inside;
   5. mounts: "/" made MS_PRIVATE|MS_REC, pivot_root into a fresh tmpfs, binds/tmpfs/
      device binds/symlinks//proc (read-only /proc/sys), old root detached, chdir "/",
      "/" remounted read-only (see jailer.mounts);
-  6. Landlock (jailer.landlock), with the ABI the kernel offers; then the child waits
-     until the launcher has placed it in the cgroup and unshares the cgroup namespace,
-     rooted there (a child without a pid namespace of its own waits before it forks);
+  6. Landlock (jailer.landlock), with the ABI the kernel offers;
   7. rlimits;
   8. fds: manifest fds moved to their numbers, every other fd closed (close_range);
   9. setsid (no controlling terminal);
@@ -178,7 +175,6 @@ class _Launch:
         self.reported = set()
         self.pending_signals = []
         self.pidfile = None             # (path, inode) of the --pidfile written
-        self.primer = None              # pid of the cgroup primer (see cgroups.prime) until reaped
         self.monitor_failed = False
 
     def run(self) -> int:
@@ -220,16 +216,9 @@ class _Launch:
             cgroup_plan = plan.limits.cgroup
             if cgroup_plan is not None and (cgroup_plan.memory_max is not None or cgroup_plan.pids_max is not None
                                             or cgroup_plan.cpu_quota_us is not None):
-                from jailer import cgroups
-
-                self.primer = cgroups.prime(cgroup_plan)
                 self.enforcement.attempt("cgroup", lambda: self._create_cgroup(cgroup_plan))
             return self._fork_and_supervise(argv, environment, bpf)
         finally:
-            if self.primer is not None:
-                from jailer import cgroups
-
-                cgroups.finish_priming(self.primer)
             if self.cgroup is not None:
                 self.cgroup.remove()
             self.manifest.close()
@@ -401,26 +390,6 @@ class _Launch:
             os.kill(setup_pid, signal.SIGKILL)
             return
         _send(sock.fileno(), "go")
-        if self.primer is not None:
-            from jailer import cgroups
-
-            cgroups.finish_priming(self.primer)
-            self.primer = None
-        if self.cgroup is not None:
-            try:
-                self.enforcement.attempt("cgroup", lambda: self._place_in_cgroup(setup_pid))
-            except JailerError as exc:
-                self.error = _error_fields(exc)
-                os.kill(setup_pid, signal.SIGKILL)
-                return
-            try:
-                _send(sock.fileno(), "cgroup", "cgroup" in self.enforcement.applied)
-            except OSError:
-                pass   # the child already failed; its report and exit status follow
-
-    def _place_in_cgroup(self, pid):
-        self.cgroup.place(pid)
-        return self.cgroup.describe()
 
     def _ready(self, program_pid, applied, skipped, listener_number, sync_number):
         self.program_pid = program_pid
@@ -704,8 +673,6 @@ class _Child:
         self.bpf = bpf
         self.listen = listen            # the filter notifies: the launcher takes its listener
         self.cgroup = cgroup
-        self.cgroup_awaited = False
-        self.deferred_namespaces = set()   # unshared once the cgroup is entered
         self.cloned = cloned            # clone flags this process was created with (0: a plain fork)
         self.user_namespace = False
         self.last_cap = None
@@ -729,6 +696,8 @@ class _Child:
             signal.signal(sig, signal.SIG_IGN)   # the launcher decides what reaches the program
         self._die_with(self.launcher_pid)
         plan = self.plan
+        if self.cgroup is not None:
+            self.enforcement.attempt("cgroup", self._join_cgroup)
         if self.cloned:
             from jailer import syscalls
 
@@ -740,9 +709,7 @@ class _Child:
             if os.geteuid() == 0 and plan.namespaces.user:
                 os.setgroups([])   # the last moment root's supplementary groups can be dropped
             self.user_namespace = namespaces.enter_user_namespace(plan.namespaces, self.enforcement)
-        if self.cgroup is not None:
-            self.deferred_namespaces = {"cgroup_namespace"}
-        entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement, defer=self.deferred_namespaces)
+        entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)
         _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
         if _receive(self.sock_fd) != ("go",):
             os._exit(SETUP_FAILED)
@@ -756,7 +723,6 @@ class _Child:
         if self.cloned or "pid_namespace" not in entered:
             self.inside()   # already pid 1 of its pid namespace, or there is none
             return
-        self._await_cgroup()   # pid 1 must be born in the cgroup
         my_pid = os.getpid()
         pid1 = self._fork_giving_up_exec_pipe()
         if pid1 == 0:
@@ -800,17 +766,9 @@ class _Child:
         os.close(release_r)
         return pid
 
-    def _await_cgroup(self):
-        """Wait until the launcher has placed this process in the cgroup (once; a forked
-        pid 1 inherits both the placement and the flag)."""
-        if self.cgroup is None or self.cgroup_awaited:
-            return
-        self.cgroup_awaited = True
-        reply = _receive(self.sock_fd)
-        if reply not in (("cgroup", True), ("cgroup", False)):
-            os._exit(SETUP_FAILED)
-        if not reply[1]:
-            self.enforcement.applied.pop("cgroup", None)   # skipped (best effort): the launcher reports it
+    def _join_cgroup(self):
+        self.cgroup.join()
+        return self.cgroup.describe()
 
     def inside(self):
         """Everything from the network to the exec, in the documented order."""
@@ -841,10 +799,6 @@ class _Child:
             from jailer import landlock
 
             attempt("landlock", lambda: landlock.restrict(plan, pivoted), landlock.FIX)
-        self._await_cgroup()
-        if self.deferred_namespaces:
-            namespaces.enter_namespaces(plan.namespaces, self.enforcement,
-                                        defer=set(namespaces.NAMESPACE_LAYERS) - self.deferred_namespaces)
         if plan.limits.rlimits:
             from jailer import limits
 

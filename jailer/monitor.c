@@ -29,9 +29,6 @@
  * with severities 0 allow, 1 log, 2 errno, 3 trap, 4 kill_thread, 5 kill, and ops
  * eq ne lt le gt ge masked_eq. `jailer-monitor --decide STATE_FD NR ARG0..ARG5` prints the
  * answer for one call in the state's stage (for the tests that hold it to the Python policy).
- *
- * `jailer-monitor --prime PROCS` writes its own pid to PROCS, a cgroup.procs of the cgroup
- * it is already in, and exits: see jailer.cgroups.prime for why the launcher starts it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -533,21 +530,8 @@ static int monitor(void)
 	}
 }
 
-static int prime(const char *procs)
-{
-	char pid[24];
-	int fd = open(procs, O_WRONLY | O_CLOEXEC), n = snprintf(pid, sizeof pid, "%d", (int)getpid());
-	if (fd < 0)
-		return 1;
-	n = write(fd, pid, n) == n ? 0 : 1;
-	close(fd);
-	return n;
-}
-
 int main(int argc, char **argv)
 {
-	if (argc == 3 && !strcmp(argv[1], "--prime"))
-		return prime(argv[2]);
 	if (argc == 10 && !strcmp(argv[1], "--decide")) {
 		uint64_t args[6];
 		int severity, result;

@@ -33,12 +33,11 @@ def enter_user_namespace(namespaces, enforcement) -> bool:
     return "user_namespace" in enforcement.applied
 
 
-def enter_namespaces(namespaces, enforcement, defer=frozenset()) -> set[str]:
-    """Unshare every other requested namespace at once (but the deferred layers, left for a
-    later call), or one by one to find which fails; returns every namespace layer the
-    process is in (those it was cloned into included)."""
+def enter_namespaces(namespaces, enforcement) -> set[str]:
+    """Unshare every other requested namespace at once, or one by one to find which fails;
+    returns every namespace layer the process is in (those it was cloned into included)."""
     wanted = {layer: flag for layer, (flag, attr) in NAMESPACE_LAYERS.items()
-              if getattr(namespaces, attr) and layer not in enforcement.applied and layer not in defer}
+              if getattr(namespaces, attr) and layer not in enforcement.applied}
     if not wanted:
         return {layer for layer in NAMESPACE_LAYERS if layer in enforcement.applied}
     combined = 0
