@@ -93,6 +93,7 @@ from jailer.errors import JailerError, LayerError
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SETUP_FAILED = 125
 _GRAB_TIMEOUT = 5.0
+HAND_OVER_AFTER = 0.1   # seconds a program without start-up notifications runs before the monitor takes over
 _GRAB_PAUSES = (0.00005, 0.0001, 0.0002, 0.0005)   # seconds between pidfd_getfd attempts, then poll's 1 ms
 _GRAB_FIX = ("pidfd_getfd needs ptrace access to the sandbox: run the launcher with CAP_SYS_PTRACE (or, "
              "unprivileged, with kernel.yama.ptrace_scope <= 1), and not under an outer seccomp filter that "
@@ -175,6 +176,7 @@ class _Launch:
         self.reported = set()
         self.pending_signals = []
         self.pidfile = None             # (path, inode) of the --pidfile written
+        self.hand_over_at = None        # monotonic time from which jailer-monitor may take over
         self.monitor_failed = False
 
     def run(self) -> int:
@@ -308,7 +310,7 @@ class _Launch:
         exec_open = True
         try:
             while True:
-                for fd, events in poller.poll(1 if self.grab else None):
+                for fd, events in poller.poll(self._poll_timeout()):
                     if fd == sock.fileno():
                         if not self._receive(sock) and events & select.POLLHUP:
                             poller.unregister(fd)   # every child end is closed
@@ -564,10 +566,25 @@ class _Launch:
             except OSError:
                 pass
 
+    def _poll_timeout(self):
+        """ms until something is due without an event: the listener grab, or the hand-over."""
+        if self.grab:
+            return 1
+        if self.started and not self.monitor_failed and self.hand_over_at is not None:
+            return max(0, int((self.hand_over_at - time.monotonic()) * 1000) + 1)
+        return None
+
     def _may_hand_over(self) -> bool:
         """Whether jailer-monitor can take over now (see jailer.monitor): the program runs and
-        is this process's own child, and nothing but the default policy answers for it."""
+        is this process's own child, and nothing but the default policy answers for it. A
+        program that is starting up with notified syscalls is handed over at once (the monitor
+        answers them faster); any other only once it has run for HAND_OVER_AFTER seconds, so
+        that a short-lived one is not worth an exec."""
+        if self.started and self.hand_over_at is None:
+            urgent = self.stage == "setup" and self.listener is not None
+            self.hand_over_at = time.monotonic() + (0 if urgent else HAND_OVER_AFTER)
         if (not self.started or self.error or self.grab or self.pending_signals
+                or time.monotonic() < self.hand_over_at
                 or self.monitor_failed or self.program_pid != self.setup_pid
                 or self.options.notification_policy is not None or self.options.route_all_to_notify
                 or (self.notifications is not None and self.notifications.killed)):
