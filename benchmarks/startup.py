@@ -6,6 +6,10 @@ through setpriv). Uses hyperfine (-N, no shell) when installed, else a fork/exec
 
     .venv/bin/python benchmarks/startup.py [--runs 50] [--warmup 5] [--json FILE]
 
+A fourth command, "python", starts the interpreter the jailer command runs on, the same
+way, and does nothing: no Python launcher can start faster, so jailer minus python is
+what jailer itself adds, printed against bwrap too.
+
 The jailer command is the venv's console script (absolute path: a version-manager shim
 would add >100 ms). When the unprivileged user cannot read the checkout or the venv
 (e.g. under /root), the packages are copied to a world-readable temporary directory
@@ -85,6 +89,15 @@ def peer_commands():
                   "--dev", "/dev", "--proc", "/proc", "/bin/true"],
         "unshare": ["unshare", "-Urmpnui", "--fork", "/bin/true"],
     }
+
+
+def interpreter_command(jailer_argv):
+    """The interpreter jailer runs on, started the same way, doing nothing: the floor of any
+    Python launcher, against which what jailer itself adds can be read."""
+    if jailer_argv[0].endswith("/jailer"):
+        with open(jailer_argv[0]) as script:
+            return script.readline()[2:].split() + ["-c", "pass"]
+    return [jailer_argv[0], "-c", "pass"]
 
 
 def as_identity(argv, unprivileged):
@@ -171,7 +184,7 @@ def measure(unprivileged, runs, warmup, scratch):
         env["PYTHONPATH"] = pythonpath
     if unprivileged:
         env["HOME"] = own_home(scratch, UNPRIVILEGED_UID)
-    commands = {"jailer": jailer_argv, **peer_commands()}
+    commands = {"jailer": jailer_argv, **peer_commands(), "python": interpreter_command(jailer_argv)}
     failures = {}
     for name, argv in list(commands.items()):
         problem = check_runs(name, as_identity(argv, unprivileged), env)
@@ -192,12 +205,15 @@ def ratio(medians, numerator, denominator):
 
 
 def table(rows, unit):
-    header = ("identity", f"jailer {unit}", f"bwrap {unit}", f"unshare {unit}", "jailer/bwrap", "jailer/unshare")
+    header = ("identity", f"jailer {unit}", f"bwrap {unit}", f"unshare {unit}", f"python {unit}", "jailer/bwrap",
+              "jailer/unshare", "(jailer-python)/bwrap")
     lines = [header]
     for identity, medians in rows.items():
+        beyond = (f"{(medians['jailer'] - medians['python']) / medians['bwrap']:.2f}"
+                  if {"jailer", "python", "bwrap"} <= medians.keys() else "-")
         lines.append((identity, *(f"{medians[n]:.2f}" if n in medians else "-"
-                                  for n in ("jailer", "bwrap", "unshare")),
-                      ratio(medians, "jailer", "bwrap"), ratio(medians, "jailer", "unshare")))
+                                  for n in ("jailer", "bwrap", "unshare", "python")),
+                      ratio(medians, "jailer", "bwrap"), ratio(medians, "jailer", "unshare"), beyond))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
 
