@@ -534,7 +534,6 @@ class _Launch:
         if self.error or self.program_pid is None or self.started:
             return
         self.started = True
-        gc.enable()   # run_cli turned it off for the start-up; the launcher now only supervises
         if self.plan.seccomp.enabled and "seccomp" not in self.enforcement.skipped:
             self.enforcement.applied["seccomp"] = {
                 "rules": len(self.plan.seccomp.rules), "default": self.plan.seccomp.default_action,
@@ -570,7 +569,7 @@ class _Launch:
         """ms until something is due without an event: the listener grab, or the hand-over."""
         if self.grab:
             return 1
-        if self.started and not self.monitor_failed and self.hand_over_at is not None:
+        if self.started and not self.monitor_failed and self.hand_over_at not in (None, float("inf")):
             return max(0, int((self.hand_over_at - time.monotonic()) * 1000) + 1)
         return None
 
@@ -580,18 +579,20 @@ class _Launch:
         program that is starting up with notified syscalls is handed over at once (the monitor
         answers them faster); any other only once it has run for HAND_OVER_AFTER seconds, so
         that a short-lived one is not worth an exec."""
-        if self.started and self.hand_over_at is None:
+        if not self.started or self.error or self.grab or self.pending_signals:
+            return False
+        if self.hand_over_at is None:
+            from jailer import monitor
+
+            if (self.program_pid != self.setup_pid or self.options.notification_policy is not None
+                    or self.options.route_all_to_notify or not monitor.available()):
+                self.hand_over_at = float("inf")
+                gc.enable()   # run_cli turned it off for the start-up; this launcher stays to supervise
+                return False
             urgent = self.stage == "setup" and self.listener is not None
             self.hand_over_at = time.monotonic() + (0 if urgent else HAND_OVER_AFTER)
-        if (not self.started or self.error or self.grab or self.pending_signals
-                or time.monotonic() < self.hand_over_at
-                or self.monitor_failed or self.program_pid != self.setup_pid
-                or self.options.notification_policy is not None or self.options.route_all_to_notify
-                or (self.notifications is not None and self.notifications.killed)):
-            return False
-        from jailer import monitor
-
-        return monitor.available()
+        return (time.monotonic() >= self.hand_over_at and not self.monitor_failed
+                and not (self.notifications is not None and self.notifications.killed))
 
     def _hand_over(self, setup_pidfd):
         """Exec jailer-monitor in this process; returns only if that exec failed."""
@@ -617,6 +618,7 @@ class _Launch:
         error = monitor.exec_monitor(text, (setup_pidfd, self.listener, self.notify_fd, self.status.fd))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         self.monitor_failed = True
+        gc.enable()
         status.warn(f"cannot start {monitor.MONITOR}: {error.strerror}; the launcher stays resident")
 
     def _program_is_unguarded_pid1(self) -> bool:

@@ -8,6 +8,8 @@ maps of an unprivileged user (setgroups is denied first, as the kernel requires)
 
 from __future__ import annotations
 
+import os
+
 from jailer import syscalls
 
 # layer name -> (clone flag, NamespacesPlan attribute)
@@ -64,12 +66,14 @@ def enter_namespaces(namespaces, enforcement) -> set[str]:
 def write_id_maps(pid: int, identity) -> None:
     """Write /proc/PID/{setgroups,uid_map,gid_map} from the plan's maps (run by the parent)."""
     try:
-        with open(f"/proc/{pid}/setgroups", "w") as f:
-            f.write("deny")
-        for name, entries in (("uid_map", identity.uid_map), ("gid_map", identity.gid_map)):
-            text = "".join(f"{m.inside} {m.outside} {m.count}\n" for m in entries)
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(text)
+        for name, text in (("setgroups", "deny"),
+                           *((name, "".join(f"{m.inside} {m.outside} {m.count}\n" for m in entries))
+                             for name, entries in (("uid_map", identity.uid_map), ("gid_map", identity.gid_map)))):
+            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())   # one write each, as the kernel requires
+            finally:
+                os.close(fd)
     except OSError as exc:
         from jailer.errors import LayerError
 
