@@ -78,3 +78,20 @@ def test_the_program_sees_no_difference(use_monitor):
     assert events[6] == {"event": "exited", "code": 7}
     assert "jailer: seccomp: the program called uname after it was ready, refused by action 'errno': " \
            "failed with errno 13" in result.stderr
+
+
+def test_a_monitor_older_than_its_source_is_not_used(tmp_path, monkeypatch):
+    binary, source = tmp_path / "jailer-monitor", tmp_path / "monitor.c"
+    source.write_text("/* newer */")
+    binary.write_bytes(b"")
+    binary.chmod(0o755)
+    monkeypatch.setattr(monitor, "MONITOR", str(binary))
+    monkeypatch.setattr(monitor, "SOURCE", str(source))
+    os.utime(source, (2_000_000_000, 2_000_000_000))
+    assert not monitor.built()
+    os.utime(binary, (2_000_000_001, 2_000_000_001))
+    assert monitor.built() and monitor.available()
+    monkeypatch.setenv("JAILER_MONITOR", "off")
+    assert not monitor.available()
+    binary.chmod(0o644)
+    assert not monitor.built()
