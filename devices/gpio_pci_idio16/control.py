@@ -45,6 +45,7 @@ from typing import Callable
 
 from devices.gpio_pci_idio16.device import LINES, Idio16
 from devices.vfio_user.device import DeviceError
+from devices.vfio_user.transport import unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +282,9 @@ def open_listener(path: str | None = None, fd: int | None = None) -> tuple[socke
             os.unlink(path)                         # stale socket of an earlier run
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
-        sock.listen(8)
+        sock = unix_listener(path, 8)
     except OSError as error:
-        sock.close()
         raise DeviceError(f"control socket {path}: {error.strerror or error}") from None
     identity = os.stat(path)
 

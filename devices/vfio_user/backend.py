@@ -41,7 +41,7 @@ import sys
 
 from .device import DeviceError
 from .server import Server
-from .transport import socket_from_fd
+from .transport import socket_from_fd, unix_listener
 
 BASE_FEATURES = ("socket-path", "fd", "listen-fds", "reconnect", "migration", "dma", "dma-logging")
 LISTEN_FDS_START = 3
@@ -84,15 +84,11 @@ def listen_on_path(path: str) -> socket.socket:
     except OSError as exc:
         raise BackendError(f"cannot use {path}: {exc.strerror}") from None
     staging = staging_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(staging)
-        sock.listen(1)
+        return unix_listener(staging, 1)
     except OSError as exc:
-        sock.close()
         _unlink(staging)
         raise BackendError(f"cannot listen on {path}: {exc.strerror}") from None
-    return sock
 
 
 def publish(path: str) -> None:

@@ -120,3 +120,15 @@ def socket_from_fd(fd: int) -> tuple[socket.socket, bool]:
     listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
     os.set_inheritable(fd, False)
     return sock, listening
+
+
+def unix_listener(path: str, backlog: int) -> socket.socket:
+    """A listening AF_UNIX stream socket bound at path; raises OSError (nothing left open)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
