@@ -40,37 +40,45 @@ def plan_for(invocation: str, script: str, **fields) -> Plan:
     return replace(plan, **fields)
 
 
+NOBODY_DROP = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def nobody_python(imports: str, packages=("jailer",)) -> tuple[list, dict, str | None]:
+    """(argv prefix, environment, copy directory) with which nobody runs Python that can
+    `import {imports}`: this interpreter as it is when nobody can read the checkout and the
+    venv, else /usr/bin/python3 on a readable copy of `packages` (project packages, or the
+    directories of installed ones) and pyseccomp (a checkout under a 0700 /root)."""
+    probe = subprocess.run(NOBODY_DROP + [sys.executable, "-c", f"import {imports}"], capture_output=True, cwd="/")
+    if probe.returncode == 0:
+        return NOBODY_DROP + [sys.executable], {}, None
+    import pyseccomp
+
+    copy = tempfile.mkdtemp(prefix="jailer-nobody-")
+    atexit.register(shutil.rmtree, copy, True)
+    for package in packages:
+        source = REPO / package if (REPO / package).is_dir() else Path(package)
+        shutil.copytree(source, Path(copy) / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(pyseccomp.__file__, copy)
+    subprocess.run(["chmod", "-R", "a+rX", copy], check=True)
+    return NOBODY_DROP + ["/usr/bin/python3"], {"PYTHONPATH": copy}, copy
+
+
 class _Runner:
     """How to start tests/run_plan.py: as root, or as nobody with a copy it can read if needed."""
 
     def __init__(self):
-        self.copy_dir = None
         self.user_command = None
 
     def command(self, invocation):
         if invocation == "root":
             return [sys.executable, str(RUNNER)], {}
         if self.user_command is None:
-            self.user_command = self._user_command()
+            python, env, copy = nobody_python("jailer.launcher, pyseccomp")
+            if copy is not None:
+                shutil.copy(RUNNER, copy)
+                os.chmod(Path(copy) / RUNNER.name, 0o644)
+            self.user_command = python + [str(Path(copy) / RUNNER.name if copy else RUNNER)], env
         return self.user_command
-
-    def _user_command(self):
-        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        probe = subprocess.run(drop + [sys.executable, "-c", "import jailer.launcher, pyseccomp"],
-                               capture_output=True, cwd="/")
-        if probe.returncode == 0:
-            return drop + [sys.executable, str(RUNNER)], {}
-        # The checkout is not readable by nobody: run a readable copy with the system interpreter.
-        self.copy_dir = tempfile.mkdtemp(prefix="jailer-engine-")
-        atexit.register(shutil.rmtree, self.copy_dir, True)
-        os.chmod(self.copy_dir, 0o755)
-        shutil.copytree(REPO / "jailer", Path(self.copy_dir) / "jailer")
-        shutil.copy(RUNNER, self.copy_dir)
-        import pyseccomp
-
-        shutil.copy(pyseccomp.__file__, self.copy_dir)
-        subprocess.run(["chmod", "-R", "a+rX", self.copy_dir], check=True)
-        return drop + ["/usr/bin/python3", str(Path(self.copy_dir) / "run_plan.py")], {"PYTHONPATH": self.copy_dir}
 
 
 RUNNER_FOR = _Runner()

@@ -8,7 +8,6 @@ the project's vfio-user client in this process, the host operator the control so
 
 from __future__ import annotations
 
-import atexit
 import glob
 import json
 import os
@@ -31,6 +30,7 @@ from jailer.profile import build_plan
 from devices.vfio_user import protocol as P
 from devices.vfio_user.client import Client, ClientError
 from devices.vfio_user.device import BAR2, CONFIG
+from engine_sandbox import nobody_python
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "profiles" / "gpio-pci-idio-16.toml"
@@ -58,23 +58,11 @@ class _Jailer:
         return self.user_command
 
     def _user_command(self):
-        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        probe = subprocess.run(drop + [sys.executable, "-c", "import jailer.run_cli, devices, toml, click, pyseccomp"],
-                               capture_output=True, cwd="/")
-        if probe.returncode == 0:
-            return drop + [sys.executable, "-m", "jailer"], {}
         import click
-        import pyseccomp
 
-        copy = tempfile.mkdtemp(prefix="jailer-e2e-")
-        atexit.register(shutil.rmtree, copy, True)
-        for package in ("jailer", "devices", os.path.dirname(toml.__file__), os.path.dirname(click.__file__)):
-            shutil.copytree(REPO / package if package in ("jailer", "devices") else package,
-                            Path(copy) / os.path.basename(package),
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(pyseccomp.__file__, copy)
-        subprocess.run(["chmod", "-R", "a+rX", copy], check=True)
-        return drop + ["/usr/bin/python3", "-m", "jailer"], {"PYTHONPATH": copy}
+        python, env, _ = nobody_python("jailer.run_cli, devices, toml, click, pyseccomp", (
+            "jailer", "devices", os.path.dirname(toml.__file__), os.path.dirname(click.__file__)))
+        return python + ["-m", "jailer"], env
 
 
 JAILER = _Jailer()
