@@ -101,31 +101,64 @@ static void warn(const char *format, ...)
 /* One JSON line on the status fd; `body` holds the fields after "event". */
 static void emit(const char *event, const char *body)
 {
-	char line[4096];
+	char line[25000];   /* more than any body: a STATUS= text of 4096 bytes escapes to 24576 at most */
 	int n;
 	if (status_fd < 0)
 		return;
 	n = snprintf(line, sizeof line, "{\"event\":\"%s\"%s%s}\n", event, *body ? "," : "", body);
-	if (n >= (int)sizeof line || write(status_fd, line, n) < 0) {
+	if (n >= (int)sizeof line)
+		return;
+	if (write(status_fd, line, n) < 0) {
 		warn("status fd %d: %s; no more status events", status_fd, strerror(errno));
 		status_fd = -1;
 	}
 }
 
-/* A JSON string (quotes included) for text, escaped like jailer.status.encode_json. */
+/* The length of the valid UTF-8 sequence at s, or 0 (s is NUL-terminated: a NUL ends the checks). */
+static size_t utf8_sequence(const unsigned char *s)
+{
+	if (s[0] < 0x80)
+		return 1;
+	if (s[0] >= 0xc2 && s[0] <= 0xdf)
+		return (s[1] & 0xc0) == 0x80 ? 2 : 0;
+	if (s[0] >= 0xe0 && s[0] <= 0xef) {
+		if ((s[1] & 0xc0) != 0x80 || (s[2] & 0xc0) != 0x80 || (s[0] == 0xe0 && s[1] < 0xa0)
+		    || (s[0] == 0xed && s[1] >= 0xa0))
+			return 0;
+		return 3;
+	}
+	if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+		if ((s[1] & 0xc0) != 0x80 || (s[2] & 0xc0) != 0x80 || (s[3] & 0xc0) != 0x80
+		    || (s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90))
+			return 0;
+		return 4;
+	}
+	return 0;
+}
+
+/* A JSON string (quotes included) for text from the program, escaped like
+ * jailer.status.encode_json, with invalid UTF-8 replaced by U+FFFD as the launcher's
+ * decode(errors="replace") does: the status stream stays valid JSON whatever the program sends. */
 static void json_string(char *out, size_t size, const char *text)
 {
+	const unsigned char *p = (const unsigned char *)text;
 	size_t n = 0;
 	out[n++] = '"';
-	for (; *text && n + 8 < size; text++) {
-		unsigned char c = *text;
-		if (c == '"' || c == '\\') {
+	while (*p && n + 8 < size) {
+		size_t length = utf8_sequence(p);
+		if (*p == '"' || *p == '\\') {
 			out[n++] = '\\';
-			out[n++] = c;
-		} else if (c < ' ' || c == 0x7f) {
-			n += snprintf(out + n, size - n, "\\u%04x", c);
+			out[n++] = *p++;
+		} else if (*p < ' ' || *p == 0x7f) {
+			n += snprintf(out + n, size - n, "\\u%04x", *p++);
+		} else if (length == 0) {
+			memcpy(out + n, "\xef\xbf\xbd", 3);
+			n += 3;
+			p++;
 		} else {
-			out[n++] = c;
+			memcpy(out + n, p, length);
+			n += length;
+			p += length;
 		}
 	}
 	out[n++] = '"';
@@ -404,7 +437,7 @@ static int read_notify(void)
 			if (!strcmp(line, "READY=1")) {
 				become_ready();
 			} else if (!strncmp(line, "STATUS=", 7)) {
-				char body[4200];
+				char body[24700];
 				snprintf(body, sizeof body, "\"text\":");
 				json_string(body + 7, sizeof body - 7, line + 7);
 				emit("status", body);
