@@ -114,38 +114,32 @@ static void emit(const char *event, const char *body)
 	}
 }
 
-/* The length of the valid UTF-8 sequence at s, or 0 (s is NUL-terminated: a NUL ends the checks). */
-static size_t utf8_sequence(const unsigned char *s)
+/* The length of the valid UTF-8 sequence at s (of `left` bytes), or 0. */
+static size_t utf8_sequence(const unsigned char *s, size_t left)
 {
-	if (s[0] < 0x80)
-		return 1;
-	if (s[0] >= 0xc2 && s[0] <= 0xdf)
-		return (s[1] & 0xc0) == 0x80 ? 2 : 0;
-	if (s[0] >= 0xe0 && s[0] <= 0xef) {
-		if ((s[1] & 0xc0) != 0x80 || (s[2] & 0xc0) != 0x80 || (s[0] == 0xe0 && s[1] < 0xa0)
-		    || (s[0] == 0xed && s[1] >= 0xa0))
+	size_t length = s[0] < 0x80 ? 1 : s[0] >= 0xc2 && s[0] <= 0xdf ? 2 : s[0] >= 0xe0 && s[0] <= 0xef ? 3
+		      : s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : 0;
+	if (length == 0 || length > left)
+		return 0;
+	for (size_t i = 1; i < length; i++)
+		if ((s[i] & 0xc0) != 0x80)
 			return 0;
-		return 3;
-	}
-	if (s[0] >= 0xf0 && s[0] <= 0xf4) {
-		if ((s[1] & 0xc0) != 0x80 || (s[2] & 0xc0) != 0x80 || (s[3] & 0xc0) != 0x80
-		    || (s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90))
-			return 0;
-		return 4;
-	}
-	return 0;
+	if ((s[0] == 0xe0 && s[1] < 0xa0) || (s[0] == 0xed && s[1] >= 0xa0)   /* overlong, surrogate */
+	    || (s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90))   /* overlong, > U+10FFFF */
+		return 0;
+	return length;
 }
 
 /* A JSON string (quotes included) for text from the program, escaped like
  * jailer.status.encode_json, with invalid UTF-8 replaced by U+FFFD as the launcher's
  * decode(errors="replace") does: the status stream stays valid JSON whatever the program sends. */
-static void json_string(char *out, size_t size, const char *text)
+static void json_string(char *out, size_t size, const char *text, size_t text_length)
 {
-	const unsigned char *p = (const unsigned char *)text;
+	const unsigned char *p = (const unsigned char *)text, *end = p + text_length;
 	size_t n = 0;
 	out[n++] = '"';
-	while (*p && n + 8 < size) {
-		size_t length = utf8_sequence(p);
+	while (p < end && n + 8 < size) {
+		size_t length = utf8_sequence(p, end - p);
 		if (*p == '"' || *p == '\\') {
 			out[n++] = '\\';
 			out[n++] = *p++;
@@ -357,7 +351,7 @@ static void notification(void)
 		answer(notif.id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
 		return;
 	}
-	json_string(quoted, sizeof quoted, name);
+	json_string(quoted, sizeof quoted, name, strlen(name));
 	if (result == KILL) {
 		if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &notif.id) == 0) {
 			killed = 1;
@@ -385,7 +379,7 @@ static void notification(void)
 		     -result);
 }
 
-static void tell_service_manager(const char *state)
+static void tell_service_manager(const char *state, size_t state_length)
 {
 	const char *address = getenv("NOTIFY_SOCKET");
 	struct sockaddr_un target = { .sun_family = AF_UNIX };
@@ -402,7 +396,7 @@ static void tell_service_manager(const char *state)
 		target.sun_path[0] = 0;
 	length = offsetof(struct sockaddr_un, sun_path) + strlen(address);
 	sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	if (sock < 0 || sendto(sock, state, strlen(state), 0, (struct sockaddr *)&target, length) < 0)
+	if (sock < 0 || sendto(sock, state, state_length, 0, (struct sockaddr *)&target, length) < 0)
 		warn("cannot notify the service manager at %s: %s", address, strerror(errno));
 	if (sock >= 0)
 		close(sock);
@@ -417,7 +411,7 @@ static void become_ready(void)
 	snprintf(body, sizeof body, "\"pid\":%d", (int)program);
 	emit("ready", body);
 	snprintf(state, sizeof state, "READY=1\nMAINPID=%d", (int)getpid());
-	tell_service_manager(state);
+	tell_service_manager(state, strlen(state));
 	if (staging && listener >= 0)
 		emit("stage", "\"stage\":\"steady\"");
 }
@@ -425,24 +419,26 @@ static void become_ready(void)
 /* The program's sd_notify-style datagrams; 0 once its end is gone. */
 static int read_notify(void)
 {
-	char data[4097];
+	char data[4096];
 	for (;;) {
-		ssize_t n = recv(notify_fd, data, sizeof data - 1, MSG_DONTWAIT);
+		ssize_t n = recv(notify_fd, data, sizeof data, MSG_DONTWAIT);
 		if (n < 0)
 			return errno == EAGAIN || errno == EINTR;
 		if (n == 0)
 			return 1;
-		data[n] = 0;
-		for (char *line = strtok(data, "\n"); line; line = strtok(NULL, "\n")) {
-			if (!strcmp(line, "READY=1")) {
+		for (char *line = data, *end = data + n; line < end;) {   /* lines may hold NUL bytes */
+			char *newline = memchr(line, '\n', end - line);
+			size_t length = (newline ? newline : end) - line;
+			if (length == 7 && !memcmp(line, "READY=1", 7)) {
 				become_ready();
-			} else if (!strncmp(line, "STATUS=", 7)) {
+			} else if (length >= 7 && !memcmp(line, "STATUS=", 7)) {
 				char body[24700];
 				snprintf(body, sizeof body, "\"text\":");
-				json_string(body + 7, sizeof body - 7, line + 7);
+				json_string(body + 7, sizeof body - 7, line + 7, length - 7);
 				emit("status", body);
-				tell_service_manager(line);
+				tell_service_manager(line, length);
 			}
+			line += length + 1;
 		}
 	}
 }

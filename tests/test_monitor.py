@@ -56,8 +56,8 @@ def test_monitor_answers_as_the_launchers_policy(plain, steady, default, name, a
 
 
 NOTIFY = FdSpec(name="notify", kind="notify", number=3)
-# STATUS= carries a quote, a backslash, a tab and a byte that is not UTF-8 (octal 377)
-SCRIPT = ("printf READY=1 >&3; sleep 0.3; printf 'STATUS=serving \"q\" \\\\ \\t\\377!' >&3; "
+# STATUS= carries a quote, a backslash, a tab, a byte that is not UTF-8 (octal 377) and a NUL
+SCRIPT = ("printf READY=1 >&3; sleep 0.3; printf 'STATUS=serving \"q\" \\\\ \\t\\377\\000!' >&3; "
           "uname >/dev/null; echo uname: $?; sleep 0.1; exit 7")
 
 
@@ -73,7 +73,7 @@ def test_the_program_sees_no_difference(use_monitor):
     assert result.returncode == 7, result.stderr
     assert result.stdout == "uname: 1\n"   # the shell's uname failed: EACCES
     assert [e["event"] for e in events] == ["started", "enforced", "ready", "stage", "status", "seccomp", "exited"]
-    assert events[4] == {"event": "status", "text": 'serving "q" \\ \t\ufffd!'}
+    assert events[4] == {"event": "status", "text": 'serving "q" \\ \t\ufffd\x00!'}
     assert {k: events[5][k] for k in ("syscall", "action", "errno", "stage")} == {
         "syscall": "uname", "action": "errno", "errno": 13, "stage": "steady"}
     assert events[6] == {"event": "exited", "code": 7}
