@@ -63,8 +63,12 @@ def _own_paths() -> tuple[str | None, dict[str, str]]:
 
 
 def _write(path: str, value) -> None:
-    with open(path, "w") as f:
-        f.write(str(value))
+    """One write(2), as cgroup files want, without a buffered file object on the start-up path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
 
 
 class Cgroup:
