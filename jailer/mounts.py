@@ -41,11 +41,10 @@ def build_root(fs, uid: int, gid: int, sources: dict[str, int]) -> dict:
         if fs.proc:
             entries.append(("/proc", "proc", None))
         entries.sort(key=lambda entry: entry[0].rstrip("/").count("/"))
-        foreign = _Foreign()
+        tree = _Tree()
         for target, kind, item in entries:
-            _mount_entry(target, kind, item, sources, uid, gid, foreign)
-            if kind in ("bind", "symlink"):
-                foreign.add(target)
+            _mount_entry(target, kind, item, sources, uid, gid, tree)
+            tree.foreign.add(target.rstrip("/") or "/")
     finally:
         for fd in sources.values():
             os.close(fd)
@@ -96,44 +95,56 @@ def _pivot_into_tmpfs(size: int) -> None:
     os.chdir("/")
 
 
-class _Foreign:
-    """The targets whose content is not jailer's own (binds of host files and directories,
-    and symlinks): only a path through one of them can lead out of the new root, so only
-    those paths pay for os.path.realpath (a stat per component, ~20 us; a Python runtime
-    binds and links some sixty paths)."""
+class _Tree:
+    """What the build knows of the new root, so that it asks the kernel only what it cannot
+    know (a Python runtime binds and links some sixty paths; every stat counts):
+
+      foreign: targets whose content is not jailer's own (binds of host files and
+               directories, symlinks, and the tmpfs, device and /proc mounts). Only a path
+               through one of them can lead out of the new root or exist without jailer
+               having made it, so only such a path pays for os.path.realpath and lstat.
+      made:    the paths jailer created on the tmpfs (directories among them)."""
 
     def __init__(self):
-        self.targets = []
-
-    def add(self, target: str) -> None:
-        self.targets.append(target.rstrip("/") or "/")
+        self.foreign = set()
+        self.made = {"/"}
 
     def reaches(self, path: str) -> bool:
-        path = path.rstrip("/")
-        return any(path == t or path.startswith(t + "/") or t == "/" for t in self.targets)
+        path = path.rstrip("/") or "/"
+        while True:
+            if path in self.foreign:
+                return True
+            if path == "/":
+                return False
+            path = os.path.dirname(path)
+
+    def exists(self, path: str) -> bool:
+        path = path.rstrip("/") or "/"
+        return path in self.made or (self.reaches(path) and os.path.lexists(path))
 
 
-def _mount_entry(target, kind, item, sources, uid, gid, foreign) -> None:
+def _mount_entry(target, kind, item, sources, uid, gid, tree) -> None:
     try:
         if kind == "symlink":
-            _make_parents(target, foreign)
+            _make_parents(target, tree)
             os.symlink(item.points_to, target)
+            tree.made.add(target.rstrip("/"))
         elif kind == "tmpfs":
-            _make_mountpoint(target, True, foreign)
+            _make_mountpoint(target, True, tree)
             syscalls.mount("tmpfs", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
                            f"size={item.size},mode={item.mode:o},uid={uid},gid={gid}")
         elif kind == "proc":
-            _mount_proc(foreign)
+            _mount_proc(tree)
         else:
             source = item.source if kind == "bind" else item
-            _bind(sources[source], target, kind == "bind" and item.writable, kind == "device", foreign)
+            _bind(sources[source], target, kind == "bind" and item.writable, kind == "device", tree)
     except OSError as exc:
         raise LayerError("pivot_root", f"{kind} {target}: {exc.strerror}", _FIX) from None
 
 
-def _bind(source_fd: int, target: str, writable: bool, device: bool, foreign) -> None:
+def _bind(source_fd: int, target: str, writable: bool, device: bool, tree) -> None:
     directory = stat.S_ISDIR(os.fstat(source_fd).st_mode)
-    _make_mountpoint(target, directory, foreign)
+    _make_mountpoint(target, directory, tree)
     syscalls.mount(f"{OLD_ROOT}/proc/self/fd/{source_fd}", target, None, syscalls.MS_BIND | syscalls.MS_REC)
     flags = syscalls.MOUNT_ATTR_NOSUID
     if device:
@@ -145,8 +156,8 @@ def _bind(source_fd: int, target: str, writable: bool, device: bool, foreign) ->
     syscalls.mount_setattr(target, flags, recursive=True)
 
 
-def _mount_proc(foreign) -> None:
-    _make_mountpoint("/proc", True, foreign)
+def _mount_proc(tree) -> None:
+    _make_mountpoint("/proc", True, tree)
     syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
     for name in READ_ONLY_PROC_PATHS:
         path = f"/proc/{name}"
@@ -156,12 +167,15 @@ def _mount_proc(foreign) -> None:
                                    | syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC, recursive=True)
 
 
-def _make_parents(path: str, foreign) -> None:
-    if foreign.reaches(path):
+def _make_parents(path: str, tree) -> None:
+    if tree.reaches(path):
         _refuse_escape(path)
     parent = os.path.dirname(path.rstrip("/"))
-    if parent and not os.path.isdir(parent):
+    if parent and parent not in tree.made and not os.path.isdir(parent):
         os.makedirs(parent, 0o755, exist_ok=True)
+    while parent and parent not in tree.made and not tree.reaches(parent):
+        tree.made.add(parent)
+        parent = os.path.dirname(parent)
 
 
 def _refuse_escape(path: str) -> None:
@@ -173,13 +187,14 @@ def _refuse_escape(path: str) -> None:
                          "remove the symlink from the bound host directory, or bind somewhere else")
 
 
-def _make_mountpoint(path: str, directory: bool, foreign) -> None:
-    _make_parents(path, foreign)
-    if os.path.lexists(path):
-        if foreign.reaches(path):
+def _make_mountpoint(path: str, directory: bool, tree) -> None:
+    _make_parents(path, tree)
+    if tree.exists(path):
+        if tree.reaches(path):
             _refuse_escape(path)
         return
     if directory:
         os.mkdir(path, 0o755)
     else:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    tree.made.add(path.rstrip("/"))
