@@ -106,7 +106,7 @@ class Options:
 
     def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
                  syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
-                 pidfile=None):
+                 pidfile=None, hand_over=False):
         self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
         self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
         self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
@@ -117,6 +117,9 @@ class Options:
         self.syscall_names = syscall_names       # callable -> {nr: name}, for reporting
         self.notification_policy = notification_policy   # None: seccomp.StagedPolicy (see above)
         self.route_all_to_notify = route_all_to_notify   # compile (when bpf is None) and listen for learning
+        # exec jailer-monitor in this very process once the program runs (see jailer.monitor):
+        # only for a process that exists to run the sandbox (`jailer run`), never an embedder's
+        self.hand_over = hand_over
 
 
 def run(plan, options: Options) -> int:
@@ -584,7 +587,8 @@ class _Launch:
         if self.hand_over_at is None:
             from jailer import monitor
 
-            if (self.program_pid != self.setup_pid or self.options.notification_policy is not None
+            if (not self.options.hand_over or self.program_pid != self.setup_pid
+                    or self.options.notification_policy is not None
                     or self.options.route_all_to_notify or not monitor.available()):
                 self.hand_over_at = float("inf")
                 gc.enable()   # run_cli turned it off for the start-up; this launcher stays to supervise

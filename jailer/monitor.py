@@ -12,6 +12,9 @@ program's parent-death signal does not fire. The state goes over in a memfd (for
 monitor.c); signals are blocked across the exec, so one that arrives meanwhile waits for
 the monitor instead of killing the launcher.
 
+Only `jailer run` hands its process over (launcher.Options.hand_over); a program that
+embeds the launcher keeps its own, with the Python launcher in it.
+
 setup.sh builds the monitor next to this file. Without it, or with JAILER_MONITOR=off in
 the environment, the Python launcher stays resident and does the same work.
 """

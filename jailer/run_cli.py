@@ -305,5 +305,5 @@ def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
 
     options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,
                                extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
-                               sockets=args.sockets, pidfile=args.pidfile)
+                               sockets=args.sockets, pidfile=args.pidfile, hand_over=True)
     return launcher.run(plan, options)

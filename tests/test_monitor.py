@@ -1,8 +1,10 @@
 """jailer-monitor, the native process the launcher becomes once its program runs: it
 decides exactly as the launcher's policy would, and the program sees no difference."""
 
+import json
 import os
 import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -96,3 +98,27 @@ def test_a_monitor_older_than_its_source_is_not_used(tmp_path, monkeypatch):
     assert not monitor.available()
     binary.chmod(0o644)
     assert not monitor.built()
+
+
+EMBEDDED = """
+import json, os, sys
+from jailer import launcher
+from jailer.plan import Plan
+
+plan = Plan.from_dict(json.load(open(sys.argv[1])))
+code = launcher.run(plan, launcher.Options())
+print(json.dumps({"code": code, "exe": os.readlink("/proc/self/exe")}))
+"""
+
+
+def test_a_program_embedding_the_launcher_keeps_its_own_process(tmp_path):
+    # only `jailer run` hands its process over; launcher.run() in a daemon returns as before
+    plan = plan_for("root", "printf READY=1 >&3; sleep 0.3; exit 7", fds=(NOTIFY,))
+    plan = replace(plan, program=replace(plan.program, ready="notify"),
+                   namespaces=replace(plan.namespaces, pid1="program"))
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(plan.to_dict()))
+    result = subprocess.run([sys.executable, "-c", EMBEDDED, str(plan_file)], capture_output=True, text=True,
+                            timeout=30, cwd=os.path.dirname(os.path.dirname(__file__)))
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["code"] == 7 and "jailer-monitor" not in outcome["exe"], result.stderr
