@@ -611,9 +611,7 @@ class _Launch:
             program_pid=self.program_pid, pidfd=setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
             status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
             sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
-            reported=self.reported, stage=self.stage,
-            guard=self.plan.namespaces.pid1 == "program" and self.plan.program.ready == "notify"
-            and "pid_namespace" in self.enforcement.applied)
+            reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -625,9 +623,13 @@ class _Launch:
         gc.enable()
         status.warn(f"cannot start {monitor.MONITOR}: {error.strerror}; the launcher stays resident")
 
-    def _program_is_unguarded_pid1(self) -> bool:
+    def _program_is_pid1_until_ready(self) -> bool:
+        """The program is pid 1 and says when it is ready: until then it may lack a handler."""
         return (self.plan.namespaces.pid1 == "program" and self.plan.program.ready == "notify"
-                and self.stage == "setup" and "pid_namespace" in self.enforcement.applied)
+                and "pid_namespace" in self.enforcement.applied)
+
+    def _program_is_unguarded_pid1(self) -> bool:
+        return self.stage == "setup" and self._program_is_pid1_until_ready()
 
     def _finish(self, setup_status) -> int:
         if self.error and not self.started:
