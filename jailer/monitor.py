@@ -25,7 +25,6 @@ import os
 
 MONITOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jailer-monitor")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor.c")
-SEVERITY_ACTIONS = ("allow", "log", "errno", "trap", "kill_thread", "kill")
 
 
 def available() -> bool:
@@ -49,7 +48,7 @@ def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(),
     {nr: name}; reported the (syscall, action) refusals already told on stderr; stage "setup"
     until the program is ready; guard: a signal before ready kills the sandbox (its program is
     a pid 1 that may have no handler yet)."""
-    from jailer.seccomp import KERNEL_32BIT_ARGS
+    from jailer.seccomp import KERNEL_32BIT_ARGS, SEVERITY   # the monitor's severities are these numbers
 
     def fd(number):
         return -1 if number is None else number
@@ -65,7 +64,7 @@ def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(),
         numbers = {name: nr for nr, name in names.items()}
         lines += [f"name {nr} {name}" for nr, name in sorted(names.items())]
         errno = -1 if seccomp.default_errno is None else seccomp.default_errno
-        lines.append(f"default {SEVERITY_ACTIONS.index(seccomp.default_action)} {errno}")
+        lines.append(f"default {SEVERITY[seccomp.default_action]} {errno}")
         for kind, rules in (("plain", seccomp.rules), ("steady", seccomp.steady)):
             for rule in rules:
                 if rule.syscall not in numbers:
@@ -74,10 +73,10 @@ def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(),
                     f" {c.index} {c.op} {c.value} {c.mask or 0} {int(c.index in KERNEL_32BIT_ARGS.get(rule.syscall, ()))}"
                     for c in rule.args)
                 errno = -1 if rule.errno is None else rule.errno
-                lines.append(f"rule {kind} {numbers[rule.syscall]} {SEVERITY_ACTIONS.index(rule.action)} {errno} "
+                lines.append(f"rule {kind} {numbers[rule.syscall]} {SEVERITY[rule.action]} {errno} "
                              f"{len(rule.args)}{conditions}")
         lines += [f"staged {numbers[name]}" for name in sorted({r.syscall for r in seccomp.steady}) if name in numbers]
-        lines += [f"reported {SEVERITY_ACTIONS.index(action)} {name}" for name, action in sorted(reported)]
+        lines += [f"reported {SEVERITY[action]} {name}" for name, action in sorted(reported)]
     return "\n".join(lines) + "\n"
 
 

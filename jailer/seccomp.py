@@ -59,7 +59,7 @@ KERNEL_32BIT_ARGS = {
     "memfd_create": (1,), "eventfd2": (0, 1), "setuid": (0,), "setgid": (0,),
     "setresuid": (0, 1, 2), "setresgid": (0, 1, 2), "io_uring_setup": (0,), "clone3": (1,),
 }
-SEVERITY = {"kill": 5, "kill_thread": 4, "trap": 3, "errno": 2, "log": 1, "allow": 0}
+SEVERITY = {"kill": 5, "kill_thread": 4, "trap": 3, "errno": 2, "log": 1, "allow": 0}   # also jailer-monitor's numbers
 EPERM = 1
 SIGSYS = 31
 
