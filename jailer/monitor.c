@@ -32,8 +32,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
-#include <inttypes.h>
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <signal.h>
