@@ -198,7 +198,7 @@ def test_qemu_command_line_in_docs():
     import re
     import shlex
 
-    [command] = [b for b in fenced_blocks(DOCS / "qemu-libvirt.md", "sh") if "qemu-system" in b]
+    [command] = [b for b in fenced_blocks(DOCS / "qemu-libvirt.md", "sh") if b.lstrip().startswith("qemu-system")]
     argv = shlex.split(command.replace("\\\n", " "))
     assert_vfio_user_device(argv[argv.index("-device") + 1])
     memory = dict(item.split("=", 1) for item in argv[argv.index("-object") + 1].split(",")[1:])

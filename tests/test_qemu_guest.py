@@ -1,0 +1,237 @@
+"""The jailed IDIO-16 under a real QEMU (vfio-user-pci, 10.1 or newer) with a real Linux guest
+whose own driver (gpio_pci_idio_16) binds the device, drives its outputs, reads the inputs the
+host sets through the control socket and takes the card's change-of-state interrupt.
+
+Debian 12 packages neither such a QEMU nor a guest for it, so this runs only where they are
+given (and is skipped, saying which is missing, elsewhere):
+
+    JAILER_QEMU=/path/to/qemu-system-x86_64     a QEMU whose `-device help` lists vfio-user-pci
+    JAILER_GUEST_KERNEL=/boot/vmlinuz-VERSION    a kernel with CONFIG_GPIO_PCI_IDIO_16=m; its
+                                                 module comes from ../../lib/modules/VERSION
+    JAILER_QEMU_DATADIR=DIR[:DIR...]             optional: where QEMU finds its BIOS (-L)
+    JAILER_QEMU_ACCEL=kvm                        optional: the accelerator (default tcg, which
+                                                 works everywhere, nested guests included)
+
+The guest is that kernel plus an initramfs made here from the host's static busybox and the
+driver module; its /init is GUEST_INIT below and reports over the serial console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from devices.gpio_pci_idio16.ctl import request as control
+from test_e2e_jailed_device import INVOCATIONS, jailed, scratch, start_with_control  # noqa: F401  (fixtures)
+
+QEMU = os.environ.get("JAILER_QEMU", "")
+KERNEL = os.environ.get("JAILER_GUEST_KERNEL", "")
+DATADIRS = [d for d in os.environ.get("JAILER_QEMU_DATADIR", "").split(":") if d]
+ACCEL = os.environ.get("JAILER_QEMU_ACCEL", "tcg")
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+BOOT_TIMEOUT = 120.0          # TCG without KVM takes a while
+GUEST_RAM = "256M"
+OUTPUTS = 0x8009              # the guest drives OUT0, OUT3 and OUT15 high
+INPUTS = 0xA5C3               # the host drives these input lines
+
+GUEST_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+say() { echo "GUEST: $*"; }
+fail() { say "FAIL $*"; poweroff -f; }
+insmod /gpio-pci-idio-16.ko || fail "insmod"
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor):$(cat $d/device)" = "0x494f:0x0dc8" ] && dev=$d
+done
+[ -n "$dev" ] || fail "no 494f:0dc8 device"
+say "DRIVER $(basename $(readlink $dev/driver))"
+chip=$(ls -d $dev/gpio/gpiochip* | head -n 1)
+base=$(cat $chip/base)
+say "CHIP $(cat $chip/ngpio)"
+# sysfs names an exported line after the driver's line name (OUT0..OUT15, IIN0..IIN15)
+line() {
+    if [ $1 -lt 16 ]; then name=OUT$1; else name=IIN$(($1 - 16)); fi
+    for path in /sys/class/gpio/$name /sys/class/gpio/gpio$(($base + $1)); do
+        [ -d $path ] && { echo $path; return; }
+    done
+    echo $(($base + $1)) > /sys/class/gpio/export || fail "export of line $1"
+    for path in /sys/class/gpio/$name /sys/class/gpio/gpio$(($base + $1)); do
+        [ -d $path ] && { echo $path; return; }
+    done
+    fail "no sysfs directory for line $1"
+}
+for l in 0 3 15; do echo 1 > $(line $l)/value; done
+say "OUTPUTS-SET"
+inputs=0; tries=0
+while [ $inputs -eq 0 ] && [ $tries -lt 300 ]; do
+    inputs=0
+    for l in 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
+        inputs=$(( inputs | ($(cat $(line $((16 + l)))/value) << l) ))
+    done
+    tries=$((tries + 1)); sleep 0.1
+done
+say "INPUTS $(printf 0x%04x $inputs)"
+irq=$(cat $dev/irq)
+count() { awk -v irq="$irq:" '$1 == irq { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n }' /proc/interrupts; }
+echo both > $(line 16)/edge || fail "edge"
+before=$(count)
+say "IRQ-ARMED"
+tries=0
+while [ "$(count)" = "$before" ] && [ $tries -lt 300 ]; do tries=$((tries + 1)); sleep 0.1; done
+say "IRQS $(( $(count) - before )) IIN0 $(cat $(line 16)/value)"
+say "DONE"
+poweroff -f
+"""
+
+
+def _qemu_problem() -> str | None:
+    if not QEMU:
+        return "JAILER_QEMU is not set (Debian 12's QEMU 7.2 has no vfio-user-pci)"
+    if not os.access(QEMU, os.X_OK):
+        return f"JAILER_QEMU={QEMU} is not executable"
+    devices = subprocess.run([QEMU, "-device", "help"], capture_output=True, text=True, timeout=30).stdout
+    if '"vfio-user-pci"' not in devices:
+        return f"{QEMU} has no vfio-user-pci device (needs QEMU 10.1 or newer)"
+    if not KERNEL or not os.path.exists(KERNEL):
+        return "JAILER_GUEST_KERNEL does not name a guest kernel"
+    if _module_path() is None:
+        return f"no gpio-pci-idio-16.ko for {KERNEL} (CONFIG_GPIO_PCI_IDIO_16=m)"
+    if not os.access(BUSYBOX, os.X_OK):
+        return "no busybox for the guest's initramfs (Debian: busybox-static)"
+    return None
+
+
+def _module_path() -> Path | None:
+    kernel = Path(KERNEL)
+    version = kernel.name.removeprefix("vmlinuz-")
+    found = list((kernel.parent.parent / "lib" / "modules" / version).glob("kernel/drivers/gpio/gpio-pci-idio-16.ko*"))
+    return found[0] if found else None
+
+
+QEMU_PROBLEM = _qemu_problem()
+pytestmark = pytest.mark.skipif(QEMU_PROBLEM is not None, reason=str(QEMU_PROBLEM))
+
+
+def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A cpio "newc" archive (the initramfs format) of (path, mode, content) entries."""
+    out = bytearray()
+
+    def add(name: str, mode: int, data: bytes, inode: int):
+        encoded = name.encode() + b"\0"
+        fields = (inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % value for value in fields) + encoded)
+        out.extend(b"\0" * (-len(out) % 4) + data)
+        out.extend(b"\0" * (-len(out) % 4))
+    for inode, (name, mode, data) in enumerate(entries, start=1):
+        add(name, mode, data, inode)
+    add("TRAILER!!!", 0, b"", 0)
+    return bytes(out)
+
+
+def guest_initramfs(directory: Path) -> Path:
+    module = _module_path()
+    data = module.read_bytes()
+    if module.suffix == ".xz":
+        import lzma
+        data = lzma.decompress(data)
+    entries = [(directory, stat.S_IFDIR | 0o755, b"") for directory in ("bin", "proc", "sys")]
+    entries += [("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()),
+                ("init", stat.S_IFREG | 0o755, GUEST_INIT.encode()),
+                ("gpio-pci-idio-16.ko", stat.S_IFREG | 0o644, data)]
+    path = directory / "initramfs.cpio"
+    path.write_bytes(newc_archive(entries))
+    return path
+
+
+def qemu_command(socket_path: str, initramfs: Path) -> list[str]:
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}}
+    command = [QEMU, "-machine", f"q35,accel={ACCEL},memory-backend=mem", "-m", GUEST_RAM,
+               "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
+               "-device", json.dumps(device), "-kernel", KERNEL, "-initrd", str(initramfs),
+               "-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-no-reboot", "-nodefaults",
+               "-serial", "stdio"]
+    for directory in DATADIRS:
+        command += ["-L", directory]
+    return command
+
+
+class Console:
+    """The guest's serial console, read line by line; GUEST: lines are the /init's reports."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.partial = b""
+        self.seen = []        # every line so far, for failure messages
+        self.reports = []     # GUEST: reports not yet expected
+
+    def expect(self, report: str, timeout: float = BOOT_TIMEOUT) -> str:
+        """The rest of the guest's next `GUEST: <report> ...` line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.reports:
+                if line.startswith("FAIL"):
+                    raise AssertionError(f"the guest reports {line}:\n{self.transcript()}")
+                if line.split(" ", 1)[0] == report:
+                    self.reports.remove(line)
+                    return line[len(report):].strip()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {report} from the guest within {timeout} s:\n{self.transcript()}"
+            readable, _, _ = select.select([self.proc.stdout], [], [], remaining)
+            if readable:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                assert chunk, f"QEMU exited with {self.proc.wait()}:\n{self.transcript()}"
+                *lines, self.partial = (self.partial + chunk).split(b"\n")
+                for line in (raw.decode(errors="replace").strip("\r") for raw in lines):
+                    self.seen.append(line)
+                    if "GUEST: " in line:      # after the BIOS's escape sequences, on the first
+                        self.reports.append(line.split("GUEST: ", 1)[1])
+
+    def transcript(self) -> str:
+        return "\n".join(self.seen[-40:])
+
+
+def wait_ready(device, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not any(event["event"] == "ready" for event in device.events()):
+        assert device.proc.poll() is None, f"jailer exited {device.proc.returncode}: {device.errors()}"
+        assert time.monotonic() < deadline, f"the device is not ready: {device.errors()}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, scratch, jailed):
+    device, sock, ctl = start_with_control(jailed, invocation, scratch, "guest")
+    wait_ready(device)
+    qemu = subprocess.Popen(qemu_command(sock, guest_initramfs(scratch)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        console = Console(qemu)
+        assert "idio-16" in console.expect("DRIVER")             # the guest's own driver is bound
+        assert console.expect("CHIP") == "32"                     # 16 outputs + 16 inputs
+        console.expect("OUTPUTS-SET")
+        assert control(ctl, {"cmd": "get-outputs"})["outputs"] == OUTPUTS
+        control(ctl, {"cmd": "set-inputs", "value": INPUTS})
+        assert console.expect("INPUTS") == f"0x{INPUTS:04x}"
+        console.expect("IRQ-ARMED")
+        control(ctl, {"cmd": "set-input", "line": 0, "value": 0})   # IIN0 falls: change of state
+        irqs, _, level = console.expect("IRQS").partition(" IIN0 ")
+        assert int(irqs) >= 1 and level == "0", console.transcript()
+        console.expect("DONE")
+        assert qemu.wait(60) == 0, console.transcript()
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+        qemu.stdout.close()
+    assert device.proc.poll() is None, "the device must outlive its client"
+    assert device.stop() == 0, device.errors()
