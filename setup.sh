@@ -28,8 +28,9 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 
 # jailer-monitor: the native process the launcher becomes once its program is ready (a
-# resident Python launcher costs ~8 MiB per device, this ~1 MiB); see jailer/monitor.py.
-gcc -O2 -Wall -Wextra -Werror -o jailer/jailer-monitor.new jailer/monitor.c
+# resident Python launcher costs ~8 MiB per device, this under 1 MiB); see jailer/monitor.py.
+# Static: no dynamic loader to run while the program waits on its first notified syscall.
+gcc -O2 -static -Wall -Wextra -Werror -o jailer/jailer-monitor.new jailer/monitor.c
 mv jailer/jailer-monitor.new jailer/jailer-monitor
 
 # The `jailer` command starts Python isolated and without site (-IS): `jailer run` is a

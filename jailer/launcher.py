@@ -181,6 +181,8 @@ class _Launch:
         self.pidfile = None             # (path, inode) of the --pidfile written
         self.hand_over_at = None        # monotonic time from which jailer-monitor may take over
         self.monitor_failed = False
+        self.setup_pidfd = None
+        self.prepared_state = None      # (what it depends on, the monitor's state text)
 
     def run(self) -> int:
         plan = self.plan
@@ -304,7 +306,7 @@ class _Launch:
         self.pending_signals.append(signum)
 
     def _supervise(self, sock, exec_r, wake_r) -> int:
-        setup_pidfd = os.pidfd_open(self.setup_pid)
+        setup_pidfd = self.setup_pidfd = os.pidfd_open(self.setup_pid)
         poller = select.poll()
         for fd in (sock.fileno(), exec_r, wake_r, setup_pidfd):
             poller.register(fd, select.POLLIN)
@@ -450,6 +452,7 @@ class _Launch:
         self.handshake = (program_pid, next((nr for nr, name in names.items() if name == "read"), -1), sync_number)
         poller.register(fd, select.POLLIN)
         _send(sock.fileno(), "go")
+        self._prepare_hand_over()
 
     def _notification(self):
         if self.notify_fd is not None:
@@ -585,11 +588,7 @@ class _Launch:
         if not self.started or self.error or self.grab or self.pending_signals:
             return False
         if self.hand_over_at is None:
-            from jailer import monitor
-
-            if (not self.options.hand_over or self.program_pid != self.setup_pid
-                    or self.options.notification_policy is not None
-                    or self.options.route_all_to_notify or not monitor.available()):
+            if not self._monitor_can_take_over():
                 self.hand_over_at = float("inf")
                 gc.enable()   # run_cli turned it off for the start-up; this launcher stays to supervise
                 return False
@@ -597,6 +596,34 @@ class _Launch:
             self.hand_over_at = time.monotonic() + (0 if urgent else HAND_OVER_AFTER)
         return (time.monotonic() >= self.hand_over_at and not self.monitor_failed
                 and not (self.notifications is not None and self.notifications.killed))
+
+    def _monitor_can_take_over(self) -> bool:
+        from jailer import monitor
+
+        return (self.options.hand_over and self.program_pid == self.setup_pid
+                and self.options.notification_policy is None and not self.options.route_all_to_notify
+                and monitor.available())
+
+    def _prepare_hand_over(self):
+        """Render the monitor's state while the program is being exec'd, when the launcher waits
+        anyway: from its exec on, the program stalls at its first notified syscall until the
+        monitor answers, so the hand-over does as little as it can after the exec."""
+        if self._monitor_can_take_over():
+            self.prepared_state = self._monitor_state()
+
+    def _monitor_state(self) -> tuple:
+        """(what the state depends on that may still change, the monitor's state text)."""
+        from jailer import monitor
+
+        changing = (self.stage, frozenset(self.reported))
+        if self.prepared_state is not None and self.prepared_state[0] == changing:
+            return self.prepared_state
+        names = self.notifications.names if self.notifications is not None else None
+        return changing, monitor.state(
+            program_pid=self.program_pid, pidfd=self.setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
+            status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
+            sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
+            reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
 
     def _hand_over(self, setup_pidfd):
         """Exec jailer-monitor in this process; returns only if that exec failed."""
@@ -606,12 +633,7 @@ class _Launch:
 
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         self._forward_signals()   # those caught before the block
-        names = self.notifications.names if self.notifications is not None else None
-        text = monitor.state(
-            program_pid=self.program_pid, pidfd=setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
-            status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
-            sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
-            reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
+        _, text = self._monitor_state()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
