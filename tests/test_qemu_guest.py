@@ -234,4 +234,6 @@ def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, scrat
             qemu.wait()
         qemu.stdout.close()
     assert device.proc.poll() is None, "the device must outlive its client"
+    refused = [event for event in device.events() if event["event"] == "seccomp"]
+    assert not refused, f"the learned allowlist must cover a real QEMU client: {refused}"
     assert device.stop() == 0, device.errors()
