@@ -1,0 +1,143 @@
+"""Where the time to ready goes: the kernel's own timeline (tracefs) of each variant of
+device_ready.py, from spawning the command to the device's first accept4.
+
+    .venv/bin/python benchmarks/ready_timeline.py [--runs 15] [--identity root|unprivileged] [--profile P]
+
+Needs root (tracefs; mounted on /sys/kernel/tracing if it is not). For each variant (jailer,
+bwrap, bare; started exactly as device_ready.py starts them, interleaved) it records
+sched_process_exec, sched_process_fork and accept4 and prints the medians of:
+
+  launch      spawn -> the launcher's first fork: jailer's interpreter start, imports, cached
+              plan, sockets and cgroup; setpriv's and bwrap's start for bwrap
+  set-up      that fork -> the device's exec: the sandbox built in the child(ren)
+  device      the device's exec -> its first accept4 (it is serving): the device's own start-up
+              inside the sandbox, with jailer's notified syscalls and hand-over included
+  stall       (jailer) the device's exec -> jailer-monitor's exec, the window in which the
+              device's notified syscalls wait for the hand-over
+  ready       spawn -> a VERSION handshake completed, as device_ready.py measures it
+"""
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import device_ready  # noqa: E402
+
+TRACEFS = "/sys/kernel/tracing"
+EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "syscalls/sys_enter_accept4")
+LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): (\w+)[:(] ?(.*)")
+PHASES = ("launch", "set-up", "device", "stall", "ready")
+
+
+def tracefs(path, value):
+    with open(os.path.join(TRACEFS, path), "w") as handle:
+        handle.write(value)
+
+
+def mount_tracefs():
+    if not os.path.exists(os.path.join(TRACEFS, "trace_marker")):
+        if os.system(f"mount -t tracefs nodev {TRACEFS}") != 0:
+            raise SystemExit(f"cannot mount tracefs on {TRACEFS}")
+
+
+def record(events: bool):
+    for event in EVENTS:
+        tracefs(f"events/{event}/enable", "1" if events else "0")
+
+
+def timeline(text: str, launcher_pid: int) -> dict:
+    """Phase durations in ms from one trace of one start (see the module docstring)."""
+    spawn = first_fork = device_exec = device_pid = monitor_exec = accept = None
+    for line in text.splitlines():
+        match = LINE.search(line)
+        if not match:
+            continue
+        pid, stamp, event, fields = int(match.group(1)), float(match.group(2)) * 1000, match.group(3), match.group(4)
+        if event == "tracing_mark_write" and "spawn" in fields:
+            spawn = stamp
+        elif spawn is None:
+            continue
+        elif event == "sched_process_fork" and first_fork is None and f" pid={launcher_pid} " in f" {fields} ":
+            first_fork = stamp
+        elif event == "sched_process_exec" and "jailer-monitor" in fields:
+            monitor_exec = stamp
+        elif event == "sched_process_exec" and "python" in fields.split("filename=")[1].split()[0]:
+            if pid != launcher_pid or first_fork is None:   # bare: the launcher is the device
+                device_exec, device_pid = stamp, pid
+        elif event == "sys_accept4" and pid == device_pid and accept is None:
+            accept = stamp
+    first_fork = first_fork if first_fork is not None and first_fork < device_exec else device_exec
+    return {"launch": first_fork - spawn, "set-up": device_exec - first_fork, "device": accept - device_exec,
+            "stall": monitor_exec - device_exec if monitor_exec is not None else None}
+
+
+def once(runner, variant, scratch) -> dict:
+    path = os.path.join(scratch, f"{variant}.sock")
+    tracefs("trace", "")
+    record(True)
+    tracefs("trace_marker", "spawn")
+    start = time.perf_counter()
+    proc, sock = runner.spawn(variant, path)
+    try:
+        if sock is not None:
+            sock.close()
+        device_ready.wait_ready(path, proc)
+        ready = (time.perf_counter() - start) * 1000
+        record(False)
+        with open(os.path.join(TRACEFS, "trace")) as handle:
+            phases = timeline(handle.read(), proc.pid)
+    finally:
+        record(False)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        if os.path.exists(path):
+            os.unlink(path)
+    return dict(phases, ready=ready)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--identity", choices=("root", "unprivileged"), default="root")
+    parser.add_argument("--profile", default=device_ready.PROFILE,
+                        help="another profile of the IDIO-16 device (to see what a layer costs)")
+    options = parser.parse_args(argv)
+    device_ready.PROFILE = os.path.abspath(options.profile)
+    if os.geteuid() != 0:
+        raise SystemExit("ready_timeline.py reads the kernel's trace: run it as root")
+    mount_tracefs()
+    for package in device_ready.PROJECT_PACKAGES:
+        device_ready.precompile(os.path.join(device_ready.REPO, package))
+    samples = {variant: [] for variant in device_ready.VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="jailer-bench-") as scratch:
+        os.chmod(scratch, 0o777)
+        who = device_ready.identity(options.identity, options.identity == "unprivileged", scratch)
+        bwrap_who = device_ready.identity("unprivileged", True, scratch)
+        runner = device_ready.Runner(who, bwrap_who, scratch)
+        for index in range(options.runs + 1):          # the first round warms the caches
+            for variant in device_ready.VARIANTS:
+                sample = once(runner, variant, scratch)
+                if index:
+                    samples[variant].append(sample)
+        os.close(runner.seccomp_fd)
+    print(f"IDIO-16 device as {options.identity}, {options.runs} runs per variant, interleaved; "
+          "medians in ms (kernel timestamps)")
+    print(f"  {'variant':8}" + "".join(f"{phase:>9}" for phase in PHASES))
+    for variant, rows in samples.items():
+        cells = []
+        for phase in PHASES:
+            values = [row[phase] for row in rows if row[phase] is not None]
+            cells.append(f"{statistics.median(values):9.1f}" if values else f"{'-':>9}")
+        print(f"  {variant:8}" + "".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

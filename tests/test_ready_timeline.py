@@ -1,0 +1,38 @@
+"""benchmarks/ready_timeline.py's reading of a kernel trace (lines as tracefs writes them)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from ready_timeline import timeline  # noqa: E402
+
+JAILER_TRACE = """\
+# tracer: nop
+         python3-100     [001] ...1.  1000.000000: tracing_mark_write: spawn
+          jailer-200     [000] .....  1000.001000: sched_process_exec: filename=/r/.venv/bin/jailer pid=200 old_pid=200
+          jailer-200     [001] .....  1000.026000: sched_process_fork: comm=jailer pid=200 child_comm=jailer child_pid=201
+          python-201     [000] .....  1000.039000: sched_process_exec: filename=/r/.venv/bin/python pid=201 old_pid=201
+  jailer-monitor-200     [001] .....  1000.040500: sched_process_exec: filename=/r/jailer/jailer-monitor pid=200 old_pid=200
+         python3-100     [001] .....  1000.050000: sys_accept4(fd: 3, upeer_sockaddr: 0x1, upeer_addrlen: 0x2, flags: 0x80000)
+          python-201     [000] .....  1000.130000: sys_accept4(fd: 3, upeer_sockaddr: 0x1, upeer_addrlen: 0x2, flags: 0x80000)
+"""
+
+BARE_TRACE = """\
+         python3-100     [001] ...1.  2000.000000: tracing_mark_write: spawn
+         python3-300     [000] .....  2000.001000: sched_process_exec: filename=/usr/bin/python3 pid=300 old_pid=300
+         python3-300     [000] .....  2000.090000: sys_accept4(fd: 3, upeer_sockaddr: 0x1, upeer_addrlen: 0x2, flags: 0x80000)
+"""
+
+
+def test_jailer_phases():
+    phases = timeline(JAILER_TRACE, 200)
+    assert phases == pytest.approx({"launch": 26.0, "set-up": 13.0, "device": 91.0, "stall": 1.5})
+
+
+def test_bare_device_is_its_own_launcher():
+    phases = timeline(BARE_TRACE, 300)
+    assert phases["launch"] == pytest.approx(1.0) and phases["set-up"] == 0
+    assert phases["device"] == pytest.approx(89.0) and phases["stall"] is None
