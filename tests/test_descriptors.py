@@ -222,6 +222,17 @@ def test_libvirt_domain_in_docs():
     assert_vfio_user_device(args[1])
 
 
+def test_libvirt_domain_in_docs_passes_libvirts_own_schema(tmp_path):
+    """virt-xml-validate checks the snippet against the domain schema libvirt ships."""
+    import subprocess
+
+    [domain_xml] = fenced_blocks(DOCS / "qemu-libvirt.md", "xml")
+    (tmp_path / "domain.xml").write_text(domain_xml)
+    result = subprocess.run(["virt-xml-validate", str(tmp_path / "domain.xml"), "domain"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_descriptor_examples_in_docs():
     descriptor_doc, capabilities_doc = fenced_blocks(DOCS / "vfio-user-descriptor.md", "json")
     example = json.loads(descriptor_doc)
