@@ -90,8 +90,11 @@ def check_kind(fd: int, spec) -> None:
         raise UsageError(f"fd {fd} given for '{spec.name}' is {actual}; the profile expects {expected}")
 
 
-def create_listener(path: str, uid: int, gid: int) -> int:
-    """A listening AF_UNIX socket at `path` (a stale socket file is replaced, anything else is refused)."""
+def create_listener(path: str, uid: int, gid: int, group: int | None = None) -> int:
+    """A listening AF_UNIX socket at `path` (a stale socket file is replaced, anything else is refused).
+    As root it belongs to the sandbox's uid/gid. With `group` (--socket-group) it is mode 0660 and
+    belongs to that group, so that a client running as another user in it (QEMU as its own
+    user, say) can connect: connecting needs write permission on the socket file."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -104,7 +107,11 @@ def create_listener(path: str, uid: int, gid: int) -> int:
     try:
         sock.bind(path)
         sock.listen(16)
-        if os.geteuid() == 0 and (uid, gid) != (0, 0):
+        owner = uid if os.geteuid() == 0 else -1
+        if group is not None:
+            os.chown(path, owner, group)
+            os.chmod(path, 0o660)
+        elif os.geteuid() == 0 and (uid, gid) != (0, 0):
             os.chown(path, uid, gid)
     except OSError as exc:
         sock.close()
@@ -121,12 +128,16 @@ class Manifest:
         self.socket_paths: list[tuple[str, int]] = []  # (path, inode) of sockets jailer created
         self.notify_fd: int | None = None              # the launcher's end of the notify socketpair
         self.notify_name: str | None = None
+        self.socket_group: int | None = None
 
     @classmethod
-    def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None) -> "Manifest":
+    def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None,
+               socket_group: int | None = None) -> "Manifest":
         """given: {name or None: fd}; None stands for the profile's unix-listener (plain --fd N);
-        socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on."""
+        socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on;
+        socket_group: the group of every socket jailer creates (see create_listener)."""
         manifest = cls()
+        manifest.socket_group = socket_group
         given = dict(given)
         paths = dict(sockets or {})
         try:
@@ -151,6 +162,9 @@ class Manifest:
                 fd = manifest._descriptor(spec, given, paths, owner)
                 if fd is not None:
                     manifest.entries.append((spec, fd))
+            if socket_group is not None and not manifest.socket_paths:
+                raise UsageError("--socket-group: jailer creates no socket here "
+                                 "(it applies to --socket-path and --socket NAME=PATH)")
         except BaseException:
             manifest.close()
             raise
@@ -172,7 +186,7 @@ class Manifest:
             self.created_fds.append(self.notify_fd)
             fd = theirs.detach()
         elif spec.kind == "unix-listener" and path:
-            fd = create_listener(path, *owner)
+            fd = create_listener(path, *owner, group=self.socket_group)
             self.socket_paths.append((path, os.stat(path).st_ino))
         elif spec.kind == "memfd" and spec.size is not None:
             fd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

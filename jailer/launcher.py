@@ -106,10 +106,11 @@ class Options:
 
     def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
                  syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
-                 pidfile=None, hand_over=False):
+                 pidfile=None, hand_over=False, socket_group=None):
         self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
         self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
         self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
+        self.socket_group = socket_group         # gid of the sockets created (mode 0660), or None
         self.status_fd = status_fd
         self.pidfile = pidfile                   # path written with the launcher's pid while it runs
         self.extra_args = tuple(extra_args)
@@ -201,7 +202,8 @@ class _Launch:
         given = dict(options.given_fds)
         if "LISTEN_FDS" in os.environ:
             given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
-        self.manifest = fdlib.Manifest.gather(plan.fds, given, options.socket_path, owner, options.sockets)
+        self.manifest = fdlib.Manifest.gather(plan.fds, given, options.socket_path, owner, options.sockets,
+                                              options.socket_group)
         try:
             self.notify_fd = self.manifest.notify_fd
             numbers = self.manifest.numbers()

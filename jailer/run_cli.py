@@ -19,7 +19,8 @@ from jailer.errors import UsageError
 
 USAGE = """\
 usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--socket NAME=PATH]...
-                  [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache] PROFILE [-- ARG...]
+                  [--socket-group GROUP] [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache]
+                  PROFILE [-- ARG...]
 
 Run the program a profile describes inside the sandbox the profile describes.
 
@@ -27,6 +28,9 @@ Run the program a profile describes inside the sandbox the profile describes.
   --fd N             the same, for the profile's unix-listener fd (the only one, or "vfio-user")
   --socket-path PATH create a listening AF_UNIX socket at PATH for that unix-listener fd
   --socket NAME=PATH create a listening AF_UNIX socket at PATH for the unix-listener fd NAME
+  --socket-group GROUP
+                     the sockets jailer creates belong to GROUP (name or number) with mode
+                     0660, so a client running as another user in GROUP can connect
   --status-fd N      write JSON-lines status events (started, enforced, ready, stage, seccomp,
                      exited) to fd N
   --log-fd N         jailer's messages and the program's stderr go to fd N instead of stderr
@@ -48,6 +52,7 @@ class Arguments:
         self.given_fds = {}
         self.socket_path = None
         self.sockets = {}
+        self.socket_group = None
         self.status_fd = None
         self.log_fd = None
         self.pidfile = None
@@ -66,6 +71,15 @@ def _fd_number(text, option):
     return fd
 
 
+def _group_id(text) -> int:
+    import grp
+
+    try:
+        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise UsageError(f"--socket-group: no group named '{text}'") from None
+
+
 def parse(argv) -> Arguments:
     args = Arguments()
     items = list(argv)
@@ -75,7 +89,7 @@ def parse(argv) -> Arguments:
             args.extra_args = items
             break
         option, has_value, value = item.partition("=") if item.startswith("--") else (item, False, "")
-        if option in ("--fd", "--socket-path", "--socket", "--status-fd", "--log-fd", "--pidfile"):
+        if option in ("--fd", "--socket-path", "--socket", "--socket-group", "--status-fd", "--log-fd", "--pidfile"):
             if not has_value:
                 if not items:
                     raise UsageError(f"{option} needs a value (see jailer run --help)")
@@ -96,6 +110,8 @@ def parse(argv) -> Arguments:
                 args.sockets[name] = os.path.abspath(path)
             elif option == "--pidfile":
                 args.pidfile = os.path.abspath(value)
+            elif option == "--socket-group":
+                args.socket_group = _group_id(value)
             elif option == "--log-fd":
                 args.log_fd = _fd_number(value, "--log-fd")
             else:
@@ -305,5 +321,6 @@ def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
 
     options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,
                                extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
-                               sockets=args.sockets, pidfile=args.pidfile, hand_over=True)
+                               sockets=args.sockets, pidfile=args.pidfile, hand_over=True,
+                               socket_group=args.socket_group)
     return launcher.run(plan, options)

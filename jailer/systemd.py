@@ -103,8 +103,11 @@ def exec_argv(request: UnitRequest) -> list[str]:
     argv = [request.jailer, "run", request.profile]
     if request.socket_activation:
         argv += ["--fd", f"{request.listener_name}={SD_LISTEN_FDS_START}"]
-    elif request.explicit_socket_path:
-        argv += ["--socket-path", request.socket_path]
+    else:
+        if request.explicit_socket_path:
+            argv += ["--socket-path", request.socket_path]
+        if request.socket_group:
+            argv += ["--socket-group", request.socket_group]
     return argv
 
 
@@ -451,7 +454,8 @@ def _click_command():
                   help="vfio-user socket [default: the profile's, else /run/jailer/NAME/vfio-user.sock].")
     @click.option("--socket", "socket_activation", is_flag=True,
                   help="Also write NAME.socket: systemd owns the socket and passes it in LISTEN_FDS.")
-    @click.option("--socket-group", help="Group allowed to connect to the socket (with --socket).")
+    @click.option("--socket-group", help="Group allowed to connect to the socket (SocketGroup= with --socket, "
+                                         "else jailer run --socket-group).")
     @click.option("--drop-in", metavar="UNIT", help="Write UNIT.d/50-jailer.conf for an existing unit instead.")
     @click.option("--output-dir", default=".", show_default=True, type=click.Path(file_okay=False),
                   help="Where to write the units.")
@@ -459,8 +463,6 @@ def _click_command():
     @click.option("--print-systemd-run", is_flag=True, help="Print the equivalent systemd-run command instead.")
     def systemd_command(profile, name, socket_path, socket_activation, socket_group, drop_in, output_dir,
                         jailer_path, print_systemd_run):
-        if socket_group and not socket_activation:
-            raise UsageError("--socket-group needs --socket (without it jailer creates the socket itself)")
         if drop_in and socket_activation:
             raise UsageError("--drop-in and --socket are exclusive: add a socket unit for the existing unit by hand")
         plan = _load_plan(profile)

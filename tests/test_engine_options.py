@@ -1,5 +1,5 @@
 """`jailer run` options a management stack uses: --pidfile, --log-fd, --socket NAME=PATH,
---socket-path with several listeners, socket activation (LISTEN_FDS), and the refusal when
+--socket-group, --socket-path with several listeners, socket activation (LISTEN_FDS), and the refusal when
 the launcher cannot take the seccomp listener. Each runs the real CLI on a real profile."""
 
 import json
@@ -102,6 +102,44 @@ def _socket_inode_listening_at(path):
         if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
             return int(fields[6])
     raise AssertionError(f"nothing listens at {path}")
+
+
+def _connects(path, uid, gid) -> bool:
+    """Whether a client running as uid:gid (no other groups) can connect to the socket at path."""
+    client = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "/usr/bin/python3",
+                             "-c", f"import socket; socket.socket(socket.AF_UNIX).connect({str(path)!r})"],
+                            capture_output=True, text=True, timeout=20)
+    return client.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the clients run as other users")
+def test_socket_group_lets_a_client_of_that_group_connect_and_no_one_else():
+    directory = tempfile.mkdtemp(prefix="jailer-group-")
+    try:
+        os.chmod(directory, 0o755)
+        path = Path(directory) / "vfio-user.sock"
+        run = Running("--socket-path", str(path), "--socket-group", "65533")
+        run.wait_for("ready")
+        st = path.stat()
+        assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", 65533)
+        assert _connects(path, 65532, 65533)          # QEMU as its own user, in the socket's group
+        assert not _connects(path, 65532, 65532)      # any other unprivileged user
+        run.stop()
+        assert not path.exists()
+    finally:
+        os.rmdir(directory)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--socket-path", "{dir}/s", "--socket-group", "no-such-group-here"], "--socket-group: no group named"),
+    (["--socket-group", "0"], "--socket-group: jailer creates no socket here"),
+])
+def test_socket_group_usage_errors(tmp_path, args, message):
+    args = [arg.replace("{dir}", str(tmp_path)) for arg in args]
+    result = subprocess.run([JAILER, "run", TRUE_PROFILE if "--socket-path" not in args else SLEEP_PROFILE, *args],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_socket_path_with_two_listeners_needs_one_named_vfio_user(tmp_path):

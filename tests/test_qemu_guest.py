@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from devices.gpio_pci_idio16.ctl import request as control
-from test_e2e_jailed_device import INVOCATIONS, jailed, scratch, start_with_control  # noqa: F401  (fixtures)
+from test_e2e_jailed_device import jailed, listener, scratch, start_with_control  # noqa: F401  (fixtures)
 
 QEMU = os.environ.get("JAILER_QEMU", "")
 KERNEL = os.environ.get("JAILER_GUEST_KERNEL", "")
@@ -222,11 +222,37 @@ def wait_ready(device, timeout: float = 15.0):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("invocation", INVOCATIONS)
-def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, scratch, jailed):
-    device, sock, ctl = start_with_control(jailed, invocation, scratch, "guest")
+QEMU_UID, SOCKET_GID = 65532, 65534   # an unprivileged QEMU, in the group jailer gives its socket
+
+
+def start_for_unprivileged_qemu(jailed, invocation, scratch: Path):
+    """jailer creates the vfio-user socket itself (--socket-path), mode 0660 in SOCKET_GID
+    (--socket-group; nobody's own group, so that nobody may give it); the control socket is ours."""
+    sock, ctl = str(scratch / "guest.sock"), str(scratch / "guest.ctl")
+    control_listener = listener(ctl)
+    device = jailed(invocation, scratch, "--socket-path", sock, "--socket-group", str(SOCKET_GID),
+                    f"--fd=control={control_listener.fileno()}", pass_fds=[control_listener.fileno()])
+    control_listener.close()
+    return device, sock, ctl
+
+
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.mark.parametrize("invocation, qemu_user", [
+    pytest.param("root", "caller", marks=NEEDS_ROOT),
+    ("user", "caller"),
+    pytest.param("root", "unprivileged", marks=NEEDS_ROOT),   # QEMU as its own user, jailer's socket
+])
+def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, qemu_user, scratch, jailed):
+    if qemu_user == "caller":
+        device, sock, ctl = start_with_control(jailed, invocation, scratch, "guest")
+        prefix = []
+    else:
+        device, sock, ctl = start_for_unprivileged_qemu(jailed, invocation, scratch)
+        prefix = ["setpriv", f"--reuid={QEMU_UID}", f"--regid={SOCKET_GID}", "--clear-groups"]
     wait_ready(device)
-    qemu = subprocess.Popen(qemu_command(sock, guest_initramfs(scratch)), stdin=subprocess.DEVNULL,
+    qemu = subprocess.Popen(prefix + qemu_command(sock, guest_initramfs(scratch)), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         console = Console(qemu)

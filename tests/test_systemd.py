@@ -89,6 +89,13 @@ def test_socket_activation_pair_verifies(tmp_path, jailer_exe):
     assert "SocketMode=0660" in socket_unit and "SocketGroup=kvm" in socket_unit
 
 
+def test_service_without_socket_activation_passes_the_socket_group_to_jailer(tmp_path, jailer_exe):
+    request = make_request(device_plan(), "/etc/jailer/idio16.toml", jailer_exe, socket_group="kvm")
+    [service] = write_units(device_plan(), request, str(tmp_path))
+    verify(service)
+    assert "--socket-path /run/jailer/jailer-idio16/vfio-user.sock --socket-group kvm" in service.read_text()
+
+
 def test_drop_in_overrides_an_existing_unit(tmp_path, jailer_exe):
     base = tmp_path / "qemu-idio16.service"
     base.write_text("[Service]\nExecStart=/bin/true\nPrivateUsers=yes\nProtectKernelTunables=yes\n"
@@ -359,7 +366,6 @@ def test_command_drop_in_and_systemd_run(profile, tmp_path, jailer_exe):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--socket-group", "kvm"], "--socket-group needs --socket"),
     (["--socket", "--drop-in", "x.service"], "--drop-in and --socket are exclusive"),
     (["--drop-in", "noext"], "expected a full unit name"),
 ])
