@@ -106,17 +106,31 @@ def create_listener(path: str, uid: int, gid: int, group: int | None = None) -> 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
-        sock.listen(16)
-        owner = uid if os.geteuid() == 0 else -1
-        if group is not None:
-            os.chown(path, owner, group)
-            os.chmod(path, 0o660)
-        elif os.geteuid() == 0 and (uid, gid) != (0, 0):
-            os.chown(path, uid, gid)
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot listen on {path}: {exc.strerror}") from None
+    try:
+        sock.listen(16)
+        if group is not None:
+            _give_to_group(path, uid if os.geteuid() == 0 else -1, group)
+        elif os.geteuid() == 0 and (uid, gid) != (0, 0):
+            os.chown(path, uid, gid)
+    except (OSError, UsageError) as exc:
+        sock.close()
+        os.unlink(path)   # ours: bound just now
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock.detach()
+
+
+def _give_to_group(path: str, owner: int, group: int) -> None:
+    try:
+        os.chown(path, owner, group)
+    except PermissionError:
+        raise UsageError(f"--socket-group: cannot give {path} to group {group}: only root may name a group "
+                         "the caller is not in") from None
+    os.chmod(path, 0o660)
 
 
 class Manifest:

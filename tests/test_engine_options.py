@@ -4,6 +4,7 @@ the launcher cannot take the seccomp listener. Each runs the real CLI on a real 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from engine_sandbox import nobody_python
 
 REPO = Path(__file__).resolve().parent.parent
 JAILER = str(Path(sys.executable).with_name("jailer"))
@@ -128,6 +131,21 @@ def test_socket_group_lets_a_client_of_that_group_connect_and_no_one_else():
         assert not path.exists()
     finally:
         os.rmdir(directory)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run jailer as another user")
+def test_an_unprivileged_caller_cannot_give_its_socket_to_another_group():
+    directory = tempfile.mkdtemp(prefix="jailer-group-")
+    try:
+        os.chmod(directory, 0o777)
+        python, env, _ = nobody_python("jailer.fds")
+        result = subprocess.run([*python, "-c", "import sys; from jailer.fds import create_listener; "
+                                 "create_listener(sys.argv[1], 65534, 65534, group=0)", f"{directory}/s"],
+                                capture_output=True, text=True, timeout=20, env=env, cwd="/")
+        assert "--socket-group: cannot give" in result.stderr and "only root may name a group" in result.stderr
+        assert os.listdir(directory) == []          # the socket file it bound is gone again
+    finally:
+        shutil.rmtree(directory)
 
 
 @pytest.mark.parametrize("args, message", [
