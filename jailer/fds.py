@@ -142,7 +142,6 @@ class Manifest:
         self.socket_paths: list[tuple[str, int]] = []  # (path, inode) of sockets jailer created
         self.notify_fd: int | None = None              # the launcher's end of the notify socketpair
         self.notify_name: str | None = None
-        self.socket_group: int | None = None
 
     @classmethod
     def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None,
@@ -151,7 +150,6 @@ class Manifest:
         socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on;
         socket_group: the group of every socket jailer creates (see create_listener)."""
         manifest = cls()
-        manifest.socket_group = socket_group
         given = dict(given)
         paths = dict(sockets or {})
         try:
@@ -173,7 +171,7 @@ class Manifest:
                     raise UsageError(f"--socket {name}=PATH: fd '{name}' is a {_spec(specs, name).kind} fd, "
                                      "expected a unix-listener")
             for spec in specs:
-                fd = manifest._descriptor(spec, given, paths, owner)
+                fd = manifest._descriptor(spec, given, paths, owner, socket_group)
                 if fd is not None:
                     manifest.entries.append((spec, fd))
             if socket_group is not None and not manifest.socket_paths:
@@ -184,7 +182,7 @@ class Manifest:
             raise
         return manifest
 
-    def _descriptor(self, spec, given, paths, owner):
+    def _descriptor(self, spec, given, paths, owner, socket_group):
         if spec.name in given:
             if spec.kind == "notify":
                 raise UsageError(f"fd '{spec.name}' is the program's notify socket, which jailer creates; "
@@ -200,7 +198,7 @@ class Manifest:
             self.created_fds.append(self.notify_fd)
             fd = theirs.detach()
         elif spec.kind == "unix-listener" and path:
-            fd = create_listener(path, *owner, group=self.socket_group)
+            fd = create_listener(path, *owner, group=socket_group)
             self.socket_paths.append((path, os.stat(path).st_ino))
         elif spec.kind == "memfd" and spec.size is not None:
             fd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

@@ -183,6 +183,7 @@ class _Launch:
         self.hand_over_at = None        # monotonic time from which jailer-monitor may take over
         self.monitor_failed = False
         self.setup_pidfd = None
+        self.monitor_can_take_over = None   # decided once the program's pid is known
         self.prepared_state = None      # (what it depends on, the monitor's state text)
 
     def run(self) -> int:
@@ -350,7 +351,7 @@ class _Launch:
                     self._try_grab(sock, poller)
                 self._forward_signals()
                 if self._may_hand_over():
-                    self._hand_over(setup_pidfd)
+                    self._hand_over()
         finally:
             os.close(setup_pidfd)
             if self.grab:
@@ -600,11 +601,14 @@ class _Launch:
                 and not (self.notifications is not None and self.notifications.killed))
 
     def _monitor_can_take_over(self) -> bool:
-        from jailer import monitor
+        if self.monitor_can_take_over is None:
+            from jailer import monitor
 
-        return (self.options.hand_over and self.program_pid == self.setup_pid
+            self.monitor_can_take_over = bool(
+                self.options.hand_over and self.program_pid == self.setup_pid
                 and self.options.notification_policy is None and not self.options.route_all_to_notify
                 and monitor.available())
+        return self.monitor_can_take_over
 
     def _prepare_hand_over(self):
         """Render the monitor's state while the program is being exec'd, when the launcher waits
@@ -627,7 +631,7 @@ class _Launch:
             sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
             reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
 
-    def _hand_over(self, setup_pidfd):
+    def _hand_over(self):
         """Exec jailer-monitor in this process; returns only if that exec failed."""
         import sys
 
@@ -641,7 +645,7 @@ class _Launch:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        error = monitor.exec_monitor(text, (setup_pidfd, self.listener, self.notify_fd, self.status.fd))
+        error = monitor.exec_monitor(text, (self.setup_pidfd, self.listener, self.notify_fd, self.status.fd))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         self.monitor_failed = True
         gc.enable()
