@@ -92,9 +92,12 @@ if [ $(inputs) -ne 0 ]; then
 fi
 for l in 0 3 15; do echo 1 > $(line $l)/value; done
 say "OUTPUTS-SET"
-tries=0
-while [ $(inputs) -eq 0 ] && [ $tries -lt 300 ]; do tries=$((tries + 1)); sleep 0.1; done
-say "INPUTS $(printf 0x%04x $(inputs))"
+# the lines are read one by one: wait for the host's change, then for two reads that agree
+seen=0; previous=-1; tries=0
+while { [ $seen -eq 0 ] || [ $seen -ne $previous ]; } && [ $tries -lt 300 ]; do
+    previous=$seen; seen=$(inputs); tries=$((tries + 1)); sleep 0.1
+done
+say "INPUTS $(printf 0x%04x $seen)"
 irq=$(cat $dev/irq)
 count() { awk -v irq="$irq:" '$1 == irq { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n }' /proc/interrupts; }
 echo both > $(line 16)/edge || fail "edge"
