@@ -28,6 +28,7 @@ each per round, as root and as uid 65534 (setpriv).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -209,20 +210,16 @@ class Runner:
                                 pass_fds=[sock.fileno(), self.seccomp_fd], cwd="/")
         return proc, sock
 
-    def once(self, variant):
-        """(seconds to ready, [(name, rss, pss, cpu) per process left running])."""
-        self.count += 1
-        path = os.path.join(self.scratch, f"{variant}-{self.count}.sock")
-        start = time.perf_counter()
+    @contextlib.contextmanager
+    def serving(self, variant, path):
+        """The device started as `variant` and serving on `path` (a VERSION handshake answered);
+        stopped with SIGTERM and its socket file removed on leaving."""
         proc, sock = self.spawn(variant, path)
         try:
             if sock is not None:
                 sock.close()
             wait_ready(path, proc)
-            ready = time.perf_counter() - start
-            cpu = {pid: process_figures(pid)[3] for pid in descendants(proc.pid)}
-            time.sleep(SETTLE)   # memory as it stays: jailer's launcher hands over to jailer-monitor
-            processes = [(*process_figures(pid)[:3], cpu.get(pid, 0.0)) for pid in descendants(proc.pid)]
+            yield proc
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -232,6 +229,17 @@ class Runner:
                 proc.wait()
             if os.path.exists(path):
                 os.unlink(path)
+
+    def once(self, variant):
+        """(seconds to ready, [(name, rss, pss, cpu) per process left running])."""
+        self.count += 1
+        path = os.path.join(self.scratch, f"{variant}-{self.count}.sock")
+        start = time.perf_counter()
+        with self.serving(variant, path) as proc:
+            ready = time.perf_counter() - start
+            cpu = {pid: process_figures(pid)[3] for pid in descendants(proc.pid)}
+            time.sleep(SETTLE)   # memory as it stays: jailer's launcher hands over to jailer-monitor
+            processes = [(*process_figures(pid)[:3], cpu.get(pid, 0.0)) for pid in descendants(proc.pid)]
         return ready, processes
 
 

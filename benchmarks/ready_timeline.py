@@ -20,7 +20,6 @@ sched_process_exec, sched_process_fork and accept4 and prints the medians of:
 import argparse
 import os
 import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -84,21 +83,14 @@ def once(runner, variant, scratch) -> dict:
     record(True)
     tracefs("trace_marker", "spawn")
     start = time.perf_counter()
-    proc, sock = runner.spawn(variant, path)
     try:
-        if sock is not None:
-            sock.close()
-        device_ready.wait_ready(path, proc)
-        ready = (time.perf_counter() - start) * 1000
-        record(False)
-        with open(os.path.join(TRACEFS, "trace")) as handle:
-            phases = timeline(handle.read(), proc.pid)
+        with runner.serving(variant, path) as proc:
+            ready = (time.perf_counter() - start) * 1000
+            record(False)
+            with open(os.path.join(TRACEFS, "trace")) as handle:
+                phases = timeline(handle.read(), proc.pid)
     finally:
         record(False)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        if os.path.exists(path):
-            os.unlink(path)
     return dict(phases, ready=ready)
 
 

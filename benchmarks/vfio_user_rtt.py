@@ -22,7 +22,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -106,11 +105,7 @@ def run_sandboxed_bench(vfu_bench: str, workdir: str, count: int, sandbox, varia
     """vfu_bench against the device started as device_ready.py starts `variant`."""
     module, runner = sandbox
     path = os.path.join(workdir, f"{variant}.sock")
-    proc, sock = runner.spawn(variant, path)
-    try:
-        if sock is not None:
-            sock.close()
-        module.wait_ready(path, proc)
+    with runner.serving(variant, path) as proc:
         for pid in module.descendants(proc.pid):
             try:
                 os.sched_setaffinity(pid, {0})
@@ -118,11 +113,6 @@ def run_sandboxed_bench(vfu_bench: str, workdir: str, count: int, sandbox, varia
                 pass
         out = subprocess.run(["taskset", "-c", "0", vfu_bench, path, "2", "0", str(count)],
                              check=True, capture_output=True, text=True).stdout
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        if os.path.exists(path):
-            os.unlink(path)
     return rate("REGION_READ", out), rate("REGION_WRITE", out)
 
 
