@@ -90,47 +90,76 @@ def check_kind(fd: int, spec) -> None:
         raise UsageError(f"fd {fd} given for '{spec.name}' is {actual}; the profile expects {expected}")
 
 
-def create_listener(path: str, uid: int, gid: int, group: int | None = None) -> int:
-    """A listening AF_UNIX socket at `path` (a stale socket file is replaced, anything else is refused).
-    As root it belongs to the sandbox's uid/gid. With `group` (--socket-group) it is mode 0660 and
-    belongs to that group, so that a client running as another user in it (QEMU as its own
-    user, say) can connect: connecting needs write permission on the socket file."""
+def create_listener(path: str, uid: int, gid: int, group: int | None = None):
+    """(fd, paths.Made) of a listening AF_UNIX socket at `path`; a stale socket there is
+    replaced, anything else refused. As root it belongs to the sandbox's uid/gid. With
+    `group` (--socket-group) it is mode 0660 and belongs to that group, so that a client
+    running as another user in it (QEMU as its own user, say) can connect: connecting needs
+    write permission on the socket file.
+
+    The directory may be one a client or tenant controls, so the socket is bound in a
+    private directory jailer makes there, given its owner and mode inside it, and then
+    moved into place (jailer.host.paths): nothing is ever changed by a path that an
+    untrusted user could have swapped."""
+    from jailer.host import paths
+
+    directory, name = paths.split(path)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
-        os.unlink(path)
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
+        dirfd = paths.open_directory(directory)
     except OSError as exc:
-        sock.close()
         raise UsageError(f"cannot listen on {path}: {exc.strerror}") from None
     try:
-        sock.listen(16)
-        if group is not None:
-            _give_to_group(path, uid if os.geteuid() == 0 else -1, group)
-        elif os.geteuid() == 0 and (uid, gid) != (0, 0):
-            os.chown(path, uid, gid)
-    except (OSError, UsageError) as exc:
-        sock.close()
-        os.unlink(path)   # ours: bound just now
-        if isinstance(exc, UsageError):
+        try:
+            existing = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not stat.S_ISSOCK(existing.st_mode):
+            raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
+        try:
+            private = paths.PrivateDirectory(dirfd, path)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {path}: {exc.strerror}") from None
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
+            _bind_in(private, name, sock, uid, gid, group)
+            sock.listen(16)
+            held = paths.hold(private.fd, name)
+            try:
+                paths.place(private, name, dirfd, name, path, replace_socket=existing is not None)
+            except BaseException:
+                os.close(held)
+                raise
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        except BaseException:
+            sock.close()
             raise
-        raise UsageError(f"cannot listen on {path}: {exc.strerror}") from None
-    return sock.detach()
+        finally:
+            private.close(name)
+    except BaseException:
+        os.close(dirfd)
+        raise
+    return sock.detach(), paths.Made(dirfd, name, held)
 
 
-def _give_to_group(path: str, owner: int, group: int) -> None:
+def _bind_in(private, name: str, sock, uid: int, gid: int, group: int | None) -> None:
+    """Bind `sock` to `name` in the private directory with its final mode (through the umask) and owner."""
+    mask = os.umask(0o117) if group is not None else None
     try:
-        os.chown(path, owner, group)
-    except PermissionError:
-        raise UsageError(f"--socket-group: cannot give {path} to group {group}: only root may name a group "
-                         "the caller is not in") from None
-    os.chmod(path, 0o660)
+        private.bind(sock, name)
+    finally:
+        if mask is not None:
+            os.umask(mask)
+    root = os.geteuid() == 0
+    if group is not None:
+        try:
+            os.chown(name, uid if root else -1, group, dir_fd=private.fd, follow_symlinks=False)
+        except PermissionError:
+            raise UsageError(f"--socket-group: cannot give {private.path} to group {group}: only root may name a "
+                             "group the caller is not in") from None
+    elif root and (uid, gid) != (0, 0):
+        os.chown(name, uid, gid, dir_fd=private.fd, follow_symlinks=False)
 
 
 class Manifest:
@@ -139,7 +168,7 @@ class Manifest:
     def __init__(self):
         self.entries: list[tuple[object, int]] = []   # (FdSpec, fd in the launcher)
         self.created_fds: list[int] = []
-        self.socket_paths: list[tuple[str, int]] = []  # (path, inode) of sockets jailer created
+        self.made: list = []                           # jailer.host.paths.Made: the sockets jailer created
         self.notify_fd: int | None = None              # the launcher's end of the notify socketpair
         self.notify_name: str | None = None
 
@@ -174,7 +203,7 @@ class Manifest:
                 fd = manifest._descriptor(spec, given, paths, owner, socket_group)
                 if fd is not None:
                     manifest.entries.append((spec, fd))
-            if socket_group is not None and not manifest.socket_paths:
+            if socket_group is not None and not manifest.made:
                 raise UsageError("--socket-group: jailer creates no socket here "
                                  "(it applies to --socket-path and --socket NAME=PATH)")
         except BaseException:
@@ -198,17 +227,19 @@ class Manifest:
             self.created_fds.append(self.notify_fd)
             fd = theirs.detach()
         elif spec.kind == "unix-listener" and path:
-            fd = create_listener(path, *owner, group=socket_group)
-            self.socket_paths.append((path, os.stat(path).st_ino))
+            fd, made = create_listener(path, *owner, group=socket_group)
+            self.made.append(made)
         elif spec.kind == "memfd" and spec.size is not None:
             fd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(fd, spec.size)
         elif spec.kind == "eventfd":
             fd = os.eventfd(0, os.EFD_CLOEXEC)
         elif spec.kind == "file" and spec.path:
+            from jailer.host import paths
+
             flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT, "rw": os.O_RDWR | os.O_CREAT}[spec.mode]
             try:
-                fd = os.open(spec.path, flags | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
+                fd = paths.open_file(spec.path, flags)
             except OSError as exc:
                 raise UsageError(f"fd '{spec.name}': cannot open {spec.path}: {exc.strerror}") from None
         elif spec.required:
@@ -236,13 +267,9 @@ class Manifest:
             except OSError:
                 pass
         self.created_fds = []
-        for path, inode in self.socket_paths:
-            try:
-                if os.lstat(path).st_ino == inode:
-                    os.unlink(path)
-            except OSError:
-                pass
-        self.socket_paths = []
+        for made in self.made:
+            made.remove()
+        self.made = []
 
 
 def _spec(specs, name):

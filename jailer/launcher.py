@@ -179,7 +179,7 @@ class _Launch:
         self.notify_fd = None           # the launcher's end of the program's notify socketpair
         self.reported = set()
         self.pending_signals = []
-        self.pidfile = None             # (path, inode) of the --pidfile written
+        self.pidfile = None             # the --pidfile written (jailer.host.paths.Made)
         self.hand_over_at = None        # monotonic time from which jailer-monitor may take over
         self.monitor_failed = False
         self.setup_pidfd = None
@@ -197,7 +197,7 @@ class _Launch:
             return self._run(plan, options, owner)
         finally:
             if self.pidfile is not None:
-                _remove_if_same(*self.pidfile)
+                self.pidfile.remove()
 
     def _run(self, plan, options, owner) -> int:
         given = dict(options.given_fds)
@@ -266,6 +266,7 @@ class _Launch:
             finally:
                 os._exit(SETUP_FAILED)
         self.setup_pid = pid
+        self.bind_sources = self._check_bind_sources()   # while the child unshares
         child_sock.close()
         os.close(exec_w)
         try:
@@ -279,6 +280,21 @@ class _Launch:
             parent_sock.close()
             if self.listener is not None:
                 os.close(self.listener)
+
+    def _check_bind_sources(self) -> tuple:
+        """({source: (st_dev, st_ino) or None}, error fields or None), sent to the child with
+        "go". Resolved here, with the invoker's ids and in the host's view of file owners,
+        which jailer.host.paths needs to tell whose directory a path passes through (inside a
+        user namespace root and every other unmapped user look alike); the child opens each
+        source in its mount namespace and binds it only if it is this inode."""
+        if not self.plan.namespaces.mount:
+            return {}, None
+        from jailer import mounts
+
+        try:
+            return mounts.check_sources(self.plan.filesystem), None
+        except LayerError as exc:
+            return {}, _error_fields(exc)
 
     def _start_child(self) -> tuple[int, int]:
         """(pid, clone flags it was created with). With a pid namespace the child is cloned
@@ -399,7 +415,7 @@ class _Launch:
             self.error = _error_fields(exc)
             os.kill(setup_pid, signal.SIGKILL)
             return
-        _send(sock.fileno(), "go")
+        _send(sock.fileno(), "go", *self.bind_sources)
 
     def _ready(self, program_pid, applied, skipped, listener_number, sync_number):
         self.program_pid = program_pid
@@ -628,8 +644,12 @@ class _Launch:
         return changing, monitor.state(
             program_pid=self.program_pid, pidfd=self.setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
             status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
-            sockets=self.manifest.socket_paths, pidfile=self.pidfile, seccomp=self.plan.seccomp, names=names,
+            made=self._made(), seccomp=self.plan.seccomp, names=names,
             reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
+
+    def _made(self) -> list:
+        """The sockets and pid file jailer made, which whoever outlives the program removes."""
+        return self.manifest.made + ([self.pidfile] if self.pidfile is not None else [])
 
     def _hand_over(self):
         """Exec jailer-monitor in this process; returns only if that exec failed."""
@@ -645,7 +665,8 @@ class _Launch:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        error = monitor.exec_monitor(text, (self.setup_pidfd, self.listener, self.notify_fd, self.status.fd))
+        error = monitor.exec_monitor(text, (self.setup_pidfd, self.listener, self.notify_fd, self.status.fd,
+                                            *(fd for made in self._made() for fd in made.descriptors())))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         self.monitor_failed = True
         gc.enable()
@@ -676,30 +697,14 @@ class _Launch:
         return status.exit_code(wait_status)
 
 
-def _write_pidfile(path) -> tuple[str, int]:
-    """Write our pid to `path` atomically (a reader never sees a partial file); returns (path, inode)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+def _write_pidfile(path):
+    """Write our pid to `path` atomically (a reader never sees a partial file); returns what was made."""
+    from jailer.host import paths
+
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, f"{os.getpid()}\n".encode())
-            inode = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        return paths.write_file(path, f"{os.getpid()}\n".encode(), 0o644)
     except OSError as exc:
-        _remove_if_same(temporary, None)
         raise JailerError(f"cannot write the pid file {path}: {exc.strerror}") from None
-    return path, inode
-
-
-def _remove_if_same(path, inode):
-    """Remove a file jailer made, unless something else has replaced it meanwhile."""
-    try:
-        if inode is None or os.lstat(path).st_ino == inode:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def _drain(fd):
@@ -727,6 +732,7 @@ class _Child:
         self.listen = listen            # the filter notifies: the launcher takes its listener
         self.cgroup = cgroup
         self.cloned = cloned            # clone flags this process was created with (0: a plain fork)
+        self.checked_sources, self.bind_sources_error = {}, None   # from the launcher's "go"
         self.user_namespace = False
         self.last_cap = None
 
@@ -764,9 +770,10 @@ class _Child:
             self.user_namespace = namespaces.enter_user_namespace(plan.namespaces, self.enforcement)
         entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)
         _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
-        if _receive(self.sock_fd) != ("go",):
+        go = _receive(self.sock_fd)
+        if not go or go[0] != "go":
             os._exit(SETUP_FAILED)
-        self._open_bind_sources()   # with the invoker's ids, before taking the sandbox's
+        self.checked_sources, self.bind_sources_error = go[1:]
         if self.user_namespace:
             from jailer import syscalls
 
@@ -787,21 +794,13 @@ class _Child:
         _send(self.sock_fd, "status", "program" if plan.namespaces.pid1 == "program" else "pid1", wait_status)
         os._exit(0)
 
-    def _open_bind_sources(self):
-        self.bind_sources, self.bind_sources_error = {}, None
-        if not self.plan.namespaces.mount:
-            return
+    def _bind_sources(self) -> dict:
         from jailer import mounts
 
-        try:
-            self.bind_sources = mounts.open_sources(self.plan.filesystem)
-        except LayerError as exc:   # raised where the pivot_root layer is attempted (it may be best effort)
-            self.bind_sources_error = exc
-
-    def _bind_sources(self) -> dict:
         if self.bind_sources_error is not None:
-            raise self.bind_sources_error
-        return self.bind_sources
+            kind, layer, reason, fix = self.bind_sources_error
+            raise LayerError(layer, reason, fix)
+        return mounts.open_sources(self.checked_sources)
 
     def _fork_giving_up_exec_pipe(self) -> int:
         """fork(); the child goes on only once the parent has closed its copy of the exec pipe,

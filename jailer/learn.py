@@ -783,12 +783,14 @@ def learn_command(profile, output, in_place, exerciser, timeout, runs, as_json):
     text = summary.pop("profile_text")
     target = profile if in_place else output
     if target:
-        temporary = f"{target}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-        if os.path.exists(target):
-            os.chmod(temporary, os.stat(target).st_mode & 0o7777)
-        os.replace(temporary, target)
+        from jailer.host import paths
+
+        umask = os.umask(0o022)
+        os.umask(umask)
+        try:
+            paths.write_file(target, text.encode(), 0o666 & ~umask, keep_mode=True).close()
+        except OSError as exc:
+            raise JailerError(f"cannot write {target}: {exc.strerror}") from None
         summary["written"] = target
     if as_json:
         if not target:

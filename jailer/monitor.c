@@ -23,7 +23,8 @@
  * State: `jailer-monitor STATE_FD`, STATE_FD a file of lines "key values...":
  *   pid N | pidfd N | listener N | notify N | status N   (descriptors: -1 when absent)
  *   stage setup|steady | guard 0|1 (signals before ready kill) | staging 0|1 (steady rules apply)
- *   cgroup PATH | socket INODE PATH | pidfile INODE PATH
+ *   cgroup PATH | made FD DIRFD NAME (a socket or pid file jailer made: removed from the
+ *   inherited directory DIRFD only while NAME is still the inode FD holds, jailer.host.paths.Made)
  *   default SEVERITY ERRNO | staged NR | name NR NAME | reported SEVERITY NAME
  *   rule plain|steady NR SEVERITY ERRNO COUNT {INDEX OP VALUE MASK WIDTH32}*COUNT
  * with severities 0 allow, 1 log, 2 errno, 3 trap, 4 kill_thread, 5 kill, and ops
@@ -32,6 +33,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <signal.h>
@@ -76,9 +78,9 @@ static int rule_count, default_severity = KILL, default_errno = -1;
 static char *names[NR_LIMIT];
 static unsigned char staged[NR_LIMIT];
 static unsigned char reported[NR_LIMIT][KILL + 1];
-static char *cgroups[MAX_LIST], *sockets[MAX_LIST], *pidfile;
-static ino_t socket_inodes[MAX_LIST], pidfile_inode;
-static int cgroup_count, socket_count;
+static char *cgroups[MAX_LIST];
+static struct made { int fd, dirfd; char *name; } made[MAX_LIST];
+static int cgroup_count, made_count;
 static pid_t program;
 static int pidfd = -1, listener = -1, notify_fd = -1, status_fd = -1, killed, steady_stage, guard, staging;
 
@@ -189,7 +191,6 @@ static int load_state(int fd)
 	while (fgets(line, sizeof line, file)) {
 		char key[16], word[64];
 		long a, b;
-		unsigned long long inode;
 		line[strcspn(line, "\n")] = 0;
 		if (sscanf(line, "%15s", key) != 1)
 			continue;
@@ -202,12 +203,10 @@ static int load_state(int fd)
 		else if (!strcmp(key, "guard") && sscanf(line, "%*s %ld", &a) == 1) guard = a;
 		else if (!strcmp(key, "staging") && sscanf(line, "%*s %ld", &a) == 1) staging = a;
 		else if (!strcmp(key, "cgroup") && cgroup_count < MAX_LIST) cgroups[cgroup_count++] = rest_of_line(line, 1);
-		else if (!strcmp(key, "socket") && socket_count < MAX_LIST && sscanf(line, "%*s %llu", &inode) == 1) {
-			socket_inodes[socket_count] = inode;
-			sockets[socket_count++] = rest_of_line(line, 2);
-		} else if (!strcmp(key, "pidfile") && sscanf(line, "%*s %llu", &inode) == 1) {
-			pidfile_inode = inode;
-			pidfile = rest_of_line(line, 2);
+		else if (!strcmp(key, "made") && made_count < MAX_LIST && sscanf(line, "%*s %ld %ld", &a, &b) == 2) {
+			made[made_count].fd = a;
+			made[made_count].dirfd = b;
+			made[made_count++].name = rest_of_line(line, 3);
 		} else if (!strcmp(key, "default") && sscanf(line, "%*s %ld %ld", &a, &b) == 2) {
 			default_severity = a;
 			default_errno = b;
@@ -441,11 +440,12 @@ static int read_notify(void)
 	}
 }
 
-static void remove_if_same(const char *path, ino_t inode)
+static void remove_made(const struct made *entry)
 {
-	struct stat st;
-	if (path && lstat(path, &st) == 0 && st.st_ino == inode)
-		unlink(path);
+	struct stat there, ours;
+	if (entry->name && fstatat(entry->dirfd, entry->name, &there, AT_SYMLINK_NOFOLLOW) == 0
+	    && fstat(entry->fd, &ours) == 0 && there.st_dev == ours.st_dev && there.st_ino == ours.st_ino)
+		unlinkat(entry->dirfd, entry->name, 0);
 }
 
 /* jailer.cgroups.Cgroup.remove: rmdir, killing what is left, for up to 2 s. */
@@ -491,9 +491,8 @@ static int finish(int wait_status)
 	}
 	emit("exited", body);
 	remove_cgroups();
-	for (int i = 0; i < socket_count; i++)
-		remove_if_same(sockets[i], socket_inodes[i]);
-	remove_if_same(pidfile, pidfile_inode);
+	for (int i = 0; i < made_count; i++)
+		remove_made(&made[i]);
 	return code;
 }
 

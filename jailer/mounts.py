@@ -57,28 +57,61 @@ def build_root(fs, uid: int, gid: int, sources: dict[str, int]) -> dict:
             "devices": len(fs.devices), "readonly_root": fs.readonly_root, "proc": fs.proc}
 
 
-def open_sources(fs) -> dict[str, int]:
-    """source path -> O_PATH fd for every bind and device that exists (optional ones may not).
+def check_sources(fs) -> dict[str, tuple[int, int] | None]:
+    """source path -> (st_dev, st_ino) of every bind and device source, None for an optional
+    one that does not exist. Run by the launcher, with the invoker's own file-system ids and
+    in the host's view of owners: the profile's author (root, or the user running jailer)
+    decides what is bound, so a runtime under a 0700 directory such as /root is reachable,
+    and a source under a directory another user controls is resolved by
+    jailer.host.paths.walk, so that user cannot swap in a symlink to what they do not own
+    (/etc/shadow, say) and have it bound."""
+    from jailer.host import paths
 
-    Opened with the invoker's own file-system ids, before the set-up takes the sandbox's:
-    the profile's author (root, or the user running jailer) decides what is bound, so a
-    runtime under a 0700 directory such as /root is reachable; the sandbox's uid only ever
-    sees the bound files themselves."""
-    sources = {}
-    wanted = [(b.source, b.optional) for b in fs.binds] + [(d, False) for d in fs.devices]
+    checked = {}
+    directories = {}
     try:
-        for path, optional in wanted:
-            if path in sources:
+        for path, optional in [(b.source, b.optional) for b in fs.binds] + [(d, False) for d in fs.devices]:
+            if path in checked:
                 continue
             try:
-                sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                _, st = paths.walk(path, cache=directories, want_fd=False)
+                checked[path] = (st.st_dev, st.st_ino)
+            except paths.Refused as exc:
+                raise LayerError("pivot_root", f"bind source {exc}",
+                                 "bind a path that only root or you can redirect") from None
             except FileNotFoundError:
                 if not optional:
                     raise LayerError("pivot_root", f"bind source {path} does not exist",
                                      "create it, or mark the bind optional in the profile") from None
+                checked[path] = None
             except OSError as exc:
                 raise LayerError("pivot_root", f"cannot open bind source {path}: {exc.strerror}",
                                  "make the path reachable (search permission) by the sandbox's uid") from None
+    finally:
+        for fd, _ in directories.values():
+            os.close(fd)
+    return checked
+
+
+def open_sources(checked: dict) -> dict[str, int]:
+    """source path -> O_PATH fd, opened in the sandbox's new mount namespace (a bind takes
+    its source from the caller's own namespace), of each source check_sources found, and
+    only if it is still the inode it checked: a path swapped in between is refused."""
+    sources = {}
+    try:
+        for path, identity in checked.items():
+            if identity is None:
+                continue
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError as exc:
+                raise LayerError("pivot_root", f"cannot open bind source {path}: {exc.strerror}",
+                                 "make the path reachable (search permission) by the sandbox's uid") from None
+            sources[path] = fd
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:
+                raise LayerError("pivot_root", f"bind source {path} was replaced while jailer started",
+                                 "bind a path that only root or you can change")
     except BaseException:
         for fd in sources.values():
             os.close(fd)

@@ -15,7 +15,7 @@ import marshal
 import os
 import sys
 
-from jailer.errors import UsageError
+from jailer.errors import JailerError, UsageError
 
 USAGE = """\
 usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--socket NAME=PATH]...
@@ -209,20 +209,31 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _write_cache(directory: str, file: str, entry: dict) -> None:
-    """Best effort: a cache that cannot be written only costs time."""
+    """Best effort: a cache that cannot be written only costs time. The directory is pinned
+    (jailer.host.paths) and must be this user's and private; the entry is written there
+    under a fresh name and renamed into place."""
+    from jailer.host import paths
+
     try:
-        os.makedirs(directory, 0o700, exist_ok=True)
-        st = os.stat(directory)
+        dirfd = paths.open_directory(directory, make_dirs=0o700)
+    except (OSError, JailerError):
+        return
+    try:
+        st = os.fstat(dirfd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             return
-        _prune(directory)
-        temporary = f"{file}.{os.getpid()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _prune(dirfd)
+        name = os.path.basename(file)
+        temporary = f"{name}.{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dirfd)
         with open(fd, "wb") as f:
             marshal.dump(entry, f)
-        os.replace(temporary, file)
+        os.rename(temporary, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except OSError:
         pass
+    finally:
+        os.close(dirfd)
 
 
 class PlanView:
@@ -249,18 +260,26 @@ def _view(value):
     return value
 
 
-def _prune(directory: str, limit: int = 256) -> None:
-    """Drop entries whose profile is gone (temporary profiles would pile up); only on a miss."""
-    for name in sorted(os.listdir(directory))[:limit]:
-        path = os.path.join(directory, name)
+def _prune(dirfd: int, limit: int = 256) -> None:
+    """Drop entries whose profile is gone (temporary profiles would pile up); only on a miss,
+    and only files named as _cache_file names them."""
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        names = sorted(os.listdir(listing))[:limit]
+    finally:
+        os.close(listing)
+    for name in names:
+        if not name.endswith(".plan") or name[8:9] != "-":
+            continue
         try:
-            with open(path, "rb") as f:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            with open(fd, "rb") as f:
                 profile = marshal.load(f)["key"][0]
         except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError):
             profile = None
         if profile is None or not os.path.exists(profile):
             try:
-                os.unlink(path)
+                os.unlink(name, dir_fd=dirfd)
             except OSError:
                 pass
 

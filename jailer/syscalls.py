@@ -157,6 +157,16 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
 
 
+# renameat2(2)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def renameat2(old_dirfd: int, old_name: str, new_dirfd: int, new_name: str, flags: int) -> None:
+    _check(_libc.renameat2(ctypes.c_int(old_dirfd), _path(old_name), ctypes.c_int(new_dirfd), _path(new_name),
+                           ctypes.c_uint(flags)))
+
+
 def setfsuid(uid: int) -> None:
     _libc.setfsuid(ctypes.c_uint(uid))
 

@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from jailer.errors import UsageError
+from jailer.errors import JailerError, UsageError
 from jailer.plan import FdSpec, Plan
 from jailer.sdnotify import SD_LISTEN_FDS_START
 
@@ -430,9 +430,13 @@ def write_units(plan: Plan, request: UnitRequest, output_dir: str, drop_in: str 
         files = {out / f"{request.name}.service": render_service(plan, request)}
         if request.socket_activation:
             files[out / f"{request.name}.socket"] = render_socket(plan, request)
+    from jailer.host import paths
+
     for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        try:
+            paths.write_file(str(path), text.encode(), 0o644, make_dirs=0o755).close()
+        except OSError as exc:
+            raise JailerError(f"cannot write {path}: {exc.strerror}") from None
     return list(files)
 
 

@@ -1,0 +1,1 @@
+"""What jailer does on the host itself, on a caller's behalf and outside any sandbox."""
