@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +27,8 @@ from jailer import fds, launcher, mounts, run_cli
 from jailer.errors import JailerError
 from jailer.host import paths
 from jailer.plan import Bind, FdSpec, FilesystemPlan
+
+from engine_sandbox import DEVICE_PROFILE
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the attacker is another uid")
 
@@ -202,10 +207,10 @@ def race(attacker: Attacker, operation) -> tuple[int, int]:
     return rounds, refused
 
 
-def _check(attacker, victim, rounds, min_swaps=20):
+def _check(attacker, victim, rounds, min_swaps=20, min_rounds=100):
     swaps = attacker.finish()
     victim.assert_untouched()
-    assert rounds >= 100 and swaps >= min_swaps, (rounds, swaps)   # a real race, not a walkover
+    assert rounds >= min_rounds and swaps >= min_swaps, (rounds, swaps)   # a real race, not a walkover
 
 
 @pytest.mark.parametrize("group", [ATTACKER, None], ids=["socket-group", "sandbox-owner"])
@@ -329,3 +334,20 @@ def test_the_plan_cache_never_prunes_or_writes_a_directory_swapped_in(tmp_path):
 
     rounds, _ = race(attacker, operation)
     _check(attacker, victim, rounds)
+
+
+def test_jailer_run_as_the_issue_reproduced_it():
+    """The report, end to end: root runs the shipped device with --socket-path in the
+    attacker's directory and --socket-group, stopping it after 0.15 s, again and again.
+    Before the fix the victim became mode 0660 within one to five runs here."""
+    victim = Victim()
+    attacker = Attacker("entry", "s.sock", victim.file)
+    jailer = str(Path(sys.executable).with_name("jailer"))
+    runs = 25
+    for _ in range(runs):
+        run = subprocess.Popen([jailer, "run", str(DEVICE_PROFILE), "--socket-path", attacker.path("s.sock"),
+                                "--socket-group", str(ATTACKER)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.15)
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=30)
+    _check(attacker, victim, runs, min_swaps=5, min_rounds=runs)
