@@ -7,6 +7,8 @@ cd "$(dirname "$0")"
 apt_packages=(
     python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libcap-dev libseccomp2 libseccomp-dev
     util-linux iproute2 bubblewrap procps systemd libvirt-clients libxml2-utils
+    # the real-guest tests: what ../shared/peers' QEMU links against, and the guest's busybox
+    libglib2.0-0 libfdt1 zlib1g busybox-static
 )
 if [ "${JAILER_SKIP_APT:-0}" != 1 ]; then
     missing=()

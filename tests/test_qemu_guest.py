@@ -3,15 +3,17 @@ whose own driver (gpio_pci_idio_16) binds the device, drives its outputs, reads 
 host sets through the control socket and takes the card's change-of-state interrupt; the
 guest then reboots, and QEMU's system reset resets the device, which its driver binds again.
 
-Debian 12 packages neither such a QEMU nor a guest for it, so this runs only where they are
-given (and is skipped, saying which is missing, elsewhere):
+Debian 12 packages neither such a QEMU nor a guest for it. By default the prebuilt peers
+beside the checkout are used (../shared/peers: QEMU 10.2.2 and Debian 12's 6.1 kernel with
+its module subset; setup.sh installs the libraries QEMU needs and busybox-static); each can
+be overridden, and the tests are skipped, saying what is missing, where neither is there:
 
     JAILER_QEMU=/path/to/qemu-system-x86_64     a QEMU whose `-device help` lists vfio-user-pci
     JAILER_GUEST_KERNEL=/boot/vmlinuz-VERSION    a kernel with CONFIG_GPIO_PCI_IDIO_16=m; its
                                                  module comes from ../../lib/modules/VERSION
-    JAILER_QEMU_DATADIR=DIR[:DIR...]             optional: where QEMU finds its BIOS (-L)
-    JAILER_QEMU_ACCEL=kvm                        optional: the accelerator (default tcg, which
-                                                 works everywhere, nested guests included)
+    JAILER_QEMU_DATADIR=DIR[:DIR...]             where QEMU finds its BIOS (-L)
+    JAILER_QEMU_ACCEL=kvm                        the accelerator (default tcg, which works
+                                                 everywhere, nested guests included)
 
 The guest is that kernel plus an initramfs made here from the host's static busybox and the
 driver module; its /init is GUEST_INIT below and reports over the serial console.
@@ -33,9 +35,11 @@ import pytest
 from devices.gpio_pci_idio16.ctl import request as control
 from test_e2e_jailed_device import jailed, listener, scratch, start_with_control  # noqa: F401  (fixtures)
 
-QEMU = os.environ.get("JAILER_QEMU", "")
-KERNEL = os.environ.get("JAILER_GUEST_KERNEL", "")
-DATADIRS = [d for d in os.environ.get("JAILER_QEMU_DATADIR", "").split(":") if d]
+PEERS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
+QEMU = os.environ.get("JAILER_QEMU") or str(PEERS / "qemu" / "bin" / "qemu-system-x86_64")
+KERNEL = os.environ.get("JAILER_GUEST_KERNEL") or str(PEERS / "guest" / "boot" / "vmlinuz-6.1.0-57-amd64")
+DATADIRS = [d for d in (os.environ.get("JAILER_QEMU_DATADIR")
+                        or (str(PEERS / "qemu" / "share") if not os.environ.get("JAILER_QEMU") else "")).split(":") if d]
 ACCEL = os.environ.get("JAILER_QEMU_ACCEL", "tcg")
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 BOOT_TIMEOUT = 120.0          # TCG without KVM takes a while
@@ -112,10 +116,8 @@ reboot -f
 
 
 def _qemu_problem() -> str | None:
-    if not QEMU:
-        return "JAILER_QEMU is not set (Debian 12's QEMU 7.2 has no vfio-user-pci)"
     if not os.access(QEMU, os.X_OK):
-        return f"JAILER_QEMU={QEMU} is not executable"
+        return f"no QEMU at {QEMU} (set JAILER_QEMU; Debian 12's QEMU 7.2 has no vfio-user-pci)"
     devices = subprocess.run([QEMU, "-device", "help"], capture_output=True, text=True, timeout=30).stdout
     if '"vfio-user-pci"' not in devices:
         return f"{QEMU} has no vfio-user-pci device (needs QEMU 10.1 or newer)"
