@@ -4,24 +4,32 @@ host sets through the control socket and takes the card's change-of-state interr
 guest then reboots, and QEMU's system reset resets the device, which its driver binds again.
 
 Debian 12 packages neither such a QEMU nor a guest for it. By default the prebuilt peers
-beside the checkout are used (../shared/peers: QEMU 10.2.2 and Debian 12's 6.1 kernel with
-its module subset; setup.sh installs the libraries QEMU needs and busybox-static); each can
-be overridden, and the tests are skipped, saying what is missing, where neither is there:
+beside the checkout are used (../shared/peers: QEMU 10.2.2 and Debian 12's two kernels, 6.1
+and 6.12, with their module subsets; setup.sh installs the libraries QEMU needs and
+busybox-static), and every test runs once per kernel found there. Each can be overridden,
+and the tests are skipped, saying what is missing, where neither is there:
 
     JAILER_QEMU=/path/to/qemu-system-x86_64     a QEMU whose `-device help` lists vfio-user-pci
-    JAILER_GUEST_KERNEL=/boot/vmlinuz-VERSION    a kernel with CONFIG_GPIO_PCI_IDIO_16=m; its
-                                                 module comes from ../../lib/modules/VERSION
+    JAILER_GUEST_KERNEL=/boot/vmlinuz-VERSION    the one kernel to test, with
+                                                 CONFIG_GPIO_PCI_IDIO_16=m; its modules come
+                                                 from ../../lib/modules/VERSION
     JAILER_QEMU_DATADIR=DIR[:DIR...]             where QEMU finds its BIOS (-L)
     JAILER_QEMU_ACCEL=kvm                        the accelerator (default tcg, which works
                                                  everywhere, nested guests included)
 
-The guest is that kernel plus an initramfs made here from the host's static busybox and the
-driver module; its /init is GUEST_INIT below and reports over the serial console.
+The guest is that kernel plus an initramfs made here from the host's static busybox, the
+driver module and the modules it needs (on 6.12 gpio-idio-16 and gpio-regmap), found through
+the kernel's modules.dep; its /init is GUEST_INIT below, loads them in dependency order and
+reports over the serial console.
+
+All three tests run on each kernel: the six take about 100-120 s under TCG on 2 cores (a 6.1
+guest 17-27 s, a 6.12 guest 12-22 s, each for two boots), within what CI affords.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import select
 import shutil
@@ -37,7 +45,10 @@ from test_e2e_jailed_device import jailed, listener, scratch, start_with_control
 
 PEERS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
 QEMU = os.environ.get("JAILER_QEMU") or str(PEERS / "qemu" / "bin" / "qemu-system-x86_64")
-KERNEL = os.environ.get("JAILER_GUEST_KERNEL") or str(PEERS / "guest" / "boot" / "vmlinuz-6.1.0-57-amd64")
+KERNELS = ([os.environ["JAILER_GUEST_KERNEL"]] if os.environ.get("JAILER_GUEST_KERNEL")
+           else sorted(str(path) for path in (PEERS / "guest" / "boot").glob("vmlinuz-*")))
+DRIVER = "gpio_pci_idio_16"
+UNPACK = {".ko": bytes, ".xz": lzma.decompress}   # a module file's last suffix: how to get its .ko
 DATADIRS = [d for d in (os.environ.get("JAILER_QEMU_DATADIR")
                         or (str(PEERS / "qemu" / "share") if not os.environ.get("JAILER_QEMU") else "")).split(":") if d]
 ACCEL = os.environ.get("JAILER_QEMU_ACCEL", "tcg")
@@ -54,7 +65,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 say() { echo "GUEST: $*"; }
 fail() { say "FAIL $*"; poweroff -f; }
-insmod /gpio-pci-idio-16.ko || fail "insmod"
+for module in $(cat /modules/order); do insmod /modules/$module || fail "insmod $module"; done
 for d in /sys/bus/pci/devices/*; do
     [ "$(cat $d/vendor):$(cat $d/device)" = "0x494f:0x0dc8" ] && dev=$d
 done
@@ -121,24 +132,68 @@ def _qemu_problem() -> str | None:
     devices = subprocess.run([QEMU, "-device", "help"], capture_output=True, text=True, timeout=30).stdout
     if '"vfio-user-pci"' not in devices:
         return f"{QEMU} has no vfio-user-pci device (needs QEMU 10.1 or newer)"
-    if not KERNEL or not os.path.exists(KERNEL):
-        return "JAILER_GUEST_KERNEL does not name a guest kernel"
-    if _module_path() is None:
-        return f"no gpio-pci-idio-16.ko for {KERNEL} (CONFIG_GPIO_PCI_IDIO_16=m)"
+    if not KERNELS:
+        return f"no guest kernel in {PEERS / 'guest' / 'boot'} (set JAILER_GUEST_KERNEL)"
     if not os.access(BUSYBOX, os.X_OK):
         return "no busybox for the guest's initramfs (Debian: busybox-static)"
     return None
 
 
-def _module_path() -> Path | None:
-    kernel = Path(KERNEL)
-    version = kernel.name.removeprefix("vmlinuz-")
-    found = list((kernel.parent.parent / "lib" / "modules" / version).glob("kernel/drivers/gpio/gpio-pci-idio-16.ko*"))
-    return found[0] if found else None
+def _modules_directory(kernel: str) -> Path:
+    """../lib/modules/VERSION beside the kernel's boot/, as in a Debian linux-image package."""
+    return Path(kernel).parent.parent / "lib" / "modules" / Path(kernel).name.removeprefix("vmlinuz-")
+
+
+def _module_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def driver_modules(kernel: str) -> list[Path]:
+    """The driver's module after every module it needs, each after its own dependencies: busybox
+    insmod loads one file and resolves nothing, so the order comes from the kernel's modules.dep."""
+    directory = _modules_directory(kernel)
+    needs = {}
+    for line in (directory / "modules.dep").read_text().splitlines():
+        module, _, dependencies = line.partition(":")
+        needs[module] = dependencies.split()
+    order = []
+
+    def after_its_dependencies(module: str):
+        if module not in order:
+            for dependency in needs[module]:
+                after_its_dependencies(dependency)
+            order.append(module)
+    for module in needs:
+        if _module_name(module) == DRIVER:
+            after_its_dependencies(module)
+    return [directory / module for module in order]
+
+
+def _kernel_problem(kernel: str) -> str | None:
+    if not os.path.exists(kernel):
+        return f"no guest kernel at {kernel}"
+    if not (_modules_directory(kernel) / "modules.dep").exists():
+        return f"no {_modules_directory(kernel) / 'modules.dep'} for {kernel}"
+    modules = driver_modules(kernel)
+    if not modules:
+        return f"no gpio-pci-idio-16 module for {kernel} (CONFIG_GPIO_PCI_IDIO_16=m)"
+    for module in modules:
+        if not module.exists() or module.suffix not in UNPACK:
+            return f"no loadable {module} (plain or .xz) for {kernel}"
+    return None
 
 
 QEMU_PROBLEM = _qemu_problem()
 pytestmark = pytest.mark.skipif(QEMU_PROBLEM is not None, reason=str(QEMU_PROBLEM))
+
+
+def _kernel_param(kernel: str):
+    problem = _kernel_problem(kernel)
+    return pytest.param(kernel, id=Path(kernel).name.removeprefix("vmlinuz-"),
+                        marks=pytest.mark.skipif(problem is not None, reason=str(problem)))
+
+
+GUEST_KERNELS = [_kernel_param(kernel) for kernel in KERNELS]
 
 
 def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
@@ -157,26 +212,25 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def guest_initramfs(directory: Path) -> Path:
-    module = _module_path()
-    data = module.read_bytes()
-    if module.suffix == ".xz":
-        import lzma
-        data = lzma.decompress(data)
-    entries = [(directory, stat.S_IFDIR | 0o755, b"") for directory in ("bin", "proc", "sys")]
+def guest_initramfs(directory: Path, kernel: str) -> Path:
+    """busybox, GUEST_INIT, and in modules/ the driver's modules, unpacked, with their load order."""
+    modules = {module.name.split(".ko")[0] + ".ko": UNPACK[module.suffix](module.read_bytes())
+               for module in driver_modules(kernel)}
+    entries = [(directory, stat.S_IFDIR | 0o755, b"") for directory in ("bin", "proc", "sys", "modules")]
     entries += [("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()),
                 ("init", stat.S_IFREG | 0o755, GUEST_INIT.encode()),
-                ("gpio-pci-idio-16.ko", stat.S_IFREG | 0o644, data)]
+                ("modules/order", stat.S_IFREG | 0o644, "".join(f"{name}\n" for name in modules).encode())]
+    entries += [(f"modules/{name}", stat.S_IFREG | 0o644, data) for name, data in modules.items()]
     path = directory / "initramfs.cpio"
     path.write_bytes(newc_archive(entries))
     return path
 
 
-def qemu_command(socket_path: str, initramfs: Path) -> list[str]:
+def qemu_command(socket_path: str, initramfs: Path, kernel: str) -> list[str]:
     device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}}
     command = [QEMU, "-machine", f"q35,accel={ACCEL},memory-backend=mem", "-m", GUEST_RAM,
                "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
-               "-device", json.dumps(device), "-kernel", KERNEL, "-initrd", str(initramfs),
+               "-device", json.dumps(device), "-kernel", kernel, "-initrd", str(initramfs),
                "-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-nodefaults",
                "-serial", "stdio"]
     for directory in DATADIRS:
@@ -244,12 +298,13 @@ def start_for_unprivileged_qemu(jailed, invocation, scratch: Path):
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
+@pytest.mark.parametrize("kernel", GUEST_KERNELS)
 @pytest.mark.parametrize("invocation, qemu_user", [
     pytest.param("root", "caller", marks=NEEDS_ROOT),
     ("user", "caller"),
     pytest.param("root", "unprivileged", marks=NEEDS_ROOT),   # QEMU as its own user, jailer's socket
 ])
-def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, qemu_user, scratch, jailed):
+def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, qemu_user, kernel, scratch, jailed):
     if qemu_user == "caller":
         device, sock, ctl = start_with_control(jailed, invocation, scratch, "guest")
         prefix = []
@@ -257,8 +312,8 @@ def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, qemu_
         device, sock, ctl = start_for_unprivileged_qemu(jailed, invocation, scratch)
         prefix = ["setpriv", f"--reuid={QEMU_UID}", f"--regid={SOCKET_GID}", "--clear-groups"]
     wait_ready(device)
-    qemu = subprocess.Popen(prefix + qemu_command(sock, guest_initramfs(scratch)), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = prefix + qemu_command(sock, guest_initramfs(scratch, kernel), kernel)
+    qemu = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         console = Console(qemu)
         assert "idio-16" in console.expect("DRIVER")             # the guest's own driver is bound
