@@ -9,6 +9,8 @@ apt_packages=(
     util-linux iproute2 bubblewrap procps systemd libvirt-clients libxml2-utils
     # the real-guest tests: what ../shared/peers' QEMU links against, and the guest's busybox
     libglib2.0-0 libfdt1 zlib1g busybox-static
+    # the libvfio-user sample devices of ../shared/peers (bring-your-own-device tests)
+    libjson-c5
 )
 if [ "${JAILER_SKIP_APT:-0}" != 1 ]; then
     missing=()

@@ -174,10 +174,11 @@ class Manifest:
 
     @classmethod
     def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None,
-               socket_group: int | None = None) -> "Manifest":
+               socket_group: int | None = None, program_sockets: bool = False) -> "Manifest":
         """given: {name or None: fd}; None stands for the profile's unix-listener (plain --fd N);
         socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on;
-        socket_group: the group of every socket jailer creates (see create_listener)."""
+        socket_group: the group of every socket jailer creates (see create_listener), which
+        the program's own sockets get too (program_sockets: there are some)."""
         manifest = cls()
         given = dict(given)
         paths = dict(sockets or {})
@@ -203,7 +204,7 @@ class Manifest:
                 fd = manifest._descriptor(spec, given, paths, owner, socket_group)
                 if fd is not None:
                     manifest.entries.append((spec, fd))
-            if socket_group is not None and not manifest.made:
+            if socket_group is not None and not manifest.made and not program_sockets:
                 raise UsageError("--socket-group: jailer creates no socket here "
                                  "(it applies to --socket-path and --socket NAME=PATH)")
         except BaseException:

@@ -64,6 +64,8 @@ def format_plan(plan):
     row("executable", program.executable)
     row("argv", " ".join(json.dumps(a) if not a or " " in a or '"' in a else a for a in program.argv))
     row("cwd", program.cwd)
+    row("ready", plan.program.ready + (f" (within {plan.program.ready_timeout:g} s)"
+                                        if plan.program.ready == "socket" else ""))
     ns = plan.namespaces
     flags = [name for name in ("user", "mount", "pid", "net", "ipc", "uts", "cgroup") if getattr(ns, name)]
     section("namespaces", " ".join(flags) or "none")
@@ -123,6 +125,11 @@ def format_plan(plan):
         extra = [f"path {fd.path}" if fd.path else "", f"size {format_size(fd.size)}" if fd.size is not None else "",
                  f"mode {fd.mode}" if fd.kind == "file" else "", "required" if fd.required else "optional"]
         row(f"{fd.number} {fd.name}", " ".join([fd.kind, *filter(None, extra)]))
+    if plan.sockets:
+        section("sockets", "the program binds them itself; ready once it listens"
+                if plan.program.ready == "socket" else "the program binds them itself")
+        for entry in plan.sockets:
+            row(entry.name, f"{entry.path}  (its directory: a private writable bind, sockets only)")
     net = plan.network
     section("network", net.mode)
     if net.mode == "veth":

@@ -18,6 +18,7 @@ import stat
 from jailer import syscalls
 
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+REMOVE_FILE, MAKE_SOCK = 1 << 5, 1 << 9
 MAKE_CHAR, MAKE_BLOCK = 1 << 6, 1 << 11
 TRUNCATE, IOCTL_DEV = 1 << 14, 1 << 15
 FILE_ONLY = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
@@ -51,6 +52,8 @@ def path_rules(plan, pivoted: bool) -> list[tuple[str, int, bool]]:
         rules.append(("/", READ if fs.readonly_root else writable, False))
         rules += [(b.target, writable if b.writable else READ, True) for b in fs.binds]
         rules += [(t.target, writable, False) for t in fs.tmpfs]
+        # a program's own socket directory: it may make its socket there and remove it, nothing else
+        rules += [(os.path.dirname(s.path), MAKE_SOCK | REMOVE_FILE, False) for s in plan.sockets]
     else:
         rules += [(b.source, writable if b.writable else READ, b.optional) for b in fs.binds]
     rules += [(d, DEVICE, False) for d in fs.devices]

@@ -88,7 +88,7 @@ import time
 
 from jailer import fds as fdlib
 from jailer import namespaces, status
-from jailer.errors import JailerError, LayerError
+from jailer.errors import JailerError, LayerError, UsageError
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SETUP_FAILED = 125
@@ -163,6 +163,9 @@ class _Launch:
         self.enforcement = status.Enforcement(plan.best_effort)
         self.status = status.StatusStream(options.status_fd)
         self.manifest = None
+        self.program_sockets = []       # jailer.host.sockets.ProgramSocket, one per [[sockets]] entry
+        self.socket_deadline = None     # ready = "socket": monotonic time by which the program must listen
+        self.ready_failure = None       # why the program never became ready (it was killed for it)
         self.cgroup = None
         self.setup_pid = None
         self.program_pid = None         # outer pid of the program
@@ -203,9 +206,15 @@ class _Launch:
         given = dict(options.given_fds)
         if "LISTEN_FDS" in os.environ:
             given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
-        self.manifest = fdlib.Manifest.gather(plan.fds, given, options.socket_path, owner, options.sockets,
-                                              options.socket_group)
+        socket_path, fd_sockets, program_paths = _split_sockets(plan, options)
+        self.manifest = fdlib.Manifest.gather(plan.fds, given, socket_path, owner, fd_sockets,
+                                              options.socket_group, program_sockets=bool(program_paths))
         try:
+            from jailer.host.sockets import ProgramSocket
+
+            for spec in plan.sockets:
+                self.program_sockets.append(ProgramSocket(spec, program_paths[spec.name], owner,
+                                                          options.socket_group))
             self.notify_fd = self.manifest.notify_fd
             numbers = self.manifest.numbers()
             argv = fdlib.expand_argv(plan.program.argv + options.extra_args, numbers,
@@ -231,6 +240,8 @@ class _Launch:
         finally:
             if self.cgroup is not None:
                 self.cgroup.remove()
+            for program_socket in self.program_sockets:
+                program_socket.remove()
             self.manifest.close()
 
     def _create_cgroup(self, cgroup_plan):
@@ -267,6 +278,10 @@ class _Launch:
                 os._exit(SETUP_FAILED)
         self.setup_pid = pid
         self.bind_sources = self._check_bind_sources()   # while the child unshares
+        for program_socket in self.program_sockets:
+            source, target, identity = program_socket.bind()
+            self.bind_sources[0][source] = identity
+            self.bind_sources[2].append((source, target))
         child_sock.close()
         os.close(exec_w)
         try:
@@ -282,19 +297,19 @@ class _Launch:
                 os.close(self.listener)
 
     def _check_bind_sources(self) -> tuple:
-        """({source: (st_dev, st_ino) or None}, error fields or None), sent to the child with
-        "go". Resolved here, with the invoker's ids and in the host's view of file owners,
+        """({source: (st_dev, st_ino) or None}, error fields or None, [(source, target)] of the
+        writable binds the program's own sockets get), sent to the child with "go". Resolved here, with the invoker's ids and in the host's view of file owners,
         which jailer.host.paths needs to tell whose directory a path passes through (inside a
         user namespace root and every other unmapped user look alike); the child opens each
         source in its mount namespace and binds it only if it is this inode."""
         if not self.plan.namespaces.mount:
-            return {}, None
+            return {}, None, []
         from jailer import mounts
 
         try:
-            return mounts.check_sources(self.plan.filesystem), None
+            return mounts.check_sources(self.plan.filesystem), None, []
         except LayerError as exc:
-            return {}, _error_fields(exc)
+            return {}, _error_fields(exc), []
 
     def _start_child(self) -> tuple[int, int]:
         """(pid, clone flags it was created with). With a pid namespace the child is cloned
@@ -365,6 +380,8 @@ class _Launch:
                         return self._finish(setup_status)
                 if self.grab:
                     self._try_grab(sock, poller)
+                if self.socket_deadline is not None and self.program_pid is not None:
+                    self._check_program_sockets()
                 self._forward_signals()
                 if self._may_hand_over():
                     self._hand_over()
@@ -524,6 +541,33 @@ class _Launch:
                     self.status.emit("status", text=value)
                     self._tell_service_manager(f"STATUS={value}")
 
+    def _check_program_sockets(self):
+        """ready = "socket": place each socket the program listens on, ready once all are;
+        past the deadline the sandbox is killed and the run fails saying which is missing."""
+        waiting = [p for p in self.program_sockets if p.made is None]
+        for program_socket in waiting:
+            if not program_socket.listening(self.program_pid):
+                continue
+            try:
+                program_socket.place()
+            except JailerError as exc:
+                self._fail_readiness(str(exc))
+                return
+            self.status.emit("listening", socket=program_socket.spec.name, path=program_socket.path)
+        waiting = [p for p in self.program_sockets if p.made is None]
+        if not waiting:
+            self.socket_deadline = None
+            self._become_ready()
+        elif time.monotonic() > self.socket_deadline:
+            first = waiting[0].spec
+            self._fail_readiness(f"the program did not listen on its socket '{first.name}' ({first.path}) within "
+                                 f"{self.plan.program.ready_timeout:g} s (program.ready_timeout)")
+
+    def _fail_readiness(self, reason):
+        self.socket_deadline = None
+        self.ready_failure = reason
+        self._kill_sandbox(None)
+
     def _become_ready(self):
         if self.stage != "setup":
             return
@@ -570,6 +614,9 @@ class _Launch:
             status.warn(f"layer '{layer}' skipped (best effort): {reason}")
         if self.plan.program.ready == "exec" or self.ready_pending:
             self._become_ready()
+        elif self.plan.program.ready == "socket":
+            self.socket_deadline = time.monotonic() + self.plan.program.ready_timeout
+            self._check_program_sockets()
 
     def _forward_signals(self):
         while self.pending_signals:
@@ -594,6 +641,8 @@ class _Launch:
         """ms until something is due without an event: the listener grab, or the hand-over."""
         if self.grab:
             return 1
+        if self.socket_deadline is not None:
+            return 5
         if self.started and not self.monitor_failed and self.hand_over_at not in (None, float("inf")):
             return max(0, int((self.hand_over_at - time.monotonic()) * 1000) + 1)
         return None
@@ -604,8 +653,8 @@ class _Launch:
         program that is starting up with notified syscalls is handed over at once (the monitor
         answers them faster); any other only once it has run for HAND_OVER_AFTER seconds, so
         that a short-lived one is not worth an exec."""
-        if not self.started or self.error or self.grab or self.pending_signals:
-            return False
+        if not self.started or self.error or self.grab or self.pending_signals or self.socket_deadline is not None:
+            return False   # (the monitor cannot wait for a program's own socket)
         if self.hand_over_at is None:
             if not self._monitor_can_take_over():
                 self.hand_over_at = float("inf")
@@ -648,8 +697,8 @@ class _Launch:
             reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
 
     def _made(self) -> list:
-        """The sockets and pid file jailer made, which whoever outlives the program removes."""
-        return self.manifest.made + ([self.pidfile] if self.pidfile is not None else [])
+        """The sockets, directories and pid file jailer made, which whoever outlives the program removes."""
+        return self.manifest.made + self.program_sockets + ([self.pidfile] if self.pidfile is not None else [])
 
     def _hand_over(self):
         """Exec jailer-monitor in this process; returns only if that exec failed."""
@@ -694,7 +743,32 @@ class _Launch:
 
             wait_status = SIGSYS   # what the kernel's own kill action would have shown
         self.status.emit("exited", **status.describe_exit(wait_status))
+        if self.ready_failure is not None:
+            raise JailerError(self.ready_failure)
         return status.exit_code(wait_status)
+
+
+def _split_sockets(plan, options) -> tuple:
+    """(--socket-path for a unix-listener fd or None, {fd name: path}, {[[sockets]] name: path}):
+    --socket-path names the program's own socket when the profile has no unix-listener fd."""
+    from jailer.host.sockets import main_socket
+
+    names = {spec.name for spec in plan.sockets}
+    fd_sockets = {name: path for name, path in options.sockets.items() if name not in names}
+    program_paths = {name: path for name, path in options.sockets.items() if name in names}
+    socket_path = options.socket_path
+    if plan.sockets and socket_path is not None and not any(f.kind == "unix-listener" for f in plan.fds):
+        main = main_socket(plan.sockets, "--socket-path")
+        if main.name in program_paths:
+            raise UsageError(f"--socket-path and --socket {main.name}=PATH name the same socket")
+        program_paths[main.name] = socket_path
+        socket_path = None
+    missing = [spec.name for spec in plan.sockets if spec.name not in program_paths]
+    if missing:
+        option = "--socket-path PATH" if len(plan.sockets) == 1 else f"--socket {missing[0]}=PATH"
+        raise UsageError(f"the program binds its socket '{missing[0]}' itself: say where to make it reachable "
+                         f"with {option}")
+    return socket_path, fd_sockets, program_paths
 
 
 def _write_pidfile(path):
@@ -732,7 +806,8 @@ class _Child:
         self.listen = listen            # the filter notifies: the launcher takes its listener
         self.cgroup = cgroup
         self.cloned = cloned            # clone flags this process was created with (0: a plain fork)
-        self.checked_sources, self.bind_sources_error = {}, None   # from the launcher's "go"
+        self.bind_sources, self.bind_sources_error = {}, None   # opened as the launcher's "go" says
+        self.socket_binds = []
         self.user_namespace = False
         self.last_cap = None
 
@@ -773,7 +848,8 @@ class _Child:
         go = _receive(self.sock_fd)
         if not go or go[0] != "go":
             os._exit(SETUP_FAILED)
-        self.checked_sources, self.bind_sources_error = go[1:]
+        checked, self.bind_sources_error, self.socket_binds = go[1:]
+        self._open_bind_sources(checked)   # with the invoker's ids, before taking the sandbox's
         if self.user_namespace:
             from jailer import syscalls
 
@@ -794,13 +870,23 @@ class _Child:
         _send(self.sock_fd, "status", "program" if plan.namespaces.pid1 == "program" else "pid1", wait_status)
         os._exit(0)
 
-    def _bind_sources(self) -> dict:
+    def _open_bind_sources(self, checked: dict):
+        """Open what the launcher checked, in this mount namespace; an error is raised where
+        the pivot_root layer is attempted (it may be best effort)."""
+        if self.bind_sources_error is not None or not checked:
+            return
         from jailer import mounts
 
+        try:
+            self.bind_sources = mounts.open_sources(checked)
+        except LayerError as exc:
+            self.bind_sources_error = _error_fields(exc)
+
+    def _bind_sources(self) -> dict:
         if self.bind_sources_error is not None:
             kind, layer, reason, fix = self.bind_sources_error
             raise LayerError(layer, reason, fix)
-        return mounts.open_sources(self.checked_sources)
+        return self.bind_sources
 
     def _fork_giving_up_exec_pipe(self) -> int:
         """fork(); the child goes on only once the parent has closed its copy of the exec pipe,
@@ -840,7 +926,7 @@ class _Child:
             from jailer import mounts
 
             attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid,
-                                                            self._bind_sources()))
+                                                            self._bind_sources(), self.socket_binds))
             pivoted = "pivot_root" in self.enforcement.applied
         try:
             os.chdir(plan.program.cwd)

@@ -476,12 +476,15 @@ def replace_seccomp_section(text: str, section: str, path: str = "profile") -> s
 # --- running the program ---------------------------------------------------------------------
 
 class _Sockets:
-    """Listening sockets learn creates for the profile's unix-listener fds, in a private directory."""
+    """Listening sockets learn creates for the profile's unix-listener fds, and the paths where
+    the launcher makes the program's own sockets ([[sockets]]) reachable, in a private directory."""
 
     def __init__(self, plan):
         self.directory = tempfile.mkdtemp(prefix="jailer-learn-")
         self.fds = {}
         self.paths = {}
+        self.program = {spec.name: os.path.join(self.directory, f"{spec.name}.sock") for spec in plan.sockets}
+        self.paths.update(self.program)
         for spec in plan.fds:
             if spec.kind == "unix-listener":
                 path = os.path.join(self.directory, f"{spec.name}.sock")
@@ -520,9 +523,10 @@ def _roles(plan, names) -> tuple:
                 control = name
     device = [name for name in names if name != control]
     if len(device) != 1:
-        raise UsageError(f"{plan.source}: the vfio-user exerciser needs exactly one unix-listener fd for the "
-                         "device's socket (and at most one more passed as --control-fd={fd:NAME}); the profile has "
-                         + (", ".join(sorted(names)) or "none") + " (use --exerciser none for other programs)")
+        raise UsageError(f"{plan.source}: the vfio-user exerciser needs exactly one socket for the device: a "
+                         "unix-listener fd or a [[sockets]] entry (and at most one more fd passed as "
+                         "--control-fd={fd:NAME}); the profile has " + (", ".join(sorted(names)) or "none")
+                         + " (use --exerciser none for other programs)")
     return device[0], control
 
 
@@ -532,14 +536,14 @@ class _LauncherRun:
     The launcher runs in a child process (it owns signal handlers and forks the sandbox);
     the child sends back its exit code, what the policy recorded and any error, marshalled."""
 
-    def __init__(self, plan, given_fds, policy, route_all):
+    def __init__(self, plan, given_fds, policy, route_all, program_sockets=None):
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         self.pid = os.fork()
         if self.pid == 0:
             os.close(result_r)
             os.close(status_r)
-            _launcher_child(plan, given_fds, policy, route_all, status_w, result_w)
+            _launcher_child(plan, given_fds, policy, route_all, status_w, result_w, program_sockets)
         os.close(result_w)
         os.close(status_w)
         self.pipes = {result_r: bytearray(), status_r: bytearray()}
@@ -615,7 +619,7 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
     run = None
     try:
         roles = _roles(plan, sockets.paths) if exerciser == "vfio-user" else None
-        run = _LauncherRun(plan, sockets.fds, policy, route_all)
+        run = _LauncherRun(plan, sockets.fds, policy, route_all, sockets.program)
         sockets.close_fds()
         report = None
         if roles is not None:
@@ -649,7 +653,7 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
         sockets.close()
 
 
-def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd):
+def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd, program_sockets=None):
     """In the forked child: run the launcher, send back (exit code, recorded trace, error)."""
     import marshal
 
@@ -658,7 +662,7 @@ def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd):
         from jailer import launcher
 
         learning = {"notification_policy": policy, "route_all_to_notify": route_all} if policy is not None else {}
-        options = launcher.Options(given_fds=given_fds, status_fd=status_fd, **learning)
+        options = launcher.Options(given_fds=given_fds, status_fd=status_fd, sockets=program_sockets, **learning)
         code = launcher.run(plan, options)
         if policy is not None:
             recorded = (dict(policy.counts), dict(policy.conflicts))

@@ -25,6 +25,8 @@
  *   stage setup|steady | guard 0|1 (signals before ready kill) | staging 0|1 (steady rules apply)
  *   cgroup PATH | made FD DIRFD NAME (a socket or pid file jailer made: removed from the
  *   inherited directory DIRFD only while NAME is still the inode FD holds, jailer.host.paths.Made)
+ *   | tidy FD DIRFD NAME (the directory a program binds its socket in: removed with the
+ *   entries in it while it is still the directory FD holds, paths.remove_flat_directory)
  *   default SEVERITY ERRNO | staged NR | name NR NAME | reported SEVERITY NAME
  *   rule plain|steady NR SEVERITY ERRNO COUNT {INDEX OP VALUE MASK WIDTH32}*COUNT
  * with severities 0 allow, 1 log, 2 errno, 3 trap, 4 kill_thread, 5 kill, and ops
@@ -32,6 +34,7 @@
  * answer for one call in the state's stage (for the tests that hold it to the Python policy).
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/seccomp.h>
@@ -79,8 +82,8 @@ static char *names[NR_LIMIT];
 static unsigned char staged[NR_LIMIT];
 static unsigned char reported[NR_LIMIT][KILL + 1];
 static char *cgroups[MAX_LIST];
-static struct made { int fd, dirfd; char *name; } made[MAX_LIST];
-static int cgroup_count, made_count;
+static struct made { int fd, dirfd; char *name; } made[MAX_LIST], tidy[MAX_LIST];
+static int cgroup_count, made_count, tidy_count;
 static pid_t program;
 static int pidfd = -1, listener = -1, notify_fd = -1, status_fd = -1, killed, steady_stage, guard, staging;
 
@@ -207,6 +210,10 @@ static int load_state(int fd)
 			made[made_count].fd = a;
 			made[made_count].dirfd = b;
 			made[made_count++].name = rest_of_line(line, 3);
+		} else if (!strcmp(key, "tidy") && tidy_count < MAX_LIST && sscanf(line, "%*s %ld %ld", &a, &b) == 2) {
+			tidy[tidy_count].fd = a;
+			tidy[tidy_count].dirfd = b;
+			tidy[tidy_count++].name = rest_of_line(line, 3);
 		} else if (!strcmp(key, "default") && sscanf(line, "%*s %ld %ld", &a, &b) == 2) {
 			default_severity = a;
 			default_errno = b;
@@ -448,6 +455,27 @@ static void remove_made(const struct made *entry)
 		unlinkat(entry->dirfd, entry->name, 0);
 }
 
+static void remove_flat_directory(const struct made *entry)
+{
+	struct stat there, ours;
+	struct dirent *item;
+	DIR *listing;
+	int fd = openat(entry->dirfd, entry->name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (fstat(fd, &there) < 0 || fstat(entry->fd, &ours) < 0 || there.st_dev != ours.st_dev
+	    || there.st_ino != ours.st_ino || !(listing = fdopendir(fd))) {
+		close(fd);
+		return;
+	}
+	while ((item = readdir(listing)))
+		if (strcmp(item->d_name, ".") && strcmp(item->d_name, ".."))
+			unlinkat(fd, item->d_name, 0);
+	closedir(listing);
+	if (unlinkat(entry->dirfd, entry->name, AT_REMOVEDIR) < 0)
+		warn("left the directory %s: the program made directories in it", entry->name);
+}
+
 /* jailer.cgroups.Cgroup.remove: rmdir, killing what is left, for up to 2 s. */
 static void remove_cgroups(void)
 {
@@ -493,6 +521,8 @@ static int finish(int wait_status)
 	remove_cgroups();
 	for (int i = 0; i < made_count; i++)
 		remove_made(&made[i]);
+	for (int i = 0; i < tidy_count; i++)
+		remove_flat_directory(&tidy[i]);
 	return code;
 }
 

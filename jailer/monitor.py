@@ -44,8 +44,8 @@ def built() -> bool:
 
 def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(), made=(), seccomp=None,
           names=None, reported=(), stage="steady", guard=False) -> str:
-    """The monitor's state file. made: the jailer.host.paths.Made entries to remove at the end
-    (their directory descriptors must be inherited); seccomp is the plan's SeccompPlan (or
+    """The monitor's state file. made: what to remove at the end (jailer.host.paths.Made,
+    jailer.host.sockets.ProgramSocket; their descriptors must be inherited); seccomp is the plan's SeccompPlan (or
     its cached view), names {nr: name}; reported the (syscall, action) refusals already told on stderr; stage "setup"
     until the program is ready; guard: a signal before ready kills the sandbox (its program is
     a pid 1 that may have no handler yet)."""
@@ -58,7 +58,7 @@ def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(),
              f"status {fd(status_fd)}", f"stage {stage}", f"guard {int(guard)}",
              f"staging {int(bool(seccomp is not None and seccomp.steady))}"]
     lines += [f"cgroup {directory}" for directory in cgroup_dirs]
-    lines += [entry.monitor_line() for entry in made]
+    lines += [line for entry in made for line in entry.monitor_lines()]
     if seccomp is not None and names:
         numbers = {name: nr for nr, name in names.items()}
         lines += [f"name {nr} {name}" for nr, name in sorted(names.items())]

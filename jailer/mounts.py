@@ -28,13 +28,25 @@ READ_ONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
 _FIX = "check the paths in the profile's [filesystem] section (`jailer show` prints the resolved plan)"
 
 
-def build_root(fs, uid: int, gid: int, sources: dict[str, int]) -> dict:
+class _SocketDirectory:
+    """The writable bind of a program's own socket directory: not in the plan, its host
+    directory is made for each run (jailer.host.sockets)."""
+
+    writable = True
+
+    def __init__(self, source: str, target: str):
+        self.source, self.target = source, target
+
+
+def build_root(fs, uid: int, gid: int, sources: dict[str, int], socket_binds=()) -> dict:
     """Pivot into a new root built from `fs`, binding `sources` (see open_sources, whose fds
-    this closes); returns what was mounted, for the status."""
+    this closes) and, writable, the (source, target) directories of the program's own
+    sockets; returns what was mounted, for the status."""
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     try:
         _pivot_into_tmpfs(fs.root_size)
-        entries = [(b.target, "bind", b) for b in fs.binds if b.source in sources]
+        binds = list(fs.binds) + [_SocketDirectory(source, target) for source, target in socket_binds]
+        entries = [(b.target, "bind", b) for b in binds if b.source in sources]
         entries += [(t.target, "tmpfs", t) for t in fs.tmpfs]
         entries += [(d, "device", d) for d in fs.devices]
         entries += [(s.target, "symlink", s) for s in fs.symlinks]

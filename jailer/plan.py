@@ -39,7 +39,7 @@ RUNTIMES = ("native", "python")
 SECCOMP_ACTIONS = ("allow", "errno", "kill", "kill_thread", "trap", "log")
 ARG_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "masked_eq")
 FD_KINDS = ("unix-listener", "unix-stream", "memfd", "eventfd", "file", "notify")
-READY_MODES = ("exec", "notify")
+READY_MODES = ("exec", "notify", "socket")
 NETWORK_MODES = ("none", "loopback", "veth")
 PID1_MODES = ("reaper", "program")
 
@@ -50,7 +50,9 @@ class ProgramPlan:
     executable: str                 # absolute path exec'd (visible at the same path inside)
     runtime: str = "native"         # one of RUNTIMES
     cwd: str = "/"
-    ready: str = "exec"             # one of READY_MODES: "notify" = when it writes READY=1 to its notify fd
+    ready: str = "exec"             # one of READY_MODES: "notify" = when it writes READY=1 to its notify fd,
+                                    # "socket" = when every socket of Plan.sockets listens
+    ready_timeout: float = 10.0     # ready = "socket": seconds the program has to listen
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,15 @@ class FdSpec:
 
 
 @dataclass(frozen=True)
+class ProgramSocket:
+    """A socket the program binds itself (libvfio-user devices do): jailer binds a private
+    host directory, writable, at the path's directory and makes the socket reachable at the
+    caller's --socket-path / --socket NAME=PATH once it listens."""
+    name: str
+    path: str                       # where the program binds it, inside the sandbox
+
+
+@dataclass(frozen=True)
 class NetworkPlan:
     mode: str = "none"              # one of NETWORK_MODES
     host_ifname: str | None = None  # veth only
@@ -204,6 +215,7 @@ class Plan:
     seccomp: SeccompPlan = field(default_factory=SeccompPlan)
     limits: LimitsPlan = field(default_factory=LimitsPlan)
     fds: tuple[FdSpec, ...] = ()
+    sockets: tuple[ProgramSocket, ...] = ()
     network: NetworkPlan = field(default_factory=NetworkPlan)
     environment: tuple[tuple[str, str], ...] = ()   # the program's whole environment
     die_with_parent: bool = True

@@ -23,6 +23,8 @@ MAX_ID = 2**32 - 2
 MAX_ARG = 2**64 - 1
 
 _FD_PLACEHOLDER = re.compile(r"\{fd:([^}]*)\}")
+_SOCKET_PLACEHOLDER = re.compile(r"\{socket:([^}]*)\}")
+_ENV_PLACEHOLDER = re.compile(r"\{env:([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _FD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -31,8 +33,9 @@ _SIZE = re.compile(r"(\d+)\s*([KMGT]?)\Z", re.IGNORECASE)
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%\Z")
 
 TOP_KEYS = ("name", "die_with_parent", "program", "namespaces", "identity", "filesystem", "landlock",
-            "seccomp", "limits", "fds", "network", "environment", "enforcement")
-PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready")
+            "seccomp", "limits", "fds", "sockets", "network", "environment", "enforcement")
+PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout")
+SOCKET_KEYS = ("name", "path")
 NAMESPACE_KEYS = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup", "hostname", "pid1")
 IDENTITY_KEYS = ("uid", "gid", "unprivileged_uid", "unprivileged_gid")
 FILESYSTEM_KEYS = ("root_size", "readonly_root", "proc", "devices", "bind", "tmpfs", "symlink")
@@ -185,6 +188,14 @@ def _absolute_path(value):
     return os.path.normpath(value).replace("//", "/")
 
 
+def _seconds(low, high):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise _Invalid(f"a number of seconds above {low} and at most {high}")
+        return float(value)
+    return convert
+
+
 def _integer(low, high=None):
     def convert(value):
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
@@ -310,8 +321,9 @@ class _PlanBuilder:
         r = self.r
         name = r.get(self.data, "", "name", _matching(_NAME, "a name of letters, digits, '.', '_' or '-'"))
         fds = self.fds()
+        sockets = self.sockets({fd.name for fd in fds})
         namespaces = self.namespaces()
-        program, runtime = self.program({fd.name for fd in fds})
+        program, runtime = self.program({fd.name for fd in fds}, {s.name: s.path for s in sockets})
         plan = P.Plan(
             source=r.file,
             name=name or os.path.splitext(os.path.basename(r.file))[0],
@@ -325,6 +337,7 @@ class _PlanBuilder:
             seccomp=self.seccomp(),
             limits=self.limits(),
             fds=fds,
+            sockets=sockets,
             network=self.network(namespaces.net),
             environment=self.environment(runtime),
             die_with_parent=r.get(self.data, "", "die_with_parent", _boolean, True),
@@ -336,12 +349,60 @@ class _PlanBuilder:
         elif program.ready == "notify" and not notify_fds:
             r.fail("program.ready", 'found "notify" without a notify fd, expected an [[fds]] entry with kind = '
                    '"notify" (the program writes READY=1 to it) or ready = "exec"')
+        if program.ready == "socket" and not sockets:
+            r.fail("program.ready", 'found "socket" without a [[sockets]] entry, expected the socket the program '
+                   'binds itself declared in [[sockets]], or ready = "exec" or "notify"')
+        if sockets and not namespaces.mount:
+            r.fail("sockets", "found sockets the program binds itself with namespaces.mount = false, expected "
+                   "namespaces.mount = true (jailer binds a private directory at each socket's directory)")
+        targets = {b.target for b in plan.filesystem.binds} | {t.target for t in plan.filesystem.tmpfs}
+        for index, entry in enumerate(sockets):
+            directory = os.path.dirname(entry.path)
+            if directory in targets:
+                r.fail(f"sockets[{index}].path", f"found {_describe(entry.path)}, expected a socket in a directory "
+                       f"of its own: {directory} is already a [filesystem] target")
         if not _directory_in_sandbox(program.cwd, plan.filesystem):
             r.fail("program.cwd", f"found {_describe(program.cwd)}, expected \"/\" or a directory the sandbox "
                    "has: a tmpfs or directory bind target, a directory inside such a bind, or a parent of a target")
         return plan
 
-    def program(self, fd_names):
+    def expand_environment(self, key: str, value: str) -> str:
+        """{env:NAME} becomes the caller's $NAME, so that a shipped profile can name a program
+        that lives where each user put it (the plan cache keys on such variables too)."""
+        for name in _ENV_PLACEHOLDER.findall(value):
+            if not self.environ.get(name):
+                self.r.fail(key, f"found {_describe(value)} with ${name} not set, expected ${name} to name where "
+                            "the program is (e.g. " + name + "=/opt/... jailer run ...)")
+                continue
+            value = value.replace("{env:" + name + "}", self.environ[name])
+        return value
+
+    def sockets(self, fd_names):
+        r = self.r
+        sockets, names, directories = [], {}, {}
+        for key, entry in r.tables(self.data.get("sockets", []), "sockets", SOCKET_KEYS):
+            name = r.require(entry, key, "name", _matching(_FD_NAME, "a name of letters, digits, '_' or '-'"),
+                             "a name")
+            path = r.require(entry, key, "path", _absolute_path, "an absolute path")
+            if name is not None:
+                if name in names or name in fd_names:
+                    r.fail(f"{key}.name", f"found {_describe(name)}, expected a name not already used by "
+                           f"{names.get(name, 'an [[fds]] entry')}")
+                names.setdefault(name, key)
+            if path is not None:
+                directory = os.path.dirname(path)
+                if directory == "/":
+                    r.fail(f"{key}.path", f"found {_describe(path)}, expected a socket in a directory of its own "
+                           'like "/run/vfio-user/device.sock" (jailer binds a private directory there)')
+                elif directory in directories:
+                    r.fail(f"{key}.path", f"found {_describe(path)}, expected a directory not already used by "
+                           f"{directories[directory]}")
+                directories.setdefault(directory, key)
+            if name is not None and path is not None:
+                sockets.append(P.ProgramSocket(name=name, path=path))
+        return tuple(sockets)
+
+    def program(self, fd_names, socket_paths=None):
         r = self.r
         problems_before = len(r.problems)
         section = self.section("program", PROGRAM_KEYS)
@@ -349,12 +410,22 @@ class _PlanBuilder:
             r.fail("program", "missing, expected a [program] table with at least argv")
             return P.ProgramPlan(argv=("",), executable="/"), None
         runtime_name = r.get(section, "program", "runtime", _choice(P.RUNTIMES), "native")
-        argv = r.require(section, "program", "argv", _string_list, "an array of strings") or []
+        argv = list(r.require(section, "program", "argv", _string_list, "an array of strings") or [])
         if "argv" in section and section["argv"] == []:
             r.wrong("program.argv", [], "at least one element" + (" (the interpreter's arguments, e.g. "
                                                                  '["-m", "module"])' if runtime_name == "python"
                                                                  else " (the program)"))
+        socket_paths = socket_paths or {}
         for index, arg in enumerate(argv):
+            arg = argv[index] = self.expand_environment(f"program.argv[{index}]", arg)
+            for socket_name in _SOCKET_PLACEHOLDER.findall(arg):
+                if socket_name not in socket_paths:
+                    r.fail(f"program.argv[{index}]",
+                           f"found unknown socket '{socket_name}' in {_describe(arg)}, expected one of the "
+                           "[[sockets]] names: " + (", ".join(sorted(socket_paths)) or "(none declared)")
+                           + did_you_mean(socket_name, socket_paths))
+                    continue
+                arg = argv[index] = arg.replace("{socket:" + socket_name + "}", socket_paths[socket_name])
             for fd in _FD_PLACEHOLDER.findall(arg):
                 if fd not in fd_names:
                     r.fail(f"program.argv[{index}]",
@@ -371,6 +442,8 @@ class _PlanBuilder:
         for index, module in enumerate(modules):
             if not _MODULE.match(module):
                 r.wrong(f"program.modules[{index}]", module, "a module name like \"devices\" or \"pkg.sub\"")
+        if isinstance(section.get("executable"), str):
+            section = dict(section, executable=self.expand_environment("program.executable", section["executable"]))
         executable = r.get(section, "program", "executable", _absolute_path)
         if runtime_name == "python" and "executable" in section:
             r.fail("program.executable", f"found {_describe(section['executable'])}, expected no executable "
@@ -390,8 +463,13 @@ class _PlanBuilder:
             resolved = None
         if resolved is None:
             return P.ProgramPlan(argv=tuple(argv), executable=executable or "/", cwd=cwd), None
+        ready = r.get(section, "program", "ready", _choice(P.READY_MODES), "exec")
+        if "ready_timeout" in section and ready != "socket":
+            r.fail("program.ready_timeout", f"found {_describe(section['ready_timeout'])}, expected no "
+                   'ready_timeout (only used with ready = "socket")')
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,
-                             cwd=cwd, ready=r.get(section, "program", "ready", _choice(P.READY_MODES), "exec")), \
+                             cwd=cwd, ready=ready,
+                             ready_timeout=r.get(section, "program", "ready_timeout", _seconds(0, 3600), 10.0)), \
             resolved
 
     def namespaces(self):
@@ -587,7 +665,6 @@ class _PlanBuilder:
 
     def steady_rules(self, section, table):
         """steady_deny (names and @groups, all with steady_action) and [[seccomp.steady_rule]]."""
-        r = self.r
         action, err = self.action_and_errno(section, "seccomp", "steady_action", "steady_errno", STEADY_ACTIONS,
                                             "kill", "EPERM")
         denied = [s for _, _, names in self.syscall_list(section, "steady_deny", table) for s in names]

@@ -140,8 +140,8 @@ def cache_dir() -> str:
 
 def _cache_key(path: str) -> tuple:
     """What the resolved plan depends on. The environment counts only through the variables
-    the profile names as TOML strings (environment.pass takes exact names), so unrelated
-    variables, which change from run to run, do not defeat the cache."""
+    the profile names as TOML strings (environment.pass takes exact names) or as {env:NAME}
+    placeholders, so unrelated variables, which change from run to run, do not defeat the cache."""
     import zlib
 
     from jailer import __version__
@@ -153,7 +153,8 @@ def _cache_key(path: str) -> tuple:
     finally:
         os.close(fd)
     passed = tuple(sorted((name, value) for name, value in os.environ.items()
-                          if f'"{name}"'.encode() in text or f"'{name}'".encode() in text))
+                          if f'"{name}"'.encode() in text or f"'{name}'".encode() in text
+                          or f"{{env:{name}}}".encode() in text))
     return (path, st.st_mtime_ns, st.st_size, st.st_ino, zlib.crc32(text), os.geteuid(), os.getegid(), passed,
             __version__, _resolver_stamp())
 

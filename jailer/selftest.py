@@ -177,9 +177,12 @@ def probe_profile(data, probe_args, scratch, machinery=()):
     derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", "--stream", *probe_args],
                           "modules": ["jailer"]}
     if "ready" in data.get("program", {}):
-        # The probe never says READY=1: a staged profile is tested in its set-up stage, the
-        # weaker one (steady rules only take permissions away), so what it blocks holds later too.
+        # The probe never says READY=1 nor listens: a staged profile is tested in its set-up
+        # stage, the weaker one (steady rules only take permissions away), so what it blocks
+        # holds later too. A program's own socket directory is bound as for the device.
         derived["program"]["ready"] = data["program"]["ready"]
+        if data["program"]["ready"] == "socket":
+            derived["program"]["ready_timeout"] = 3600
     derived["fds"] = [dict(fd, path=os.path.join(scratch, f"{fd['name']}.sock"))
                       if fd.get("kind") == "unix-listener" and "path" in fd else fd
                       for fd in data.get("fds", []) if isinstance(fd, dict)]
@@ -335,6 +338,8 @@ def selftest(profile_path, euid=None):
         os.chmod(derived_path, 0o644)
         probe_plan = build_plan(derived_path, euid=euid)
         fd_options, fds = supplied_fds(probe_plan.fds, targets.scratch, targets)
+        fd_options += [f"--socket={entry.name}={os.path.join(targets.scratch, entry.name + '.sock')}"
+                       for entry in probe_plan.sockets]
         context, checks = run_probe(derived_path, targets, fd_options, fds)
     wanted = expectations(probe_plan)
     for check in checks:

@@ -99,12 +99,13 @@ def listener(path: str) -> socket.socket:
 class JailedDevice:
     """`jailer run PROFILE OPTIONS...` with its status events and stderr kept in files."""
 
-    def __init__(self, invocation, scratch: Path, *options, profile=PROFILE, pass_fds=(), program_args=()):
+    def __init__(self, invocation, scratch: Path, *options, profile=PROFILE, pass_fds=(), program_args=(),
+                 extra_env=None):
         command, env = JAILER.command(invocation)
         self.status = tempfile.TemporaryFile("w+")
         self.stderr = tempfile.TemporaryFile("w+")
         cache = scratch / f"cache-{invocation}"
-        environment = {"PATH": "/usr/bin:/bin", "JAILER_CACHE_DIR": str(cache), **env}
+        environment = {"PATH": "/usr/bin:/bin", "JAILER_CACHE_DIR": str(cache), **env, **(extra_env or {})}
         if invocation == "user" and profile == PROFILE:
             profile = profile_variant(scratch, "shipped", lambda data: None)   # the checkout may be private
         argv = [*command, "run", "--status-fd", str(self.status.fileno()), *options, str(profile)]

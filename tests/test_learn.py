@@ -280,7 +280,7 @@ def test_the_vfio_user_exerciser_needs_a_listening_device(tmp_path):
     profile.write_text((REPO / "profiles" / "examples" / "true.toml").read_text())
     result = jailer("learn", str(profile))
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "needs exactly one unix-listener fd" in result.stderr
+    assert result.stderr.count("\n") == 1 and "needs exactly one socket for the device" in result.stderr
 
 
 def test_a_device_that_reports_ready_loses_its_start_up_powers(tmp_path):

@@ -227,7 +227,7 @@ def test_example_profiles_are_valid():
      "P: namespaces.usr: found unknown key, expected one of user, mount, pid, net, ipc, uts, cgroup, hostname, "
      "pid1 (did you mean 'user'?)"),
     ("[program]\nargv = [\"/bin/true\"]\nruntme = \"native\"\n[seccomp]\nallow = [\"@default\"]\n",
-     "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site, ready "
+     "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site, ready, ready_timeout "
      "(did you mean 'runtime'?)"),
     (BASE + "[namespaces]\nuser = \"yes\"\n", 'P: namespaces.user: found "yes", expected true or false'),
     (BASE + "[namespaces]\npid1 = \"reapr\"\n",
@@ -322,6 +322,28 @@ def test_example_profiles_are_valid():
      "[seccomp]\nallow = [\"@python\"]\n",
      'P: program.modules[0]: found "no_such_module_xyz", expected a module that {python} can import (not found '
      "on its sys.path)"),
+    ("[program]\nargv = [\"/bin/true\"]\nready = \"socket\"\n[seccomp]\nallow = [\"@default\"]\n",
+     'P: program.ready: found "socket" without a [[sockets]] entry, expected the socket the program binds itself '
+     'declared in [[sockets]], or ready = "exec" or "notify"'),
+    ("[program]\nargv = [\"/bin/true\"]\nready_timeout = 5\n[seccomp]\nallow = [\"@default\"]\n",
+     'P: program.ready_timeout: found 5, expected no ready_timeout (only used with ready = "socket")'),
+    (BASE + "[[sockets]]\nname = \"s\"\npath = \"/s.sock\"\n",
+     'P: sockets[0].path: found "/s.sock", expected a socket in a directory of its own like '
+     '"/run/vfio-user/device.sock" (jailer binds a private directory there)'),
+    (BASE + "[[sockets]]\nname = \"a\"\npath = \"/run/a.sock\"\n[[sockets]]\nname = \"b\"\npath = \"/run/b.sock\"\n",
+     'P: sockets[1].path: found "/run/b.sock", expected a directory not already used by sockets[0]'),
+    (BASE + "[[fds]]\nname = \"s\"\nkind = \"eventfd\"\nnumber = 3\n[[sockets]]\nname = \"s\"\npath = \"/run/s/s.sock\"\n",
+     'P: sockets[0].name: found "s", expected a name not already used by an [[fds]] entry'),
+    (BASE + "[namespaces]\nmount = false\n[[sockets]]\nname = \"s\"\npath = \"/run/s/s.sock\"\n",
+     "P: sockets: found sockets the program binds itself with namespaces.mount = false, expected "
+     "namespaces.mount = true (jailer binds a private directory at each socket's directory)"),
+    ("[program]\nargv = [\"/bin/true\", \"{socket:vfio}\"]\n[seccomp]\nallow = [\"@default\"]\n"
+     "[[sockets]]\nname = \"vfio-user\"\npath = \"/run/v/s.sock\"\n",
+     'P: program.argv[1]: found unknown socket \'vfio\' in "{socket:vfio}", expected one of the [[sockets]] names: '
+     "vfio-user (did you mean 'vfio-user'?)"),
+    ("[program]\nargv = [\"{env:JAILER_NO_SUCH_DIR}/prog\"]\n[seccomp]\nallow = [\"@default\"]\n",
+     'P: program.argv[0]: found "{env:JAILER_NO_SUCH_DIR}/prog" with $JAILER_NO_SUCH_DIR not set, expected '
+     "$JAILER_NO_SUCH_DIR to name where the program is (e.g. JAILER_NO_SUCH_DIR=/opt/... jailer run ...)"),
 ])
 def test_each_mistake_gives_its_exact_line(tmp_path, text, expected):
     import sys
@@ -505,3 +527,12 @@ def test_example_programs_run_under_their_own_seccomp_rules(name):
     done = subprocess.run(plan.program.argv, executable=plan.program.executable, env=dict(plan.environment),
                           preexec_fn=allow_only(plan), close_fds=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_env_placeholders_name_where_the_program_is(tmp_path):
+    """A shipped profile for a program each user installs elsewhere: {env:NAME} in argv and executable."""
+    profile = tmp_path / "p.toml"
+    profile.write_text('[program]\nargv = ["{env:TOOLS}/true", "--flag={env:TOOLS}"]\n'
+                       '[seccomp]\nallow = ["@default"]\n')
+    plan = build_plan(str(profile), environ={"TOOLS": "/usr/bin"})
+    assert plan.program.executable == "/usr/bin/true" and plan.program.argv[1:] == ("--flag=/usr/bin",)

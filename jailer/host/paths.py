@@ -228,12 +228,12 @@ class Made:
             os.close(self.fd)
             self.dirfd = self.fd = -1
 
-    def descriptors(self) -> tuple[int, int]:
-        return self.dirfd, self.fd
+    def descriptors(self) -> list[int]:
+        return [self.dirfd, self.fd]
 
-    def monitor_line(self) -> str:
+    def monitor_lines(self) -> list[str]:
         """How jailer-monitor (monitor.c) is told to remove it: `made FD DIRFD NAME`."""
-        return f"made {self.fd} {self.dirfd} {self.name}"
+        return [f"made {self.fd} {self.dirfd} {self.name}"]
 
 
 class PrivateDirectory:
@@ -324,6 +324,32 @@ def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
             os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
+
+
+def remove_flat_directory(dirfd: int, name: str, held: int) -> bool:
+    """Remove directory NAME, if it is still the one `held` holds, with every entry in it
+    that is not a directory (jailer-monitor's `tidy` does the same); False if something was
+    left. Made for the directory a program binds its socket in, where Landlock lets it make
+    sockets and nothing else."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return False
+    try:
+        if not os.path.samestat(os.fstat(fd), os.fstat(held)):
+            return False
+        for entry in os.listdir(fd):
+            try:
+                os.unlink(entry, dir_fd=fd)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dirfd)
+    except OSError:
+        return False
+    return True
 
 
 def hold(dirfd: int, name: str) -> int:
