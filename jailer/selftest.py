@@ -15,8 +15,11 @@ The probe runs each attempt in a forked child. When the profile's filter has no 
 for the syscalls that takes (clone without namespace flags, pipe2, wait4, and getuid,
 getgid, uname, clock_nanosleep around the attempts), the derived
 profile allows exactly those and the report lists them under "added_for_probe". The
-probe's Python start-up must be allowed by the profile itself: a profile for a native
-program whose filter refuses it cannot be self-tested.
+probe is a Python program: a profile for a native program (a C device on libvfio-user,
+say) allows what its program calls, not what CPython's start-up does, so for such a
+profile the start-up calls its filter has no rule for are added too (ioctl only for the
+terminal queries CPython makes, never TIOCSTI) and listed the same way. None of them is
+a call an escape check tries.
 """
 
 from __future__ import annotations
@@ -148,19 +151,34 @@ def probe_arguments(plan, targets):
     return args
 
 
-def machinery_missing(seccomp):
-    """The probe's own syscalls (fork, pipe, wait, ids, uname, sleep) on which the filter has no
-    rule, so its default would apply."""
+def python_start_up() -> dict:
+    """What CPython's start-up calls ("@python"), as rules: ioctl only for the requests it
+    makes (isatty, the terminal size, close-on-exec), so the TIOCSTI check stays the profile's."""
+    from jailer.syscall_groups import expand
+
+    rules = {name: [{"syscall": name}] for name in expand("@python") if name != "ioctl"}
+    rules["ioctl"] = [{"syscall": "ioctl", "args": [{"index": 1, "op": "eq", "value": request}]}
+                      for request in (0x5401, 0x5413, 0x5451)]   # TCGETS, TIOCGWINSZ, FIOCLEX
+    return rules
+
+
+def machinery_missing(seccomp, runtime: str = "python") -> dict:
+    """{syscall: rules} of the probe's own calls (fork, pipe, wait, ids, uname, sleep, and for
+    a native program's profile CPython's start-up) on which the filter has no rule, so its
+    default would apply."""
     if not seccomp.enabled or seccomp.default_action in ("allow", "log"):
-        return []
+        return {}
     ruled = {rule.syscall for rule in seccomp.rules}
-    return [name for name in PROBE_MACHINERY if name not in ruled]
+    wanted = {name: [rule] for name, rule in PROBE_MACHINERY.items()}
+    if runtime != "python":
+        wanted.update(python_start_up())
+    return {name: rules for name, rules in wanted.items() if name not in ruled}
 
 
 def probe_profile(data, probe_args, scratch, machinery=()):
     """The profile's TOML data with the program replaced by the probe.
 
-    `machinery` names PROBE_MACHINERY syscalls to add as rules. unix-listener sockets
+    `machinery` holds the rules to add for the probe (machinery_missing). unix-listener sockets
     move to scratch, so a self-test never replaces the socket of a device that is
     running from the same profile. One read-only bind is added: a world-writable canary
     file (see readonly_canary), so a write to it can only be refused by the mount itself.
@@ -172,7 +190,7 @@ def probe_profile(data, probe_args, scratch, machinery=()):
     derived["filesystem"] = filesystem
     if machinery:
         seccomp = dict(data.get("seccomp", {}))
-        seccomp["rule"] = [*seccomp.get("rule", []), *(PROBE_MACHINERY[name] for name in machinery)]
+        seccomp["rule"] = [*seccomp.get("rule", []), *(rule for rules in machinery.values() for rule in rules)]
         derived["seccomp"] = seccomp
     derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", "--stream", *probe_args],
                           "modules": ["jailer"]}
@@ -329,7 +347,7 @@ def selftest(profile_path, euid=None):
 
     plan = build_plan(profile_path, euid=euid)
     data = load_profile(profile_path)
-    added = machinery_missing(plan.seccomp)
+    added = machinery_missing(plan.seccomp, plan.program.runtime)
     with HostTargets(plan.filesystem.binds) as targets:
         derived_path = os.path.join(targets.scratch, f"selftest-{plan.name}.toml")
         with open(derived_path, "w") as derived:
@@ -347,7 +365,7 @@ def selftest(profile_path, euid=None):
             check["expected"] = wanted[check["name"]]
             check["as_expected"] = check["outcome"] == check["expected"]
     return {"profile": str(profile_path), "name": plan.name, "invocation": plan.invocation,
-            "overall": probe.overall(checks), "added_for_probe": added,
+            "overall": probe.overall(checks), "added_for_probe": sorted(added),
             "uid": context["uid"], "gid": context["gid"], "seccomp": context["seccomp"],
             "escaped": [check["name"] for check in checks if check["verdict"] == probe.ESCAPED], "checks": checks}
 
@@ -365,7 +383,7 @@ def format_report(report):
             line += f"  [{check['detail']}]"
         lines.append(line)
     if report["added_for_probe"]:
-        lines.append(f"  (allowed for the probe's own forks: {', '.join(report['added_for_probe'])})")
+        lines.append(f"  (allowed for the probe's own start-up and forks: {', '.join(report['added_for_probe'])})")
     counts = {}
     for check in report["checks"]:
         counts[check["verdict"]] = counts.get(check["verdict"], 0) + 1

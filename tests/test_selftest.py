@@ -89,17 +89,27 @@ def test_report_names_unexpected_outcomes():
     assert "  blocked  clone3   EPERM  (profile calls for ENOSYS)" in text
     assert "  ESCAPED  fds      unexpected fds [5]" in text
     assert "[no --rlimit given]" in text
-    assert "(allowed for the probe's own forks: wait4)" in text
+    assert "(allowed for the probe's own start-up and forks: wait4)" in text
     assert text.endswith("overall: escaped (1 blocked, 1 escaped, 1 skipped)")
 
 
 def test_probe_machinery_added_only_where_the_filter_has_no_rule():
     plan = SeccompPlan(default_action="kill", rules=(SeccompRule("wait4"), SeccompRule("clone", action="errno",
                                                                                         errno=1)))
-    assert selftest.machinery_missing(plan) == ["pipe2", "getuid", "getgid", "uname", "clock_nanosleep"]
-    assert selftest.machinery_missing(SeccompPlan(default_action="allow")) == []
-    derived = selftest.probe_profile({"seccomp": {"rule": [{"syscall": "read"}]}}, [], "/tmp", ["clone"])
+    assert list(selftest.machinery_missing(plan)) == ["pipe2", "getuid", "getgid", "uname", "clock_nanosleep"]
+    assert selftest.machinery_missing(SeccompPlan(default_action="allow")) == {}
+    derived = selftest.probe_profile({"seccomp": {"rule": [{"syscall": "read"}]}}, [], "/tmp",
+                                     {"clone": [selftest.PROBE_MACHINERY["clone"]]})
     assert derived["seccomp"]["rule"] == [{"syscall": "read"}, selftest.PROBE_MACHINERY["clone"]]
+
+
+def test_a_native_programs_profile_gets_the_probes_python_start_up_but_never_tiocsti():
+    plan = SeccompPlan(default_action="kill", rules=(SeccompRule("read"),))
+    added = selftest.machinery_missing(plan, "native")
+    assert "read" not in added and {"openat", "mmap", "rt_sigaction", "sysinfo"} <= set(added)
+    assert {rule["args"][0]["value"] for rule in added["ioctl"]} == {0x5401, 0x5413, 0x5451}
+    assert 0x5412 not in {rule["args"][0]["value"] for rule in added["ioctl"]}   # TIOCSTI
+    assert not {"ptrace", "mount", "unshare", "socket", "connect", "bpf", "keyctl"} & set(added)
 
 
 def test_fork_for_the_probe_never_allows_namespace_flags():
