@@ -151,12 +151,17 @@ def probe_arguments(plan, targets):
     return args
 
 
+# What the escape checks call: never allowed for the probe's start-up, so their verdicts stay the profile's.
+PROBED = frozenset(("ioctl", "ptrace", "mount", "umount2", "unshare", "clone", "clone3", "io_uring_setup", "bpf",
+                    "perf_event_open", "keyctl", "add_key", "init_module", "socket", "connect", "prctl", "kill"))
+
+
 def python_start_up() -> dict:
     """What CPython's start-up calls ("@python"), as rules: ioctl only for the requests it
     makes (isatty, the terminal size, close-on-exec), so the TIOCSTI check stays the profile's."""
     from jailer.syscall_groups import expand
 
-    rules = {name: [{"syscall": name}] for name in expand("@python") if name != "ioctl"}
+    rules = {name: [{"syscall": name}] for name in expand("@python") if name not in PROBED}
     rules["ioctl"] = [{"syscall": "ioctl", "args": [{"index": 1, "op": "eq", "value": request}]}
                       for request in (0x5401, 0x5413, 0x5451)]   # TCGETS, TIOCGWINSZ, FIOCLEX
     return rules
@@ -169,10 +174,11 @@ def machinery_missing(seccomp, runtime: str = "python") -> dict:
     if not seccomp.enabled or seccomp.default_action in ("allow", "log"):
         return {}
     ruled = {rule.syscall for rule in seccomp.rules}
-    wanted = {name: [rule] for name, rule in PROBE_MACHINERY.items()}
-    if runtime != "python":
-        wanted.update(python_start_up())
-    return {name: rules for name, rules in wanted.items() if name not in ruled}
+    added = {name: [rule] for name, rule in PROBE_MACHINERY.items() if name not in ruled}
+    if runtime != "python":   # on top of the profile's own conditions (an fcntl of F_GETFL only, say)
+        allowed = {rule.syscall for rule in seccomp.rules if rule.action == "allow" and not rule.args}
+        added.update({name: rules for name, rules in python_start_up().items() if name not in allowed})
+    return added
 
 
 def probe_profile(data, probe_args, scratch, machinery=()):

@@ -157,13 +157,19 @@ def test_leaky_profile_fails_naming_each_open_door():
     assert checks["capabilities"]["verdict"] == "blocked"
 
 
-def test_profile_that_cannot_run_python_is_refused_in_one_line():
-    """A native program's kill-by-default filter stops the probe's interpreter: said, not hidden."""
+def test_a_native_programs_profile_is_self_tested_with_the_probes_start_up_added():
+    """true.toml allows what /bin/true calls, not CPython's start-up: that is added (and said),
+    and what the profile leaves out is reported, not hidden: without /proc the checks that
+    read the probe's own /proc/self/status cannot decide."""
     result = selftest_command(os.path.join(REPO, "profiles", "examples", "true.toml"))
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("jailer: the probe did not run inside the sandbox")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("  (allowed for the probe's own start-up and forks: ") and "sysinfo" in line
+               and "ioctl" in line for line in lines)
+    verdicts = {line.split()[1]: line.split()[0] for line in lines[1:] if line.startswith("  ") and "(" not in line[:4]}
+    assert {name for name, verdict in verdicts.items() if verdict == "ERROR"} == {
+        "capabilities", "no_new_privs", "seccomp_mode", "fds"}
+    assert verdicts["tiocsti"] == verdicts["ptrace_traceme"] == verdicts["mount_tmpfs"] == "blocked"
 
 
 def test_missing_profile_is_a_profile_error():
