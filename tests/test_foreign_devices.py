@@ -1,0 +1,55 @@
+"""Third-party devices jailed: libvfio-user's own gpio-pci-idio-16 sample (a C program that
+binds its own socket) under the shipped profiles/libvfio-user-gpio-pci-idio-16.toml, from
+../shared/peers (see its README). tests/test_qemu_guest.py drives it from a real guest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from devices.vfio_user.device import BAR2, CONFIG
+from test_e2e_jailed_device import INVOCATIONS, JAILER, REPO, jailed, scratch  # noqa: F401  (fixtures)
+from test_program_sockets import _wait_event
+
+SAMPLES = REPO.parent / "shared" / "peers" / "libvfio-user" / "samples"
+PROFILE = REPO / "profiles" / "libvfio-user-gpio-pci-idio-16.toml"
+ENVIRONMENT = {"LIBVFIO_USER_SAMPLES": str(SAMPLES)}
+
+pytestmark = pytest.mark.skipif(not (SAMPLES / "gpio-pci-idio-16").exists(),
+                                reason=f"no libvfio-user samples at {SAMPLES} (../shared/peers)")
+
+
+def _readable_profile(scratch: Path) -> Path:
+    copy = scratch / PROFILE.name   # uid 65534 may not read a checkout under /root
+    copy.write_text(PROFILE.read_text())
+    copy.chmod(0o644)
+    return copy
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_the_jailed_sample_serves_through_its_own_socket_and_leaves_nothing(jailed, scratch, invocation):
+    path = scratch / "gpio.sock"
+    device = jailed(invocation, scratch, "--socket-path", str(path), profile=_readable_profile(scratch),
+                    extra_env=ENVIRONMENT)
+    _wait_event(device, "ready")
+    client = device.connect(str(path))
+    config = client.region_read(CONFIG, 0, 4)
+    assert int.from_bytes(config, "little") == 0x0DC8494F   # ACCES PCI-IDIO-16, as the sample declares
+    assert client.region_info(BAR2)[0].size == 0x100
+    client.close()
+    device.stop()
+    assert not any(e["event"] == "seccomp" for e in device.events()), device.events()
+    assert not any(p.name.startswith(".jailer") or p.suffix == ".sock" for p in scratch.iterdir())
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_the_shipped_profile_passes_selftest(scratch, invocation):
+    command, env = JAILER.command(invocation)
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(scratch), **env, **ENVIRONMENT}
+    result = subprocess.run([*command, "selftest", str(_readable_profile(scratch))], capture_output=True, text=True,
+                            timeout=300, env=environment, cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith("overall: blocked")
