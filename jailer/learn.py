@@ -37,6 +37,7 @@ import click
 from jailer.errors import JailerError, UsageError
 
 EXERCISERS = ("vfio-user", "none")
+COMMAND = "command"   # the exerciser --drive stands for: the caller's own driver (a VM, a test client)
 LOW32 = 0xFFFFFFFF
 PROT_EXEC = 0x4
 CLONE_NEW_FLAGS = 0x7E020000 | 0x80       # CLONE_NEWNS..CLONE_NEWNET, CLONE_NEWCGROUP, CLONE_NEWTIME
@@ -317,7 +318,8 @@ def render_section(learned: Learned, original, exerciser: str, kept_rules=(), ru
     names = _value_names()
     default = original.default_action if original.default_action in DENY else "kill"
     lines = ["[seccomp]",
-             f"# Learned by `jailer learn --exerciser {exerciser}` from {learned.calls()} calls of "
+             f"# Learned by `jailer learn {'--drive COMMAND' if exerciser == COMMAND else '--exerciser ' + exerciser}`"
+             f" from {learned.calls()} calls of "
              f"{len(learned.names)} syscalls, then reviewed.",
              *((f"# Counts are calls recorded in {runs} learning runs (the first records every call, later ones",
                 '# only what was new): "setup" before the program was ready, "steady" after. Re-learn when',
@@ -610,32 +612,45 @@ class _LauncherRun:
             os.close(fd)
 
 
-def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, timeout: float = 10.0):
-    """Run the plan's program in a forked launcher while the exerciser drives it.
+def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, timeout: float = 10.0,
+                  drive: str | None = None):
+    """Run the plan's program in a forked launcher while the exerciser drives it (the
+    vfio-user walk, or with exerciser COMMAND the shell command `drive`).
 
     Returns (exit code, exercise report or None, status events, policy). The policy comes
     back from the launcher's process (marshalled), so what it recorded is visible here."""
     sockets = _Sockets(plan)
     run = None
     try:
-        roles = _roles(plan, sockets.paths) if exerciser == "vfio-user" else None
+        roles = _roles(plan, sockets.paths) if exerciser in ("vfio-user", COMMAND) else None
         run = _LauncherRun(plan, sockets.fds, policy, route_all, sockets.program)
         sockets.close_fds()
         report = None
-        if roles is not None:
+        if exerciser == COMMAND:
+            report = _drive(drive, sockets.paths[roles[0]], run, timeout)
+        elif roles is not None:
             from devices.vfio_user.exerciser import exercise
 
             device, control = roles
             report = exercise(sockets.paths[device], sockets.paths.get(control), terminate=run.terminate,
                               alive=run.alive, timeout=timeout)
         else:   # the program runs until it exits; SIGINT/SIGTERM to jailer learn end it
-            forward = {sig: signal.signal(sig, lambda signum, frame: os.kill(run.pid, signal.SIGTERM))
-                       for sig in (signal.SIGINT, signal.SIGTERM)}
+            stopped = []
+
+            def stop(signum, frame):
+                stopped.append(signal.Signals(signum).name)
+                os.kill(run.pid, signal.SIGTERM)
+            forward = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 run.wait()
             finally:
                 for sig, handler in forward.items():
                     signal.signal(sig, handler)
+            if stopped:   # someone drove it meanwhile, by hand or with a VM: a re-run cannot do the same
+                from devices.vfio_user.exerciser import ExerciseReport, Step
+
+                report = ExerciseReport()
+                report.steps.append(Step(f"stopped by {stopped[0]}", True))
         code = run.wait()
         events = run.events()
         _, recorded, error = run.answer
@@ -651,6 +666,31 @@ def run_sandboxed(plan, exerciser: str, policy=None, route_all: bool = False, ti
         if run is not None:
             run.close()
         sockets.close()
+
+
+def _drive(command: str, socket_path: str, run, timeout: float):
+    """Run the caller's driver once the device's socket is served ($JAILER_SOCKET names it),
+    then stop the device (SIGTERM): a report of one step, the command, and the stop."""
+    import subprocess
+    import time
+
+    from devices.vfio_user.exerciser import ExerciseReport, Step
+
+    report = ExerciseReport()
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(socket_path):
+        if not run.alive() or time.monotonic() > deadline:
+            report.steps.append(Step("command", False, f"the device did not serve {socket_path}"))
+            report.exit_status = run.terminate()
+            return report
+        time.sleep(0.01)
+    started = time.monotonic()
+    done = subprocess.run(["/bin/sh", "-c", command], env={**os.environ, "JAILER_SOCKET": socket_path},
+                          stdin=subprocess.DEVNULL)
+    report.steps.append(Step("command", done.returncode == 0, f"exit status {done.returncode}",
+                             round(time.monotonic() - started, 4)))
+    report.exit_status = run.terminate()
+    return report
 
 
 def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd, program_sockets=None):
@@ -681,7 +721,8 @@ def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd, pr
 
 # --- the command -------------------------------------------------------------------------------
 
-def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, runs: int = 3) -> dict:
+def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, runs: int = 3,
+          drive: str | None = None) -> dict:
     """Learn the profile's allowlist from `runs` recording runs (their union: a path a race
     takes only sometimes, like a signal arriving while the loop sleeps, needs more than one);
     returns a summary with the new profile text in "profile_text"."""
@@ -697,7 +738,7 @@ def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, run
         recording = plan if number == 0 else dataclasses.replace(plan, seccomp=recording_filter(Learned(counts),
                                                                                                 plan.seccomp))
         code, report, _events, recorder = run_sandboxed(recording, exerciser, Recorder(plan.seccomp),
-                                                        route_all=number == 0, timeout=timeout)
+                                                        route_all=number == 0, timeout=timeout, drive=drive)
         if report is not None and not any(s.ok for s in report.steps):
             raise JailerError(f"{profile}: the device did not answer the exerciser while learning "
                               f"({report.failures[0].name}: {report.failures[0].detail})")
@@ -720,13 +761,20 @@ def learn(profile: str, exerciser: str = "vfio-user", timeout: float = 10.0, run
     section = render_section(learned, plan.seccomp, exerciser, Recorder(plan.seccomp).kept, runs,
                              kept_by_review(section_text), reviewed_steady(section_text))
     text = replace_seccomp_section(original, section, profile)
-    validation = validate(text, profile, exerciser, passed, codes.pop(), timeout)
+    if exerciser == "none" and any(run["exerciser"] for run in learning_runs):
+        # it ran until stopped, driven meanwhile by hand or by a VM: nothing can do that the same
+        # way again, so the profile is written unvalidated and says so, rather than faked
+        validation = {"skipped": "the program ran until stopped (--exerciser none): run it under the learned "
+                                 "profile with its driver to check it"}
+    else:
+        validation = validate(text, profile, exerciser, passed, codes.pop(), timeout, drive)
     return {"profile_text": text, "syscalls": learned.names, "calls": learned.calls(),
             "rules": len(learned.rules), "steady": [name for name, _, _ in learned.steady],
             "learning_runs": learning_runs, "validation": validation}
 
 
-def validate(text: str, profile: str, exerciser: str, passed: set, code: int, timeout: float) -> dict:
+def validate(text: str, profile: str, exerciser: str, passed: set, code: int, timeout: float,
+             drive: str | None = None) -> dict:
     """Build the learned profile's plan and run the device under it, enforcing: nothing may be
     refused, and every exerciser step that passed while learning must pass again."""
     from jailer.profile import build_plan
@@ -737,7 +785,7 @@ def validate(text: str, profile: str, exerciser: str, passed: set, code: int, ti
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         plan = build_plan(path, euid=os.geteuid())
-        exit_code, report, events, _ = run_sandboxed(plan, exerciser, timeout=timeout)
+        exit_code, report, events, _ = run_sandboxed(plan, exerciser, timeout=timeout, drive=drive)
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -765,14 +813,19 @@ def validate(text: str, profile: str, exerciser: str, passed: set, code: int, ti
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the learned profile to FILE.")
 @click.option("--in-place", is_flag=True, help="Rewrite PROFILE's [seccomp] section in place.")
 @click.option("--exerciser", type=click.Choice(EXERCISERS), default="vfio-user", show_default=True,
-              help="What drives the program while learning: the vfio-user conformance walk, or nothing "
-                   "(the program runs until it exits or jailer learn gets SIGINT/SIGTERM).")
+              help="What drives the program while learning: the vfio-user walk, or nothing (the program runs "
+                   "until it exits or jailer learn gets SIGINT/SIGTERM; what it recorded is written, "
+                   "not validated).")
+@click.option("--drive", metavar="COMMAND",
+              help="Drive the device with your own shell COMMAND instead of the walk (a VM booted against "
+                   "$JAILER_SOCKET, a test client), once per run and again to validate; the device is stopped "
+                   "when it exits, which must be with status 0.")
 @click.option("--timeout", type=click.FloatRange(0.5, 600), default=10.0, show_default=True,
               help="Seconds the exerciser waits for each reply.")
 @click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Recording runs whose union is learned (racy paths need more than one).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the profile.")
-def learn_command(profile, output, in_place, exerciser, timeout, runs, as_json):
+def learn_command(profile, output, in_place, exerciser, timeout, runs, as_json, drive):
     """Learn a minimal seccomp allowlist for PROFILE's program and write it into the profile.
 
     The program runs in the profile's sandbox with every syscall recorded while the
@@ -783,7 +836,11 @@ def learn_command(profile, output, in_place, exerciser, timeout, runs, as_json):
         raise UsageError("give --output FILE or --in-place, not both")
     if not os.path.isfile(profile):
         raise UsageError(f"{profile}: no such profile file")
-    summary = learn(profile, exerciser, timeout, runs)
+    if drive is not None:
+        if exerciser == "none":
+            raise UsageError("give --drive COMMAND or --exerciser none, not both")
+        exerciser = COMMAND
+    summary = learn(profile, exerciser, timeout, runs, drive)
     text = summary.pop("profile_text")
     target = profile if in_place else output
     if target:
@@ -801,8 +858,8 @@ def learn_command(profile, output, in_place, exerciser, timeout, runs, as_json):
             summary["profile"] = text
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     elif target:
+        checked = summary["validation"].get("skipped") or "validated: nothing refused under the learned filter"
         click.echo(f"jailer learn: {len(summary['syscalls'])} syscalls ({summary['rules']} conditional rules, "
-                   f"{len(summary['steady'])} taken away once ready) written to {target}; validated: nothing "
-                   "refused under the learned filter", err=True)
+                   f"{len(summary['steady'])} taken away once ready) written to {target}; {checked}", err=True)
     else:
         sys.stdout.write(text)

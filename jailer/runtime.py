@@ -307,6 +307,8 @@ def native_runtime(argv, executable, report):
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
         report(key, f'found "{path}", expected an executable file')
         return None
+    if ".." in path.split("/"):   # e.g. from {env:NAME}=$PWD/../x: the sandbox has no such directory to climb out of
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     exposure = _Exposure()
     linker = _Linker(exposure)
     real = exposure.add(path)

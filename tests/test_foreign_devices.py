@@ -4,8 +4,10 @@ binds its own socket) under the shipped profiles/libvfio-user-gpio-pci-idio-16.t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,35 @@ def test_the_shipped_profile_passes_selftest(scratch, invocation):
                             timeout=300, env=environment, cwd="/")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1].startswith("overall: blocked")
+
+
+DRIVER = """\
+import os, sys
+sys.path.insert(0, {repo!r})
+from devices.vfio_user.client import Client
+from devices.vfio_user.device import BAR2, CONFIG
+client = Client.connect(os.environ["JAILER_SOCKET"])
+assert client.region_read(CONFIG, 0, 4) == bytes.fromhex("4f49c80d")
+client.region_write(BAR2, 0, b"\\x01")
+client.close()
+"""
+
+
+def test_learning_under_the_callers_own_driver(tmp_path):
+    """jailer learn --drive: the user's own driver (here a small client; a VM in real life)
+    drives the device, once per run and again to validate the learned filter."""
+    profile = tmp_path / "gpio.toml"
+    profile.write_text(PROFILE.read_text())
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO)))
+    command, env = JAILER.command("root" if os.geteuid() == 0 else "user")
+    result = subprocess.run([*command, "learn", str(profile), "--in-place", "--json", "--runs", "2",
+                             "--drive", f"{sys.executable} {driver}"], capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env, **ENVIRONMENT}, cwd="/")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["validation"]["refused"] == 0
+    assert [step["name"] for step in summary["learning_runs"][0]["exerciser"]["steps"]] == ["command"]
+    assert all(run["exerciser"]["ok"] for run in summary["learning_runs"])
+    assert "# Learned by `jailer learn --drive COMMAND`" in profile.read_text()
+    assert {"recvmsg", "sendmsg", "accept"} <= set(summary["syscalls"])

@@ -2,7 +2,9 @@
 
 import json
 import re
+import signal
 import subprocess
+import time
 import sys
 from collections import Counter
 from pathlib import Path
@@ -302,3 +304,20 @@ def test_a_device_that_reports_ready_loses_its_start_up_powers(tmp_path):
     mmap = next(rule for rule in learned if rule.syscall == "mmap")
     assert [(c.op, c.mask, c.value) for c in mmap.args] == [("masked_eq", learn.PROT_EXEC, learn.PROT_EXEC)]
     assert "accept4" not in {rule.syscall for rule in steady}
+
+
+def test_exerciser_none_stopped_by_hand_writes_what_it_recorded_unvalidated(tmp_path):
+    """A device driven by hand (or by a VM) while learning runs until jailer learn is stopped:
+    nothing can drive it the same way again, so the recording is written and says so."""
+    profile = tmp_path / "serving.toml"
+    profile.write_text('[program]\nruntime = "python"\nargv = ["-c", "import time; time.sleep(60)"]\n'
+                       '[seccomp]\ndefault_action = "kill"\nallow = ["@python"]\n')
+    learning = subprocess.Popen([sys.executable, "-m", "jailer", "learn", str(profile), "--exerciser", "none",
+                                 "--runs", "1", "--in-place"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    time.sleep(3)
+    learning.send_signal(signal.SIGINT)
+    _, stderr = learning.communicate(timeout=60)
+    assert learning.returncode == 0, stderr
+    assert stderr.endswith("; the program ran until stopped (--exerciser none): run it under the learned profile "
+                           "with its driver to check it\n")
+    assert "# Learned by `jailer learn --exerciser none`" in profile.read_text()
