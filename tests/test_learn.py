@@ -228,7 +228,7 @@ def run_device(profile):
 def test_learned_profile_validates_and_keeps_the_rest(learned):
     profile, summary = learned
     text = profile.read_text()
-    assert summary["validation"] == {"exit": 0, "refused": 0, "steps_passed": 16}
+    assert summary["validation"] == {"exit": 0, "refused": 0, "steps_passed": 18}
     assert summary["written"] == str(profile) and all(run["exerciser"]["ok"] for run in summary["learning_runs"])
     head, tail = DEVICE_PROFILE.split("[seccomp]\n")[0], DEVICE_PROFILE[DEVICE_PROFILE.index("# the limits"):]
     assert text.startswith(head + "[seccomp]\n# Learned by `jailer learn --exerciser vfio-user`")

@@ -12,9 +12,12 @@ answers the server's DMA_READ/DMA_WRITE from the memory given to dma_map(memory=
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
 import time
 
 from . import codec
@@ -26,11 +29,15 @@ DEFAULT_CAPABILITIES = {"max_msg_fds": P.MAX_MSG_FDS, "max_data_xfer_size": P.MA
 
 
 class ClientError(Exception):
-    """A command failed: `errno` is the server's error (or ours for local failures)."""
+    """A command failed: `errno` is the server's error (or ours for local failures).
 
-    def __init__(self, message: str, err: int = errno.EIO):
+    `reply` is True when the server answered with an error reply, False when the command
+    failed on our side (connection lost, timeout, a reply that breaks the protocol)."""
+
+    def __init__(self, message: str, err: int = errno.EIO, *, reply: bool = False):
         super().__init__(message)
         self.errno = err
+        self.reply = reply
 
 
 class Client:
@@ -97,6 +104,13 @@ class Client:
         ready, _, _ = select.select([self.sock], [], [], max(remaining, 0))
         if not ready:
             raise ClientError("timed out waiting for the server", errno.ETIMEDOUT)
+        self._receive()
+        if self.conn.outgoing:
+            self.transport.flush(self.conn.outgoing)
+
+    def _receive(self) -> None:
+        """One receive from a readable socket: replies are kept, server DMA requests served
+        (their replies are queued in conn.outgoing, not sent)."""
         try:
             nbytes, fds = self.transport.receive(self.conn)
         except TransportError as exc:
@@ -114,16 +128,57 @@ class Client:
                 self._replies[event.msg_id] = event
             else:
                 self._serve_dma(event)
-        if self.conn.outgoing:
-            self.transport.flush(self.conn.outgoing)
 
     def request(self, cmd: int, payload: bytes = b"", fds=None) -> Reply:
         """Send a command and return its successful reply; raises ClientError on an error reply."""
-        reply = self.wait(self.send(cmd, payload, fds))
+        return self._checked(cmd, self.wait(self.send(cmd, payload, fds)))
+
+    @staticmethod
+    def _checked(cmd: int, reply: Reply) -> Reply:
         if reply.error:
             close_fds(reply.fds)
-            raise ClientError(f"{P.command_name(cmd)} failed: {os.strerror(reply.error)}", reply.error)
+            raise ClientError(f"{P.command_name(cmd)} failed: {os.strerror(reply.error)}", reply.error, reply=True)
         return reply
+
+    def request_large(self, cmd: int, payload: bytes, *, split_at: int = 0) -> Reply:
+        """request() for a message bigger than the socket buffer.
+
+        Whatever the server sends while the message is still going out (an early reply,
+        DMA requests) is read meanwhile, so a server that answers before it has read the
+        whole message cannot block both sides; replies to server requests go out once the
+        message is complete, never inside it. With `split_at`, the rest of the message goes
+        out only once the server has read the first split_at bytes: the message reaches it
+        in two pieces, as a stream socket may always deliver one."""
+        msg_id = self.conn.send_request(cmd, payload)
+        data, _fds = self.conn.outgoing.pop()
+        view = memoryview(data)
+        pieces = [view[:split_at], view[split_at:]] if 0 < split_at < len(view) else [view]
+        deadline = time.monotonic() + self.timeout
+        for number, piece in enumerate(pieces):
+            while number and self._unread() and time.monotonic() < deadline:
+                if select.select([self.sock], [], [], 0.005)[0]:
+                    self._receive()
+            while piece:
+                readable, writable, _ = select.select([self.sock], [self.sock], [],
+                                                      max(deadline - time.monotonic(), 0))
+                if not readable and not writable:
+                    raise ClientError("timed out sending to the server", errno.ETIMEDOUT)
+                if readable:
+                    self._receive()
+                if writable:
+                    try:
+                        piece = piece[self.sock.send(piece[:1 << 16], socket.MSG_DONTWAIT):]
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        raise ClientError(f"send failed: {exc.strerror or exc}", errno.EPIPE) from None
+        if self.conn.outgoing:
+            self.transport.flush(self.conn.outgoing)
+        return self._checked(cmd, self.wait(msg_id))
+
+    def _unread(self) -> int:
+        """Bytes sent that the server has not read yet (SIOCOUTQ)."""
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
 
     def _decoded(self, cmd: int, payload: bytes = b"", fds=None, *, keep_fds: bool = False):
         reply = self.request(cmd, payload, fds)

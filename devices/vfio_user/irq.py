@@ -23,8 +23,11 @@ _EXCLUSIVE = (IRQ_INTX, IRQ_MSI, IRQ_MSIX)
 
 
 def irq_info_flags(index: int) -> int:
+    """ERR and REQ take only ACTION_TRIGGER, so they are not maskable (as in kernel vfio-pci)."""
     if index == IRQ_INTX:
         return P.IRQ_INFO_EVENTFD | P.IRQ_INFO_MASKABLE | P.IRQ_INFO_AUTOMASKED
+    if index in (IRQ_ERR, IRQ_REQ):
+        return P.IRQ_INFO_EVENTFD
     return P.IRQ_INFO_EVENTFD | P.IRQ_INFO_MASKABLE
 
 
