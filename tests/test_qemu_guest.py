@@ -2,6 +2,9 @@
 whose own driver (gpio_pci_idio_16) binds the device, drives its outputs, reads the inputs the
 host sets through the control socket and takes the card's change-of-state interrupt; the
 guest then reboots, and QEMU's system reset resets the device, which its driver binds again.
+The same guest driver also drives libvfio-user's own sample device jailed by the shipped
+profiles/libvfio-user-gpio-pci-idio-16.toml (from ../shared/peers/libvfio-user, or
+LIBVFIO_USER_SAMPLES; skipped where absent), whose BAR accesses QEMU's trace shows it answered.
 
 Debian 12 packages neither such a QEMU nor a guest for it. By default the prebuilt peers
 beside the checkout are used (../shared/peers: QEMU 10.2.2 and Debian 12's two kernels, 6.1
@@ -19,11 +22,12 @@ and the tests are skipped, saying what is missing, where neither is there:
 
 The guest is that kernel plus an initramfs made here from the host's static busybox, the
 driver module and the modules it needs (on 6.12 gpio-idio-16 and gpio-regmap), found through
-the kernel's modules.dep; its /init is GUEST_INIT below, loads them in dependency order and
-reports over the serial console.
+the kernel's modules.dep; its /init (GUEST_INIT below, or GUEST_SAMPLE_INIT for the sample)
+loads them in dependency order and reports over the serial console.
 
-All three tests run on each kernel: the six take about 100-120 s under TCG on 2 cores (a 6.1
-guest 17-27 s, a 6.12 guest 12-22 s, each for two boots), within what CI affords.
+Every test runs on each kernel: the eight take about 110-135 s under TCG on 2 cores (an
+IDIO-16 run 17-27 s on 6.1 and 12-22 s on 6.12, each for two boots; a sample run, one boot,
+8-12 s on 6.1 and 6-9 s on 6.12), within what CI affords.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import re
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -58,7 +64,9 @@ GUEST_RAM = "256M"
 OUTPUTS = 0x8009              # the guest drives OUT0, OUT3 and OUT15 high
 INPUTS = 0xA5C3               # the host drives these input lines
 
-GUEST_INIT = r"""#!/bin/busybox sh
+# Both guests' /init begin alike: load the driver, find the card, report the driver bound to it
+# and its gpiochip, and define line N -> its sysfs directory, exported on first use.
+GUEST_PRELUDE = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -93,7 +101,9 @@ inputs() {
     done
     echo $value
 }
-outputs() {
+"""
+
+GUEST_INIT = GUEST_PRELUDE + r"""outputs() {
     value=0
     for l in 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
         value=$(( value | ($(cat $(line $l)/value) << l) ))
@@ -212,13 +222,13 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def guest_initramfs(directory: Path, kernel: str) -> Path:
-    """busybox, GUEST_INIT, and in modules/ the driver's modules, unpacked, with their load order."""
+def guest_initramfs(directory: Path, kernel: str, init: str = GUEST_INIT) -> Path:
+    """busybox, the /init script, and in modules/ the driver's modules, unpacked, with their load order."""
     modules = {module.name.split(".ko")[0] + ".ko": UNPACK[module.suffix](module.read_bytes())
                for module in driver_modules(kernel)}
     entries = [(directory, stat.S_IFDIR | 0o755, b"") for directory in ("bin", "proc", "sys", "modules")]
     entries += [("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()),
-                ("init", stat.S_IFREG | 0o755, GUEST_INIT.encode()),
+                ("init", stat.S_IFREG | 0o755, init.encode()),
                 ("modules/order", stat.S_IFREG | 0o644, "".join(f"{name}\n" for name in modules).encode())]
     entries += [(f"modules/{name}", stat.S_IFREG | 0o644, data) for name, data in modules.items()]
     path = directory / "initramfs.cpio"
@@ -226,8 +236,8 @@ def guest_initramfs(directory: Path, kernel: str) -> Path:
     return path
 
 
-def qemu_command(socket_path: str, initramfs: Path, kernel: str) -> list[str]:
-    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}}
+def qemu_command(socket_path: str, initramfs: Path, kernel: str, device_properties: dict | None = None) -> list[str]:
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}, **(device_properties or {})}
     command = [QEMU, "-machine", f"q35,accel={ACCEL},memory-backend=mem", "-m", GUEST_RAM,
                "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
                "-device", json.dumps(device), "-kernel", kernel, "-initrd", str(initramfs),
@@ -236,6 +246,14 @@ def qemu_command(socket_path: str, initramfs: Path, kernel: str) -> list[str]:
     for directory in DATADIRS:
         command += ["-L", directory]
     return command
+
+
+def _stop_qemu(qemu) -> None:
+    """Whatever the test saw, no QEMU outlives it."""
+    if qemu.poll() is None:
+        qemu.kill()
+        qemu.wait()
+    qemu.stdout.close()
 
 
 class Console:
@@ -334,11 +352,124 @@ def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, qemu_
         assert control(ctl, {"cmd": "get-outputs"})["outputs"] == 0
         assert qemu.wait(60) == 0, console.transcript()
     finally:
-        if qemu.poll() is None:
-            qemu.kill()
-            qemu.wait()
-        qemu.stdout.close()
+        _stop_qemu(qemu)
     assert device.proc.poll() is None, "the device must outlive its client"
     refused = [event for event in device.events() if event["event"] == "seccomp"]
     assert not refused, f"the learned allowlist must cover a real QEMU client: {refused}"
     assert device.stop() == 0, device.errors()
+
+
+# --- libvfio-user's own sample device, jailed ---------------------------------------------
+
+LIBVFIO_USER_SAMPLES = Path(os.environ.get("LIBVFIO_USER_SAMPLES") or PEERS / "libvfio-user" / "samples")
+SAMPLE_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "libvfio-user-gpio-pci-idio-16.toml"
+# What the guest below writes to BAR2, in order, as (offset, byte): OUT0 high (OUT0-7 at 0x0),
+# OUT15 high (OUT8-15 at 0x4), OUT0 low, OUT15 low; no other output is ever driven.
+GUEST_OUTPUT_WRITES = [(0x0, 0x01), (0x4, 0x80), (0x0, 0x00), (0x4, 0x00)]
+INPUT_REGISTERS = (0x1, 0x5)      # IIN0-7, IIN8-15
+# QEMU's own trace of the vfio-user traffic: the sample's -v logs no BAR access in a release
+# build of libvfio-user (its region access log is compiled in only with -Dbuildtype=debug)
+TRACED = ("vfio_user_recv_hdr", "vfio_region_write", "vfio_region_read")
+REGION_READ, REGION_WRITE, REPLY = 0x9, 0xA, 0x1   # vfio-user commands; a reply without error flags
+
+# The sample has no control socket and raises no interrupt, and it keeps no output latch (a
+# read returns what its code makes up): the guest drives OUT0 and OUT15 high, then low, for the
+# host to find in what the device acknowledged, and reads the input lines once.
+GUEST_SAMPLE_INIT = GUEST_PRELUDE + r"""
+# 6.1's driver lets sysfs set an output line's direction; on 6.12 (gpio-regmap) it is fixed and
+# sysfs has no direction file
+direction() { if [ -e $(line $1)/direction ]; then cat $(line $1)/direction; else echo fixed; fi; }
+for l in 0 15; do
+    [ "$(direction $l)" = fixed ] || echo out > $(line $l)/direction || fail "direction out on line $l"
+done
+say "DIRECTIONS $(direction 0) $(direction 15)"
+for level in 1 0; do
+    for l in 0 15; do echo $level > $(line $l)/value || fail "value $level on line $l"; done
+done
+say "OUTPUTS-DRIVEN"
+say "INPUTS $(printf 0x%04x $(inputs))"
+say "POWEROFF"
+poweroff -f
+"""
+
+
+def _sample_problem() -> str | None:
+    if not os.access(LIBVFIO_USER_SAMPLES / "gpio-pci-idio-16", os.X_OK):
+        return f"no libvfio-user sample gpio-pci-idio-16 in {LIBVFIO_USER_SAMPLES} (set LIBVFIO_USER_SAMPLES)"
+    if QEMU_PROBLEM is None:
+        listed = subprocess.run([QEMU, "-trace", "help"], check=False, capture_output=True, text=True, timeout=30)
+        if not set(TRACED) <= set(listed.stdout.split()):
+            return f"{QEMU} cannot trace {', '.join(TRACED)} (built without a trace backend such as log)"
+    return None
+
+
+SAMPLE_PROBLEM = _sample_problem()
+
+
+def acknowledged_bar2_accesses(trace: str) -> list[tuple[str, int, int]]:
+    """("write" or "read", offset, byte) of each guest access to BAR2 in QEMU's trace, in order.
+    QEMU traces an access once it is done, so each must come right after the device's own reply
+    to that command: with posted writes off, every write the guest made was answered by the device."""
+    accesses, reply = [], None
+    for line in trace.splitlines():
+        if header := re.match(r"vfio_user_recv_hdr .* cmd (0x[0-9a-f]+) size 0x[0-9a-f]+ flags (0x[0-9a-f]+)$", line):
+            reply = (int(header[1], 16), int(header[2], 16))
+        elif access := re.match(r"vfio_region_(write|read) +\(.*:region2\+(0x[0-9a-f]+), "
+                                r"(?:(0x[0-9a-f]+), 1\)|1\) = (0x[0-9a-f]+))$", line):
+            kind = access[1]
+            assert reply == ({"write": REGION_WRITE, "read": REGION_READ}[kind], REPLY), \
+                f"the device did not answer the BAR2 {kind} before QEMU finished it: {line} after {reply}"
+            accesses.append((kind, int(access[2], 16), int(access[3] or access[4], 16)))
+            reply = None
+    return accesses
+
+
+@pytest.mark.skipif(SAMPLE_PROBLEM is not None, reason=str(SAMPLE_PROBLEM))
+@NEEDS_ROOT
+@pytest.mark.parametrize("kernel", GUEST_KERNELS)
+def test_linux_guest_driver_drives_the_jailed_libvfio_user_sample(kernel, scratch, jailed):
+    """The reference library's own C device, jailed by the shipped profile, under a real QEMU and
+    the guest's own driver: the learned allowlist must hold for a real client (DMA maps of the
+    guest's RAM, INTx eventfds, resets, BAR traffic), not only for jailer's exerciser.
+    One boot per kernel: 8-12 s on 6.1, 6-9 s on 6.12 under TCG on 2 cores."""
+    sock = scratch / "gpio.sock"
+    device = jailed("root", scratch, "--socket-path", str(sock), profile=SAMPLE_PROFILE,
+                    program_args=["-v"],     # its log (DMA maps, IRQ set-up, resets) explains a failure
+                    extra_env={"LIBVFIO_USER_SAMPLES": str(LIBVFIO_USER_SAMPLES)})
+    wait_ready(device)
+    trace = scratch / "qemu-trace.log"
+    command = qemu_command(str(sock), guest_initramfs(scratch, kernel, GUEST_SAMPLE_INIT), kernel,
+                           {"x-no-posted-writes": True})     # each BAR write waits for the device's reply
+    command += ["-D", str(trace)] + [argument for event in TRACED for argument in ("-trace", event)]
+    qemu = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        console = Console(qemu)
+        assert console.expect("DRIVER") == "pci-idio-16"          # the guest's own driver is bound
+        assert console.expect("CHIP") == "32"                     # 16 outputs + 16 inputs
+        assert console.expect("DIRECTIONS") in ("out out", "fixed fixed")
+        console.expect("OUTPUTS-DRIVEN")
+        inputs = int(console.expect("INPUTS"), 16)
+        console.expect("POWEROFF")
+        assert qemu.wait(60) == 0, console.transcript()
+    finally:
+        _stop_qemu(qemu)
+    accesses = acknowledged_bar2_accesses(trace.read_text())
+    output_writes = [(offset, value) for kind, offset, value in accesses
+                     if kind == "write" and offset in dict(GUEST_OUTPUT_WRITES)]
+    assert output_writes[-len(GUEST_OUTPUT_WRITES):] == GUEST_OUTPUT_WRITES, accesses
+    # the sample answers input reads with whatever its reply buffer holds: each line the guest
+    # read must have the level its bit had in an answer the device gave for that register
+    last_write = max(index for index, (kind, _, _) in enumerate(accesses) if kind == "write")
+    answers = {register: {value for kind, offset, value in accesses[last_write:]
+                          if kind == "read" and offset == register} for register in INPUT_REGISTERS}
+    assert all(answers.values()), f"the guest's input reads did not reach the device: {accesses}"
+    for line in range(16):
+        levels = {(value >> (line % 8)) & 1 for value in answers[INPUT_REGISTERS[line // 8]]}
+        assert (inputs >> line) & 1 in levels, f"IIN{line} of 0x{inputs:04x} is no answer of the device: {answers}"
+    assert device.proc.poll() is None, "the device must outlive its client"
+    refused = [event for event in device.events() if event["event"] == "seccomp"]
+    assert not refused, f"the learned allowlist must cover a real QEMU client: {refused}"
+    assert device.stop() == 128 + signal.SIGTERM, device.errors()   # the sample has no SIGTERM handler
+    assert device.events()[-1] == {"event": "exited", "signal": signal.SIGTERM}, device.events()
+    assert not sock.exists(), "jailer must remove the socket it made reachable"
+    assert not any(path.name.startswith(".jailer") or path.suffix == ".sock" for path in scratch.iterdir())
