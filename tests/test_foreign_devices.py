@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from devices.vfio_user import protocol as P
 from devices.vfio_user.device import BAR2, CONFIG
 from test_e2e_jailed_device import INVOCATIONS, JAILER, REPO, jailed, scratch  # noqa: F401  (fixtures)
 from test_program_sockets import _wait_event
@@ -61,6 +63,7 @@ DRIVER = """\
 import os, sys
 sys.path.insert(0, {repo!r})
 from devices.vfio_user.client import Client
+from devices.vfio_user import protocol as P
 from devices.vfio_user.device import BAR2, CONFIG
 client = Client.connect(os.environ["JAILER_SOCKET"])
 assert client.region_read(CONFIG, 0, 4) == bytes.fromhex("4f49c80d")
@@ -87,3 +90,47 @@ def test_learning_under_the_callers_own_driver(tmp_path):
     assert all(run["exerciser"]["ok"] for run in summary["learning_runs"])
     assert "# Learned by `jailer learn --drive COMMAND`" in profile.read_text()
     assert {"recvmsg", "sendmsg", "accept"} <= set(summary["syscalls"])
+
+
+SERVER_PROFILE = REPO / "profiles" / "libvfio-user-server.toml"
+
+
+def test_dma_and_migration_between_two_jailed_libvfio_user_servers(jailed, scratch):
+    """libvfio-user's `server` sample, jailed twice: guest memory reaches each through a
+    memfd (DMA_MAP with its descriptor), and the device state migrates from one to the other
+    (migration v2: STOP_COPY read to its end, RESUMING, STOP, RUNNING)."""
+    invocation = "root" if os.geteuid() == 0 else "user"
+    profile = scratch / SERVER_PROFILE.name
+    profile.write_text(SERVER_PROFILE.read_text())
+    profile.chmod(0o644)
+    devices = {name: jailed(invocation, scratch, "--socket-path", str(scratch / f"{name}.sock"), profile=profile,
+                            extra_env=ENVIRONMENT) for name in ("source", "destination")}
+    for device in devices.values():
+        _wait_event(device, "ready")
+    source = devices["source"].connect(str(scratch / "source.sock"))
+    destination = devices["destination"].connect(str(scratch / "destination.sock"))
+    guest_ram = os.memfd_create("guest-ram")
+    os.ftruncate(guest_ram, 1 << 20)
+    for client in (source, destination):   # each jailed sample maps guest RAM (mmap of the memfd, kcmp)
+        client.dma_map(0x1000_0000, 1 << 20, fd=guest_ram)
+    # BAR0 holds the time its timer fires: the sample refuses to run again with none (it
+    # arms a timer of 0: "failed to arm timer: Invalid argument"), so the source sets one
+    source.region_write(0, 0, int(time.time() + 3600).to_bytes(8, "little"))
+    offsets = (0, 4096, 8192)                                  # BAR1: mmap areas and the page between
+    for offset in offsets:
+        source.region_write(1, offset, b"jailed!!")
+    state = source.save_device_state()
+    assert len(state) == 16384 + 8                              # BAR1 and BAR0
+    destination.set_migration_state(P.MIG_STATE_RESUMING)
+    for position in range(0, len(state), 4096):
+        destination.mig_data_write(state[position:position + 4096])
+    destination.set_migration_state(P.MIG_STATE_STOP)
+    destination.set_migration_state(P.MIG_STATE_RUNNING)
+    assert [destination.region_read(1, offset, 8) for offset in offsets] == [b"jailed!!"] * 3
+    for client in (source, destination):
+        client.close()
+    for device in devices.values():   # the sample serves one client, then exits
+        assert device.proc.wait(20) == 0, device.errors()
+        assert not any(e["event"] == "seccomp" for e in device.events()), device.events()
+    os.close(guest_ram)
+    assert not any(p.name.startswith(".jailer") or p.suffix == ".sock" for p in scratch.iterdir())
