@@ -70,6 +70,7 @@ root_size = "1M"   # a read-only tmpfs root holding only the program's own files
 [limits]
 nofile = 64
 core = 0
+data = "64M"   # private memory, where the cgroup cannot be had (guest RAM it maps is shared, not counted)
 # address space: a vfio-user device maps the guest's RAM (DMA), so leave it unlimited or
 # set it above the largest guest, e.g.  as = "64G"
 
