@@ -11,7 +11,7 @@ import sys
 SUBCOMMANDS = {
     "show": ("jailer.inspect:show_command", "Print the sandbox plan a profile resolves to."),
     "check": ("jailer.hostcheck:check_command", "Validate a profile and report what this host can enforce."),
-    "probe": ("devices.vfio_user.probe:probe_command", "Print what a vfio-user device offers."),
+    "probe": ("jailer.commands.probe:probe_command", "Print what a vfio-user device offers."),
     "learn": ("jailer.learn:learn_command",
               "Record the syscalls a device makes under an exerciser and write the minimal allowlist."),
     "selftest": ("jailer.selftest:selftest_command", "Run the escape probes inside a profile's sandbox and print a verdict."),

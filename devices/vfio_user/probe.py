@@ -12,10 +12,6 @@ import json
 import os
 import struct
 
-import click
-
-from jailer.errors import JailerError
-
 from . import protocol as P
 from .client import Client, ClientError
 
@@ -33,7 +29,7 @@ MIGRATION_FLAG_NAMES = ((P.MIGRATION_STOP_COPY, "STOP_COPY"), (P.MIGRATION_P2P, 
                         (P.MIGRATION_PRE_COPY, "PRE_COPY"))
 
 
-class ProbeError(JailerError):
+class ProbeError(Exception):
     """The socket does not answer like a vfio-user server."""
 
 
@@ -170,21 +166,3 @@ def _size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
-
-
-@click.command("probe")
-@click.argument("socket_path", metavar="SOCKET")
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
-@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for each reply.")
-def probe_command(socket_path: str, as_json: bool, timeout: float) -> None:
-    """Print what the vfio-user device behind SOCKET offers: PCI ids and class, regions,
-    interrupts, protocol capabilities and migration support (like `lspci -vv`).
-
-    The probe is a vfio-user client: it connects, negotiates and reads, then disconnects.
-    A server serves one client at a time, so probe a device before its VMM connects.
-    """
-    report = probe(socket_path, timeout)
-    if as_json:
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        click.echo(format_report(socket_path, report))
