@@ -17,6 +17,9 @@ socket; profile ready = "notify") or else to $NOTIFY_SOCKET (plain systemd Type=
 everything steady serving needs is imported and open by then, so a jailer steady policy
 can deny open/openat/execve/socket afterwards. SIGTERM/SIGINT end the loop (it wakes through signal.set_wakeup_fd) and the
 program exits 0. Usage errors exit 2, runtime errors exit 1, each with one line on stderr.
+Crash-only: when the program cannot serve any more (out of memory, no fds left to accept
+a client, any error the server loop does not recover from) it exits 1 with one line on
+stderr saying why, never a traceback, and never stays alive without serving.
 
 Hooks for a device program:
     extra_options(parser)            add device options to the argparse parser,
@@ -40,7 +43,7 @@ import stat
 import sys
 
 from .device import DeviceError
-from .server import Server
+from .server import Server, ServerFailure
 from .transport import socket_from_fd, unix_listener
 
 BASE_FEATURES = ("socket-path", "fd", "listen-fds", "reconnect", "migration", "dma", "dma-logging")
@@ -141,11 +144,35 @@ def run_backend(make_device, argv=None, *, description: str, device_type: str, e
         sys.exit(0)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if options.verbose else logging.INFO,
                         format=f"{device_type}[%(process)d]: %(message)s")
+    logging.raiseExceptions = False         # a log line that fails (out of memory) is lost, not a traceback
     try:
         sys.exit(_serve(make_device, options, setup))
     except (BackendError, DeviceError) as exc:
         print(f"{device_type}: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 1))
+    except MemoryError:
+        die(f"{device_type}: out of memory, cannot serve any more (the process reached its memory limit)")
+    except ServerFailure as exc:
+        die(f"{device_type}: cannot serve any more: {exc}")
+    except Exception as exc:                # noqa: BLE001 - crash-only: one line, then exit
+        die(f"{device_type}: internal error, cannot serve any more: {type(exc).__name__}: {one_line(exc)}")
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
+
+
+def die(reason: str) -> None:
+    """Exit 1 with `reason` as the only line on stderr: written with one write(2), since
+    a process out of memory may not manage much more, and without interpreter teardown."""
+    try:
+        sys.stderr.flush()
+    except Exception:                       # noqa: BLE001 - the reason matters more than buffered logs
+        pass
+    try:
+        os.write(2, reason.encode("utf-8", "replace") + b"\n")
+    finally:
+        os._exit(1)
 
 
 def _serve(make_device, options, setup) -> int:

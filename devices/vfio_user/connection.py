@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import struct
 from collections import deque
@@ -41,6 +42,12 @@ _REGION_READ = P.REGION_READ
 _REGION_WRITE = P.REGION_WRITE
 _ACCESS_SIZE = P.HEADER_SIZE + P.REGION_ACCESS.size
 _MAX_XFER = P.MAX_DATA_XFER_SIZE
+# Receive buffer of a connection; larger frames get one of their own size while they last.
+RECV_BUFFER_SIZE = 64 * 1024
+# What a client may send while a command waits for the reply to our DMA request: beyond
+# that it is not waiting for us, and the connection ends instead of the queue growing.
+MAX_PARKED_COMMANDS = 256
+MAX_PARKED_BYTES = 2 * P.MAX_MESSAGE_SIZE
 
 
 def close_fds(fds) -> None:
@@ -62,12 +69,23 @@ class Frame:
 
 
 class FrameReader:
-    """Reassembles frames from a byte stream and attaches fds to the frame they came with."""
+    """Reassembles frames from a byte stream and attaches fds to the frame they came with.
 
-    def __init__(self, max_message_size: int = P.MAX_MESSAGE_SIZE):
+    Memory a peer can make the reader hold is bounded by what was negotiated and released
+    as soon as it is not needed: the buffer usual traffic goes through is RECV_BUFFER_SIZE
+    bytes; a frame whose header declares more (up to max_message_size) gets a buffer of
+    exactly its size, an anonymous mmap unmapped as soon as the frame has been consumed
+    (never a heap block, which the allocator could keep after a burst of large frames).
+    At most max_fds received fds wait for the frame they belong to; a peer that sends
+    more before that frame is complete breaks the stream (FramingError).
+    """
+
+    def __init__(self, max_message_size: int = P.MAX_MESSAGE_SIZE, max_fds: int = P.MAX_MSG_FDS):
         self.max_message_size = max_message_size
-        self.buf = bytearray(max_message_size + 4096)
+        self.max_fds = max_fds
+        self.buf = bytearray(min(RECV_BUFFER_SIZE, max_message_size))
         self._view = memoryview(self.buf)
+        self._small = (self.buf, self._view)    # what buf and _view return to after a large frame
         self.empty_views = [self._view]      # recv_views() whenever nothing is buffered (end == 0)
         self.start = 0              # first unconsumed byte
         self.end = 0                # one past the last received byte
@@ -77,12 +95,31 @@ class FrameReader:
     def recv_views(self) -> list:
         """Buffers for recvmsg_into; the list is reused when the buffer is empty."""
         if self.start == self.end:
-            self._base += self.end
-            self.start = self.end = 0
+            self._rewind()
             return self.empty_views
         if self.end == len(self.buf):
             self._compact()
         return [self._view[self.end:]]
+
+    def _rewind(self) -> None:
+        """Everything received is consumed: start over at buf[0] of the small buffer."""
+        self._base += self.end
+        self.start = self.end = 0
+        if self.buf is not self._small[0]:
+            self._release_large()
+
+    def _release_large(self) -> None:
+        large, view = self.buf, self._view
+        self.buf, self._view = self._small
+        self._unmap(large, view)
+
+    @staticmethod
+    def _unmap(large: mmap.mmap, view: memoryview) -> None:
+        view.release()
+        try:
+            large.close()           # munmap now; a buffer still exported elsewhere goes with it
+        except BufferError:
+            pass
 
     def _compact(self) -> None:
         pending = self.end - self.start
@@ -90,11 +127,35 @@ class FrameReader:
         self._base += self.start
         self.start, self.end = 0, pending
 
+    def _make_room(self, size: int) -> None:
+        """Room for `size` bytes from buf[start]: compact, or move the pending bytes into
+        a buffer of exactly `size` bytes (the previous large one, if any, is unmapped)."""
+        if size <= len(self.buf):
+            self._compact()
+            return
+        pending = self.end - self.start
+        try:
+            large = mmap.mmap(-1, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM:
+                raise MemoryError(f"no memory for a frame of {size} bytes") from None
+            raise
+        large[:pending] = self.buf[self.start:self.end]
+        self._base += self.start
+        self.start, self.end = 0, pending
+        if self.buf is not self._small[0]:
+            self._unmap(self.buf, self._view)
+        self.buf, self._view = large, memoryview(large)
+
     def feed(self, data: bytes, fds=()) -> None:
-        """Copying variant of recv_views()/received() for tests and tools."""
+        """Copying variant of recv_views()/received() for tests and tools; the buffer
+        grows to hold whatever was fed and not consumed yet."""
         data = memoryview(data)
         while data:
             view = self.recv_views()[0]
+            if not view:
+                self._make_room(self.end - self.start + len(data))
+                view = self.recv_views()[0]
             n = min(len(view), len(data))
             view[:n] = data[:n]
             self.received(n, fds)
@@ -103,9 +164,16 @@ class FrameReader:
 
     def received(self, nbytes: int, fds) -> None:
         if fds:
-            at = self._base + self.end
-            self._fds.append((at, at + nbytes, list(fds)))
+            self._hold_fds(nbytes, fds)
         self.end += nbytes
+
+    def _hold_fds(self, nbytes: int, fds) -> None:
+        """Keep the fds of a read until their frame is complete; no more than max_fds of them."""
+        at = self._base + self.end
+        self._fds.append((at, at + nbytes, list(fds)))
+        if sum(len(entry[2]) for entry in self._fds) > self.max_fds:
+            self.close()
+            raise FramingError(f"more than {self.max_fds} file descriptors arrived for one message")
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None; FramingError if the stream is broken."""
@@ -116,7 +184,7 @@ class FrameReader:
         codec.check_header(msg_id, cmd, size, flags, self.max_message_size)
         if avail < size:
             if len(self.buf) - self.start < size:
-                self._compact()
+                self._make_room(size)
             return None
         pos = self.start
         self.start = pos + size
@@ -148,10 +216,12 @@ class FrameReader:
         return taken
 
     def close(self) -> None:
-        """Close every fd received but not handed out."""
+        """Close every fd received but not handed out and drop what was buffered."""
         while self._fds:
             close_fds(self._fds.popleft()[2])
         self.start = self.end = 0
+        if self.buf is not self._small[0]:
+            self._release_large()
 
 
 class ServerHandler(Protocol):
@@ -202,6 +272,7 @@ class ServerConnection(FrameReader):
         self.client_capabilities: dict = {}
         self.outgoing: list = []            # (bytes, fds) for the transport, in order
         self.parked: deque = deque()        # commands that arrived while one was running
+        self._parked_bytes = 0              # their payload bytes (bounded, see MAX_PARKED_BYTES)
         self._replies: dict = {}            # msg_id -> Frame, replies to our requests
         self._waiting: set = set()          # msg_ids of our requests not yet answered
         self._next_id = 1
@@ -214,8 +285,7 @@ class ServerConnection(FrameReader):
         Raises FramingError when the stream is broken; the caller closes the connection.
         """
         if fds:
-            at = self._base + self.end
-            self._fds.append((at, at + nbytes, list(fds)))
+            self._hold_fds(nbytes, fds)
         self.end += nbytes
         if self.parked:
             self._run_parked()
@@ -226,8 +296,7 @@ class ServerConnection(FrameReader):
             avail = self.end - pos
             if avail < 16:
                 if not avail:                   # all consumed: rewind (recv_views() not needed)
-                    self._base += pos
-                    self.start = self.end = 0
+                    self._rewind()
                 return
             if fast:
                 reply = self._hot(pos, avail)
@@ -280,6 +349,8 @@ class ServerConnection(FrameReader):
             self.start = pos + _ACCESS_SIZE
             try:
                 data = handler.device_read(region, offset, count)
+            except MemoryError:
+                raise
             except Exception as exc:                       # noqa: BLE001 - turned into an error reply
                 return self._error_reply(msg_id, cmd, flags, exc)
             if len(data) != count:
@@ -297,6 +368,8 @@ class ServerConnection(FrameReader):
             self.start = pos + size
             try:
                 handler.device_write(region, offset, bytes(self.buf[pos + _ACCESS_SIZE:pos + size]))
+            except MemoryError:
+                raise
             except Exception as exc:                       # noqa: BLE001 - turned into an error reply
                 return self._error_reply(msg_id, cmd, flags, exc)
             if flags:
@@ -311,12 +384,18 @@ class ServerConnection(FrameReader):
         while (frame := self.next_frame()) is not None:
             if frame.flags & P.FLAG_TYPE_MASK == P.TYPE_REPLY:
                 self._accept_reply(frame)
-            else:
-                self.parked.append(frame)
+                continue
+            self.parked.append(frame)
+            self._parked_bytes += len(frame.payload)
+            if len(self.parked) > MAX_PARKED_COMMANDS or self._parked_bytes > MAX_PARKED_BYTES:
+                raise FramingError(f"{len(self.parked)} commands ({self._parked_bytes} bytes) arrived while "
+                                   "a DMA request was waiting for its reply")
 
     def _run_parked(self) -> None:
         while self.parked:
-            self._dispatch(self.parked.popleft())
+            frame = self.parked.popleft()
+            self._parked_bytes -= len(frame.payload)
+            self._dispatch(frame)
 
     def _accept_reply(self, frame: Frame) -> None:
         close_fds(frame.fds)
@@ -351,6 +430,8 @@ class ServerConnection(FrameReader):
             else:
                 message = codec.decode_request(frame.cmd, frame.payload, len(fds))
             self._run(frame, message, fds)
+        except MemoryError:
+            raise                                   # the process cannot serve: see backend.run_backend
         except Exception as exc:                    # noqa: BLE001 - turned into an error reply
             self._error(frame.msg_id, frame.cmd, frame.flags, exc)
         finally:
@@ -405,7 +486,7 @@ class ServerConnection(FrameReader):
             reply.capabilities.pop(key, None)
             payload = codec.encode_version(reply)
         self.state = READY
-        log.info("negotiated vfio-user %d.%d; client capabilities %s", reply.major, reply.minor, caps)
+        log.info("negotiated vfio-user %d.%d; client capabilities %.300s", reply.major, reply.minor, caps)
         self._reply(frame, payload)
 
     # --- output -------------------------------------------------------------------------
@@ -449,9 +530,17 @@ class ServerConnection(FrameReader):
         self._replies.pop(msg_id, None)
 
     def close(self) -> None:
+        """Release everything the client made us hold; the handler (which holds this
+        connection) is let go too, so a closed session is freed at once, not whenever
+        the cyclic garbage collector next runs a full collection."""
         super().close()
         while self.parked:
             close_fds(self.parked.popleft().fds)
+        self._parked_bytes = 0
+        self._replies.clear()
+        self._waiting.clear()
+        self.client_capabilities = {}
+        self.handler = None
         self.state = CLOSED
 
 

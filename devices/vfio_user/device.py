@@ -68,6 +68,10 @@ class Device(abc.ABC):
 
     device_type: str = ""
     abi_version: int = 1
+    # Largest saved state (Device.save_state()) a migration stream may bring in: the
+    # destination buffers the stream until it is complete, and a client must not be able
+    # to make that buffer grow without end.
+    max_state_size: int = 4 << 20
     pci_ids: tuple[int, int] = (0, 0)   # (vendor, device), for logs and `jailer probe`
 
     host: DeviceHost | None = None

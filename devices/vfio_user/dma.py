@@ -137,7 +137,12 @@ class DmaSpace:
         self._maps.clear()
         self._starts.clear()
 
-    close = unmap_all
+    def close(self) -> None:
+        """The client is gone: unmap everything, stop logging, and let go of the message
+        channel (the server's session, which holds this space)."""
+        self.unmap_all()
+        self.stop_logging()
+        self._message_read = self._message_write = None
 
     def _overlapping(self, start: int, end: int):
         index = max(bisect.bisect(self._starts, start) - 1, 0)
@@ -222,8 +227,13 @@ class DmaSpace:
     # --- dirty page logging -------------------------------------------------------------
 
     def start_logging(self, page_size: int, ranges=()) -> None:
+        """Pages are tracked in a set: a page smaller than the negotiated pgsizes would let a
+        client make one device write cost a set entry per byte."""
         if page_size < 1 or page_size & (page_size - 1):
             raise DeviceError(f"DMA logging page size {page_size} is not a power of two")
+        if page_size < P.PAGE_SIZE:
+            raise DeviceError(f"DMA logging page size {page_size} is smaller than the page size "
+                              f"{P.PAGE_SIZE} (pgsizes)")
         if self.log_page_size and self.log_page_size != page_size:
             raise DeviceError(f"DMA logging already runs with page size {self.log_page_size}", errno.EBUSY)
         self.log_page_size = page_size

@@ -32,7 +32,7 @@ import zlib
 from collections import deque
 
 from . import protocol as P
-from .device import DeviceError
+from .device import Device, DeviceError
 
 log = logging.getLogger("vfio_user")
 
@@ -125,6 +125,7 @@ class Migration:
         self._out = bytearray()             # save stream not yet read
         self._in = bytearray()              # resume stream received so far
         self._expected = None               # total envelope length once the header is in
+        self.max_state_size = getattr(device, "max_state_size", Device.max_state_size)
 
     @property
     def running(self) -> bool:
@@ -189,6 +190,10 @@ class Migration:
                     return
                 kind, abi, total = header
                 self._check_compatible(kind, abi)
+                limit = ENVELOPE_HEADER.size + len(kind.encode()) + self.max_state_size + _CRC.size
+                if total > limit:
+                    raise DeviceError(f"migration data of {total} bytes exceeds the {kind} state limit "
+                                      f"({self.max_state_size} bytes)", errno.EFBIG)
                 self._expected = total
             if len(self._in) > self._expected:
                 raise DeviceError(f"migration data runs past the end of the envelope ({self._expected} bytes)")
@@ -220,6 +225,8 @@ class Migration:
             raise
         try:
             self.device.load_state(state, abi)
+        except MemoryError:
+            raise
         except Exception as exc:
             self.state = ERROR
             self.on_change()

@@ -22,6 +22,13 @@ waits for the reply (bounded by `dma_timeout`) while later client commands are p
 so ordering holds. A client that waits for our reply to the command that triggered the
 DMA before serving DMA requests (QEMU does) would deadlock that way: with QEMU, give
 guest RAM a shared fd, or let the device do its DMA from a call_later() callback.
+
+Crash-only: what a client sends can cost it its connection, never the server its ability
+to serve. Whatever a session holds (receive buffers, DMA maps and their mmaps, eventfds)
+is released when it ends, at once (no reference cycles left for the garbage collector).
+When the process itself can no longer serve (MemoryError, or accept() failing for lack of
+fds or memory), serve_forever() raises instead of living on without serving: a device
+bug is logged and survived, those are not.
 """
 
 from __future__ import annotations
@@ -63,6 +70,17 @@ HOT_READS = 64
 HOT_WAIT = 0.002
 _READ_FLAGS = P.REGION_FLAG_READ
 _WRITE_FLAGS = P.REGION_FLAG_WRITE
+# accept() errors that mean this process cannot serve anyone any more.
+_FATAL_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ServerFailure(Exception):
+    """The server cannot serve any more (not a client's or a device's error): the program
+    must exit rather than stay alive without serving."""
+
+
+# Never caught by the loop's "a device bug must not stop the loop" handlers.
+FATAL_ERRORS = (MemoryError, ServerFailure)
 
 
 class TimerHandle:
@@ -155,6 +173,8 @@ class Server:
                     if callback is not None:
                         try:
                             callback()
+                        except FATAL_ERRORS:
+                            raise
                         except Exception:       # noqa: BLE001 - a device bug must not stop the loop
                             log.exception("reader callback for fd %d failed", fd)
         finally:
@@ -170,6 +190,8 @@ class Server:
             if not handle.cancelled:
                 try:
                     handle.callback()
+                except FATAL_ERRORS:
+                    raise
                 except Exception:               # noqa: BLE001 - a device bug must not stop the loop
                     log.exception("timer callback failed")
         return max(timers[0].when - time.monotonic(), 0.0) if timers else -1
@@ -187,6 +209,8 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            if exc.errno in _FATAL_ACCEPT_ERRORS:
+                raise ServerFailure(f"cannot accept a client: {exc.strerror}") from None
             log.warning("accept failed: %s", exc)
             return
         self.remove_reader(self._sock.fileno())     # one client at a time; others wait in the backlog
@@ -196,6 +220,9 @@ class Server:
         conn.setblocking(True)
         try:
             session = Session(self, conn)
+        except FATAL_ERRORS:
+            conn.close()
+            raise
         except Exception:                       # noqa: BLE001 - e.g. the device's regions() failed
             log.exception("cannot serve the client")
             conn.close()
@@ -225,6 +252,8 @@ class Server:
     def _attach(self, host) -> None:
         try:
             self.device.attach(host)
+        except FATAL_ERRORS:
+            raise
         except Exception:                       # noqa: BLE001 - a device bug must not stop the loop
             log.exception("device.attach(%s) failed", "host" if host else "None")
 
@@ -316,6 +345,8 @@ class Session(DeviceHost):
                 self.server._end_session("connection lost during DMA")
 
     def close(self) -> None:
+        """Release all the client made us hold; the parts that point back at this session
+        (the connection's handler, the DMA space's message channel) let go of it."""
         self._closed = True
         self.conn.close()
         self.dma.close()
@@ -460,6 +491,10 @@ class Session(DeviceHost):
         size = P.FEATURE.size + P.LOGGING_REPORT.size + codec.bitmap_size(length, page_size)
         if size > message.argsz:
             raise DeviceError(f"DMA_LOGGING_REPORT needs argsz {size}, got {message.argsz}", errno.E2BIG)
+        limit = min(P.MAX_DATA_XFER_SIZE, self.conn.client_max_xfer)
+        if size - P.FEATURE.size > limit:
+            raise DeviceError(f"DMA_LOGGING_REPORT of {size - P.FEATURE.size} bytes exceeds max_data_xfer_size "
+                              f"{limit}: ask for a shorter range or larger pages", errno.E2BIG)
         bitmap = self.dma.report(iova, length, page_size)
         return self._feature_reply(flags, message.data[:P.LOGGING_REPORT.size] + bitmap)
 
