@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import array
 import errno
-import glob
 import json
 import os
 import random
@@ -45,6 +44,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import device_ready  # noqa: E402  (benchmarks/ is on sys.path as the script's directory)
 from devices.vfio_user import codec  # noqa: E402
 from devices.vfio_user import protocol as P  # noqa: E402
 from devices.vfio_user.client import Client, ClientError  # noqa: E402
@@ -127,24 +127,13 @@ class Device:
 
 def device_pid(root: int) -> int:
     """The process running the device module: `root` itself or its descendant."""
-    children = {}
-    for path in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(path) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(path.split("/")[2]))
-    pending = [root]
-    while pending:
-        pid = pending.pop()
+    for pid in device_ready.descendants(root):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
                 if DEVICE_MODULE.encode() in cmdline.read():
                     return pid
         except OSError:
             pass
-        pending += children.get(pid, [])
     raise RuntimeError(f"no process runs {DEVICE_MODULE} under pid {root}")
 
 
