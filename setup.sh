@@ -47,3 +47,9 @@ sys.path.insert(0, "$PWD")
 from jailer.cli import main
 main()
 ENTRY
+
+# The bundled vfio-user descriptors, with this installation's paths, where `jailer
+# descriptors` (and a tool told this venv's data directory) finds them; an editable install
+# copies no data files. As root, `jailer descriptors --install /etc/qemu/vfio-user` makes
+# them visible to every management tool following the vhost-user discovery rules.
+.venv/bin/jailer descriptors --install .venv/share/qemu/vfio-user

@@ -241,6 +241,50 @@ class _Checker:
         return value
 
 
+def bundled_templates() -> list[Path]:
+    """The descriptors jailer ships, from the source tree (an editable install, which copies
+    no data files) or from this installation's data directory (a wheel)."""
+    for directory in (Path(__file__).resolve().parent.parent / "share" / SUBDIR, Path(sys.prefix) / "share" / SUBDIR):
+        found = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        if found:
+            return found
+    raise DescriptorError([f"no bundled descriptors beside {Path(__file__).resolve().parent} or in "
+                           f"{Path(sys.prefix) / 'share' / SUBDIR}"])
+
+
+def for_this_installation(template: Path) -> dict:
+    """A bundled descriptor with the paths of this installation: the device's own command and
+    the `jailer` beside this interpreter, and the shipped profile of the same type."""
+    data = json.loads(template.read_bytes())
+    bin_dir = Path(sys.executable).parent
+    profile = Path(__file__).resolve().parent.parent / "profiles" / f"{data['type']}.toml"
+    data["binary"] = str(bin_dir / data["type"])
+    if "sandbox" in data:
+        data["sandbox"] = dict(data["sandbox"], launcher=str(bin_dir / "jailer"), profile=str(profile))
+    missing = [path for path in (data["binary"], data.get("sandbox", {}).get("launcher"),
+                                 data.get("sandbox", {}).get("profile")) if path and not os.path.exists(path)]
+    if missing:
+        raise DescriptorError([f"{template}: this installation has no {missing[0]}"])
+    parse(data, str(template))
+    return data
+
+
+def install(directory: str) -> list[str]:
+    """Write the bundled descriptors, with this installation's paths, into `directory`."""
+    from jailer.host import paths
+
+    written = []
+    for template in bundled_templates():
+        text = json.dumps(for_this_installation(template), indent=4) + "\n"
+        target = os.path.join(directory, template.name)
+        try:
+            paths.write_file(target, text.encode(), 0o644, make_dirs=0o755).close()
+        except OSError as exc:
+            raise JailerError(f"cannot write {target}: {exc.strerror}") from None
+        written.append(target)
+    return written
+
+
 def _summary_line(d: Descriptor) -> str:
     ids = f"{d.pci.vendor_id:04x}:{d.pci.device_id:04x} class {d.pci.class_code:06x}"
     runs = f"jailed by {d.sandbox.profile}" if d.sandbox else "unjailed"
@@ -256,7 +300,15 @@ def _click_command():
     @click.option("--type", "device_type", metavar="T", help="Only descriptors of device type T.")
     @click.option("--dir", "dirs", multiple=True, type=click.Path(file_okay=False),
                   help="Search these directories (general first) instead of the standard ones.")
-    def descriptors_command(as_json, device_type, dirs):
+    @click.option("--install", "install_dir", metavar="DIR", type=click.Path(file_okay=False),
+                  help="Write jailer's bundled descriptors, with this installation's paths, into DIR "
+                       "(setup.sh: the venv's share/qemu/vfio-user; as root, /etc/qemu/vfio-user makes them "
+                       "visible to every management tool).")
+    def descriptors_command(as_json, device_type, dirs, install_dir):
+        if install_dir:
+            for target in install(install_dir):
+                click.echo(f"jailer descriptors: wrote {target}", err=True)
+            return
         found = search(list(dirs) or None, device_type)
         if as_json:
             click.echo(json.dumps([{"path": str(d.path), **d.data} for d in found], indent=2))

@@ -3,11 +3,15 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+from devices.vfio_user.client import Client, ClientError
 
 from jailer.descriptors import (DescriptorError, default_dirs, descriptor_files, descriptors_command,
                                 load, parse, parse_capabilities, search, select)
@@ -308,3 +312,40 @@ def test_an_empty_listing_says_where_it_looked(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == ""
     assert result.stderr == f"no vfio-user descriptors in {tmp_path}\n"
+
+
+def test_the_readme_set_up_makes_the_bundled_descriptor_discoverable():
+    """setup.sh installs the bundled descriptor with this installation's paths into the
+    venv's data directory, where `jailer descriptors` looks (an editable install copies none)."""
+    result = subprocess.run([sys.executable, "-m", "jailer", "descriptors", "--json", "--type", "gpio-pci-idio-16"],
+                            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found and found[0]["path"].startswith(sys.prefix)
+    for path in (found[0]["binary"], found[0]["sandbox"]["launcher"], found[0]["sandbox"]["profile"]):
+        assert os.path.exists(path), path
+
+
+def test_installed_descriptor_starts_the_jailed_device_as_a_management_tool_would(tmp_path):
+    written = subprocess.run([sys.executable, "-m", "jailer", "descriptors", "--install", str(tmp_path / "vfio-user")],
+                             capture_output=True, text=True, timeout=60)
+    assert written.returncode == 0, written.stderr
+    assert written.stderr == f"jailer descriptors: wrote {tmp_path / 'vfio-user' / '50-gpio-pci-idio-16.json'}\n"
+    descriptor = select("gpio-pci-idio-16", [tmp_path / "vfio-user"])
+    socket_path = tmp_path / "idio16.sock"
+    device = subprocess.Popen(descriptor.command(socket_path=str(socket_path)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        client = None
+        deadline = time.monotonic() + 20
+        while client is None:
+            try:
+                client = Client.connect(str(socket_path))
+            except ClientError:
+                assert device.poll() is None and time.monotonic() < deadline, device.stderr.read()
+                time.sleep(0.02)
+        assert client.region_read(7, 0, 4) == bytes.fromhex("4f49c80d")
+        client.close()
+    finally:
+        device.terminate()
+        device.wait(20)
