@@ -109,12 +109,7 @@ def create_listener(path: str, uid: int, gid: int, group: int | None = None):
     except OSError as exc:
         raise UsageError(f"cannot listen on {path}: {exc.strerror}") from None
     try:
-        try:
-            existing = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-        except FileNotFoundError:
-            existing = None
-        if existing is not None and not stat.S_ISSOCK(existing.st_mode):
-            raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
+        stale = existing_socket(dirfd, name, path)
         try:
             private = paths.PrivateDirectory(dirfd, path)
         except OSError as exc:
@@ -125,7 +120,7 @@ def create_listener(path: str, uid: int, gid: int, group: int | None = None):
             sock.listen(16)
             held = paths.hold(private.fd, name)
             try:
-                paths.place(private, name, dirfd, name, path, replace_socket=existing is not None)
+                paths.place(private, name, dirfd, name, path, replace_socket=stale)
             except BaseException:
                 os.close(held)
                 raise
@@ -151,15 +146,31 @@ def _bind_in(private, name: str, sock, uid: int, gid: int, group: int | None) ->
     finally:
         if mask is not None:
             os.umask(mask)
-    root = os.geteuid() == 0
     if group is not None:
-        try:
-            os.chown(name, uid if root else -1, group, dir_fd=private.fd, follow_symlinks=False)
-        except PermissionError:
-            raise UsageError(f"--socket-group: cannot give {private.path} to group {group}: only root may name a "
-                             "group the caller is not in") from None
-    elif root and (uid, gid) != (0, 0):
+        give_to_group(private, name, uid, group)
+    elif os.geteuid() == 0 and (uid, gid) != (0, 0):
         os.chown(name, uid, gid, dir_fd=private.fd, follow_symlinks=False)
+
+
+def existing_socket(dirfd: int, name: str, path: str) -> bool:
+    """Whether a (stale) socket is at `name` to be replaced; anything else there is refused."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
+    return True
+
+
+def give_to_group(private, name: str, uid: int, group: int) -> None:
+    """--socket-group: the socket `name` in a private directory (jailer.host.paths) goes to
+    `group`, and as root to the sandbox's `uid`."""
+    try:
+        os.chown(name, uid if os.geteuid() == 0 else -1, group, dir_fd=private.fd, follow_symlinks=False)
+    except PermissionError:
+        raise UsageError(f"--socket-group: cannot give {private.path} to group {group}: only root may name a "
+                         "group the caller is not in") from None
 
 
 class Manifest:

@@ -210,11 +210,12 @@ class _Launch:
         self.manifest = fdlib.Manifest.gather(plan.fds, given, socket_path, owner, fd_sockets,
                                               options.socket_group, program_sockets=bool(program_paths))
         try:
-            from jailer.host.sockets import ProgramSocket
+            if plan.sockets:
+                from jailer.host.sockets import ProgramSocket
 
-            for spec in plan.sockets:
-                self.program_sockets.append(ProgramSocket(spec, program_paths[spec.name], owner,
-                                                          options.socket_group))
+                for spec in plan.sockets:
+                    self.program_sockets.append(ProgramSocket(spec, program_paths[spec.name], owner,
+                                                              options.socket_group))
             self.notify_fd = self.manifest.notify_fd
             numbers = self.manifest.numbers()
             argv = fdlib.expand_argv(plan.program.argv + options.extra_args, numbers,
@@ -278,10 +279,6 @@ class _Launch:
                 os._exit(SETUP_FAILED)
         self.setup_pid = pid
         self.bind_sources = self._check_bind_sources()   # while the child unshares
-        for program_socket in self.program_sockets:
-            source, target, identity = program_socket.bind()
-            self.bind_sources[0][source] = identity
-            self.bind_sources[2].append((source, target))
         child_sock.close()
         os.close(exec_w)
         try:
@@ -298,18 +295,25 @@ class _Launch:
 
     def _check_bind_sources(self) -> tuple:
         """({source: (st_dev, st_ino) or None}, error fields or None, [(source, target)] of the
-        writable binds the program's own sockets get), sent to the child with "go". Resolved here, with the invoker's ids and in the host's view of file owners,
-        which jailer.host.paths needs to tell whose directory a path passes through (inside a
-        user namespace root and every other unmapped user look alike); the child opens each
-        source in its mount namespace and binds it only if it is this inode."""
+        writable binds the program's own sockets get), sent to the child with "go". Resolved
+        here, with the invoker's ids and in the host's view of file owners, which
+        jailer.host.paths needs to tell whose directory a path passes through (inside a user
+        namespace root and every other unmapped user look alike); the child opens each source
+        in its mount namespace and binds it only if it is this inode."""
         if not self.plan.namespaces.mount:
             return {}, None, []
         from jailer import mounts
 
         try:
-            return mounts.check_sources(self.plan.filesystem), None, []
+            checked = mounts.check_sources(self.plan.filesystem)
         except LayerError as exc:
             return {}, _error_fields(exc), []
+        socket_binds = []
+        for program_socket in self.program_sockets:
+            source, target, identity = program_socket.bind()
+            checked[source] = identity
+            socket_binds.append((source, target))
+        return checked, None, socket_binds
 
     def _start_child(self) -> tuple[int, int]:
         """(pid, clone flags it was created with). With a pid namespace the child is cloned
@@ -751,13 +755,15 @@ class _Launch:
 def _split_sockets(plan, options) -> tuple:
     """(--socket-path for a unix-listener fd or None, {fd name: path}, {[[sockets]] name: path}):
     --socket-path names the program's own socket when the profile has no unix-listener fd."""
+    if not plan.sockets:   # (jailer.host.sockets stays off the start-up path)
+        return options.socket_path, options.sockets, {}
     from jailer.host.sockets import main_socket
 
     names = {spec.name for spec in plan.sockets}
     fd_sockets = {name: path for name, path in options.sockets.items() if name not in names}
     program_paths = {name: path for name, path in options.sockets.items() if name in names}
     socket_path = options.socket_path
-    if plan.sockets and socket_path is not None and not any(f.kind == "unix-listener" for f in plan.fds):
+    if socket_path is not None and not any(f.kind == "unix-listener" for f in plan.fds):
         main = main_socket(plan.sockets, "--socket-path")
         if main.name in program_paths:
             raise UsageError(f"--socket-path and --socket {main.name}=PATH name the same socket")

@@ -211,8 +211,8 @@ def _read_all(fd: int, size: int) -> bytes:
 
 def _write_cache(directory: str, file: str, entry: dict) -> None:
     """Best effort: a cache that cannot be written only costs time. The directory is pinned
-    (jailer.host.paths) and must be this user's and private; the entry is written there
-    under a fresh name and renamed into place."""
+    (jailer.host.paths) and must be this user's and private; the entry is written in it
+    atomically (paths.write_in)."""
     from jailer.host import paths
 
     try:
@@ -224,13 +224,7 @@ def _write_cache(directory: str, file: str, entry: dict) -> None:
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             return
         _prune(dirfd)
-        name = os.path.basename(file)
-        temporary = f"{name}.{os.getpid()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dirfd)
-        with open(fd, "wb") as f:
-            marshal.dump(entry, f)
-        os.rename(temporary, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        os.close(paths.write_in(dirfd, os.path.basename(file), marshal.dumps(entry), 0o600))
     except OSError:
         pass
     finally:

@@ -358,9 +358,9 @@ def hold(dirfd: int, name: str) -> int:
 
 
 def write_file(path: str, data: bytes, mode: int, *, keep_mode: bool = False, make_dirs: int | None = None) -> Made:
-    """Write `path` atomically (a reader sees the old file or the whole new one): a new file
-    created O_EXCL in the pinned directory, then renamed over `path`. keep_mode: an existing
-    file's permission bits win over `mode`. Returns what was made (the caller closes or removes it)."""
+    """Write `path` atomically (a reader sees the old file or the whole new one), in its
+    pinned directory (see write_in). keep_mode: an existing file's permission bits win over
+    `mode`. Returns what was made (the caller closes or removes it)."""
     directory, name = split(path)
     dirfd = open_directory(directory, make_dirs=make_dirs)
     try:
@@ -369,24 +369,30 @@ def write_file(path: str, data: bytes, mode: int, *, keep_mode: bool = False, ma
                 mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode & 0o7777
             except FileNotFoundError:
                 pass
-        temporary = f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                     dir_fd=dirfd)
-        try:
-            os.fchmod(fd, mode)   # exactly `mode`, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            held = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
-        finally:
-            os.close(fd)
-        try:
-            os.rename(temporary, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-        except OSError:
-            _unlink_if_same(dirfd, temporary, held)
-            os.close(held)
-            raise
+        held = write_in(dirfd, name, data, mode)
     except BaseException:
         os.close(dirfd)
         raise
     return Made(dirfd, name, held)
+
+
+def write_in(dirfd: int, name: str, data: bytes, mode: int) -> int:
+    """Write NAME in the pinned directory atomically: a new file created O_EXCL under a fresh
+    name, given exactly `mode`, then renamed over NAME; returns an O_PATH descriptor of it."""
+    temporary = f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+    try:
+        os.fchmod(fd, mode)   # exactly `mode`, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        held = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(temporary, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except OSError:
+        _unlink_if_same(dirfd, temporary, held)
+        os.close(held)
+        raise
+    return held

@@ -17,6 +17,7 @@ import os
 import stat
 
 from jailer.errors import JailerError, UsageError
+from jailer.fds import existing_socket, give_to_group
 from jailer.host import paths
 
 _LISTENING = 0x10000   # __SO_ACCEPTCON in /proc/net/unix's Flags
@@ -35,7 +36,7 @@ class ProgramSocket:
             raise UsageError(f"cannot make {host_path} for socket '{spec.name}': {exc.strerror}") from None
         self.made = None
         try:
-            self.replaces = _existing_socket(self.dirfd, self.name, host_path)
+            self.replaces = existing_socket(self.dirfd, self.name, host_path)
             self.shared = paths.PrivateDirectory(self.dirfd, host_path)
         except BaseException:
             os.close(self.dirfd)
@@ -92,12 +93,7 @@ class ProgramSocket:
             if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in (self.owner[0], os.geteuid()):
                 raise JailerError(f"the program's {self.spec.path} is not a socket it made")
             if self.group is not None:
-                try:
-                    os.chown(self.name, self.owner[0] if os.geteuid() == 0 else -1, self.group,
-                             dir_fd=staging.fd, follow_symlinks=False)
-                except PermissionError:
-                    raise UsageError(f"--socket-group: cannot give {self.path} to group {self.group}: only root "
-                                     "may name a group the caller is not in") from None
+                give_to_group(staging, self.name, self.owner[0], self.group)
                 os.chmod(self.name, 0o660, dir_fd=staging.fd)   # a checked socket in a directory only jailer writes
             held = paths.hold(staging.fd, self.name)
             try:
@@ -137,16 +133,6 @@ class ProgramSocket:
 
     def descriptors(self) -> list[int]:
         return (self.made.descriptors() if self.made is not None else []) + [self.shared.fd, self.dirfd]
-
-
-def _existing_socket(dirfd: int, name: str, path: str) -> bool:
-    try:
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
-    return True
 
 
 def main_socket(specs, option: str):
