@@ -102,8 +102,10 @@ class JailedDevice:
     def __init__(self, invocation, scratch: Path, *options, profile=PROFILE, pass_fds=(), program_args=(),
                  extra_env=None):
         command, env = JAILER.command(invocation)
-        self.status = tempfile.TemporaryFile("w+")
-        self.stderr = tempfile.TemporaryFile("w+")
+        # O_APPEND: jailer writes through the same open file, whose offset events() and
+        # errors() move while they read; without it a line could land over an earlier one
+        self.status = tempfile.TemporaryFile("a+")
+        self.stderr = tempfile.TemporaryFile("a+")
         cache = scratch / f"cache-{invocation}"
         environment = {"PATH": "/usr/bin:/bin", "JAILER_CACHE_DIR": str(cache), **env, **(extra_env or {})}
         if invocation == "user" and profile == PROFILE:

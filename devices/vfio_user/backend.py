@@ -196,6 +196,7 @@ def _serve(make_device, options, setup) -> int:
                                             path or f"fd {sock.fileno()}")
         announce_ready()
         server.serve_forever()
+        _drain(wake_r)   # every stop ends the same way, so a learned filter sees the same calls
     finally:
         signal.set_wakeup_fd(-1)
         for signum, handler in previous.items():
