@@ -1,6 +1,7 @@
 """gpio-pci-idio-16: the emulated ACCES PCI-IDIO-16 as a vfio-user backend program.
 
-    python -m devices.gpio_pci_idio16 (--socket-path=PATH | --fd=N) [--control-socket=PATH | --control-fd=N] [-v]
+    python -m devices.gpio_pci_idio16 (--socket-path=PATH | --fd=N) [--control-socket=PATH | --control-fd=N]
+                                      [--checkpoint-fd=N] [-v]
     python -m devices.gpio_pci_idio16 --print-capabilities
 
 The vfio-user side follows the backend conventions of devices.vfio_user.backend; the
@@ -31,7 +32,7 @@ def _start_control(server, device: Idio16, options):
     if options.control_socket is None and options.control_fd is None:
         return None
     listener, remove = open_listener(options.control_socket, options.control_fd)
-    control = ControlServer(device, listener, server)
+    control = ControlServer(device, listener, server, after_request=server.save_checkpoint)
 
     def stop() -> None:
         control.close()

@@ -165,12 +165,17 @@ class _Client:
 
 
 class ControlServer:
-    """Serves the control socket from the device's event loop (anything with add_reader/remove_reader)."""
+    """Serves the control socket from the device's event loop (anything with add_reader/remove_reader).
 
-    def __init__(self, device: Idio16, listener: socket.socket, loop):
+    `after_request` runs after each request, before its reply: the backend saves a checkpoint
+    there, since set-inputs and load-state change the device state."""
+
+    def __init__(self, device: Idio16, listener: socket.socket, loop,
+                 after_request: Callable[[], None] | None = None):
         self.device = device
         self.listener = listener
         self.loop = loop
+        self.after_request = after_request or (lambda: None)
         self.clients: dict[int, _Client] = {}
         self._accepting = True
         listener.setblocking(False)
@@ -225,7 +230,9 @@ class ControlServer:
             if len(line) > MAX_LINE:
                 self._overlong(fd)
             elif line.strip():
-                self._send(fd, execute(self.device, line))
+                reply = execute(self.device, line)
+                self.after_request()
+                self._send(fd, reply)
         if fd in self.clients and len(client.pending) > MAX_LINE:
             self._overlong(fd)
 

@@ -9,6 +9,14 @@ Command line it implements:
                               other file is refused); it is removed again on exit
     --fd=N                    use inherited fd N: a listening socket, or one connected
                               socket (served until the client disconnects)
+    --checkpoint-fd=N         keep the device state in inherited fd N (a memfd or regular
+                              file of a fixed size, kept by whoever restarts the device; see
+                              devices.vfio_user.checkpoint): a valid checkpoint of this
+                              device type and an accepted abi_version is loaded before
+                              serving (one INFO line says so; any other is refused in one
+                              line and the device starts fresh), and the state is written
+                              back whenever it changes. A descriptor that cannot hold the
+                              device's state exits 2
     --print-capabilities      print {"type": device_type, "features": [...]} and exit 0
     -v/--verbose              debug logging (logs go to stderr; never daemonizes)
 Neither --socket-path nor --fd: socket activation (LISTEN_PID == getpid(), LISTEN_FDS >= 1,
@@ -42,11 +50,14 @@ import socket
 import stat
 import sys
 
+from .checkpoint import CheckpointArea, CheckpointError
 from .device import DeviceError
+from .migration import check_compatible, unwrap_state, wrap_state
 from .server import Server, ServerFailure
 from .transport import socket_from_fd, unix_listener
 
-BASE_FEATURES = ("socket-path", "fd", "listen-fds", "reconnect", "migration", "dma", "dma-logging")
+BASE_FEATURES = ("socket-path", "fd", "listen-fds", "reconnect", "migration", "dma", "dma-logging",
+                 "checkpoint-fd")
 LISTEN_FDS_START = 3
 
 
@@ -64,6 +75,8 @@ def build_parser(description: str, extra_options=None) -> argparse.ArgumentParse
     where.add_argument("--socket-path", metavar="PATH", help="listen for a vfio-user client on this UNIX socket")
     where.add_argument("--fd", type=int, metavar="N",
                        help="use inherited fd N (a listening or an already connected UNIX socket)")
+    parser.add_argument("--checkpoint-fd", type=int, metavar="N",
+                        help="restore the device state from inherited fd N (a memfd) and keep it there")
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the backend's type and features as JSON and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log protocol details on stderr")
@@ -175,12 +188,54 @@ def die(reason: str) -> None:
         os._exit(1)
 
 
+def open_checkpoint(fd: int, device) -> CheckpointArea:
+    """The checkpoint area of --checkpoint-fd, its state loaded into `device` if it holds one
+    the device accepts; exit 2 if the area cannot hold the device's state."""
+    try:
+        area = CheckpointArea.open(fd)
+    except CheckpointError as exc:
+        raise BackendError(f"--checkpoint-fd={fd}: {exc}", 2) from None
+    restore_checkpoint(device, area, fd)
+    try:
+        area.check_fits(len(wrap_state(device.device_type, device.abi_version, device.save_state())))
+    except CheckpointError as exc:
+        raise BackendError(f"--checkpoint-fd={fd}: {exc}", 2) from None
+    return area
+
+
+def restore_checkpoint(device, area: CheckpointArea, fd: int) -> None:
+    """Load the newest checkpoint, or say in one line why not and leave the device at power-on
+    state (the next change overwrites the refused checkpoint)."""
+    log = logging.getLogger("vfio_user")
+    refusal = "refusing the checkpoint on fd %d: %s; starting fresh"
+    try:
+        checkpoint = area.read()
+        if checkpoint is None:
+            return
+        kind, abi, state = unwrap_state(checkpoint.payload)
+        check_compatible(device, kind, abi)
+    except (CheckpointError, DeviceError) as exc:
+        log.warning(refusal, fd, one_line(exc))
+        return
+    try:
+        device.load_state(state, abi)
+    except MemoryError:
+        raise
+    except Exception as exc:                # noqa: BLE001 - a state the device cannot load must not stop it
+        device.reset()                      # whatever load_state changed before it gave up
+        log.warning(refusal, fd, one_line(exc))
+        return
+    log.info("restored state from checkpoint (generation %d, %d bytes)", checkpoint.generation, len(state))
+
+
 def _serve(make_device, options, setup) -> int:
+    device = make_device(options)
+    checkpoint = None if options.checkpoint_fd is None else open_checkpoint(options.checkpoint_fd, device)
     sock, path = open_socket(options)
     wake_r, wake_w = socket.socketpair()
     for s in (wake_r, wake_w):
         s.setblocking(False)
-    server = Server(make_device(options), sock)
+    server = Server(device, sock, checkpoint=checkpoint)
     cleanup = None
     previous = {}
     try:

@@ -12,7 +12,6 @@ have trigger eventfds at a time.
 
 from __future__ import annotations
 
-import errno
 import os
 
 from . import protocol as P

@@ -86,6 +86,14 @@ def wrap_state(device_type: str, abi_version: int, state: bytes) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def check_compatible(device, kind: str, abi: int) -> None:
+    """Refuse state saved by another device type, or at an abi_version `device` does not accept."""
+    if kind != device.device_type:
+        raise DeviceError(f"state of a {kind!r} device offered to a {device.device_type!r} device")
+    if not device.accepts_abi(abi):
+        raise DeviceError(f"{kind} state abi_version {abi} is not accepted (device is at {device.abi_version})")
+
+
 def parse_header(data: bytes) -> tuple[str, int, int] | None:
     """(device_type, abi_version, total envelope length) once enough bytes are there."""
     if len(data) < ENVELOPE_HEADER.size:
@@ -207,14 +215,11 @@ class Migration:
         self._expected = None
 
     def _check_compatible(self, kind: str, abi: int) -> None:
-        device = self.device
-        if kind != device.device_type:
-            log.error("migration refused: state of a %r device offered to a %r device", kind, device.device_type)
-            raise DeviceError(f"migration data is for device type {kind!r}, this is {device.device_type!r}")
-        if not device.accepts_abi(abi):
-            log.error("migration refused: %s state at abi_version %d, this device is at %d and does not accept it",
-                      kind, abi, device.abi_version)
-            raise DeviceError(f"{kind} state abi_version {abi} is not accepted (device is at {device.abi_version})")
+        try:
+            check_compatible(self.device, kind, abi)
+        except DeviceError as refusal:
+            log.error("migration refused, the device does not accept that state: %s", refusal)
+            raise
 
     def _finish_load(self) -> None:
         try:

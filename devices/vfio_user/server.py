@@ -11,6 +11,14 @@ API used by device programs (see also devices.vfio_user.backend):
     server.serve_forever()             # returns after stop(), or when a connected-socket
                                        # client goes away
     server.stop()                      # from a callback or a signal handler
+    server.save_checkpoint()           # after state changed outside a client's request
+                                       # (a control socket, a timer)
+
+With a checkpoint (Server(..., checkpoint=CheckpointArea), see devices.vfio_user.checkpoint)
+the device state is written there whenever it may have changed, before the client hears back:
+after each region access (reads change state too), DEVICE_RESET and migration state
+changes. Only a state that differs from the last one written is written. Without one, the
+region access hot path is the same as ever.
 
 The device sees the server only through DeviceHost (device.attach(host) while a client is
 connected, device.attach(None) between clients): set_intx(level), signal_irq(index,
@@ -43,11 +51,12 @@ import time
 
 from . import codec
 from . import protocol as P
+from .checkpoint import CheckpointError
 from .connection import ServerConnection, close_fds
 from .device import NUM_PCI_IRQS, NUM_PCI_REGIONS, Device, DeviceError, DeviceHost
 from .dma import DmaSpace
 from .irq import IrqTable, irq_info_flags
-from .migration import SUPPORTED_FLAGS, Migration
+from .migration import SUPPORTED_FLAGS, Migration, wrap_state
 from .transport import SocketTransport, TransportError
 
 log = logging.getLogger("vfio_user")
@@ -99,9 +108,12 @@ class TimerHandle:
 
 
 class Server:
-    def __init__(self, device: Device, sock: socket.socket, *, dma_timeout: float = 5.0):
+    def __init__(self, device: Device, sock: socket.socket, *, dma_timeout: float = 5.0, checkpoint=None):
         self.device = device
         self.dma_timeout = dma_timeout
+        self.checkpoint = checkpoint
+        self._checkpointed_state = device.save_state() if checkpoint is not None else None
+        self._checkpoint_failing = False
         self._sock = sock
         self._listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
         self._epoll = select.epoll()
@@ -260,6 +272,38 @@ class Server:
     def _migration_changed(self) -> None:
         if self.session is not None:
             self.session.migration_changed()
+        self.save_checkpoint()
+
+    # --- checkpoint ---------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write the device state to the checkpoint, if there is one and the state changed."""
+        if self.checkpoint is None:
+            return
+        device = self.device
+        state = device.save_state()
+        if state == self._checkpointed_state:
+            return
+        self._checkpointed_state = state
+        try:
+            self.checkpoint.write(wrap_state(device.device_type, device.abi_version, state))
+        except CheckpointError as exc:
+            if not self._checkpoint_failing:        # once, not on every access of a guest
+                log.error("checkpoint not written, a restart would bring back an older state: %s", exc)
+            self._checkpoint_failing = True
+        else:
+            self._checkpoint_failing = False
+
+    def checkpointed(self, access):
+        """`access` (a device's region_read or region_write), then a checkpoint of what it changed."""
+        save = self.save_checkpoint
+
+        def access_then_save(*args):
+            try:
+                return access(*args)
+            finally:
+                save()
+        return access_then_save
 
 
 class Session(DeviceHost):
@@ -282,6 +326,9 @@ class Session(DeviceHost):
         self.write_limits = list(self._open_write_limits)
         self.device_read = device.region_read
         self.device_write = device.region_write
+        if server.checkpoint is not None:
+            self.device_read = server.checkpointed(device.region_read)
+            self.device_write = server.checkpointed(device.region_write)
         self._closed = False
         self.migration_changed()
 
@@ -423,6 +470,7 @@ class Session(DeviceHost):
         if cmd == P.DEVICE_RESET:
             self.device.reset()
             self.migration.reset()
+            self.server.save_checkpoint()
             return b""
         if cmd == P.REGION_WRITE_MULTI:
             for region, offset, data in message.entries:
