@@ -23,7 +23,9 @@ KIND_DESCRIPTIONS = {
     "eventfd": "an eventfd",
     "file": "a regular file",
     "notify": "a connected AF_UNIX datagram socket",
+    "checkpoint": "a memfd",
 }
+_SEALED = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK   # a checkpoint cannot be grown by the program
 VFIO_USER_FD = "vfio-user"   # the unix-listener --socket-path and plain --fd N mean when there are several
 
 
@@ -182,15 +184,19 @@ class Manifest:
         self.made: list = []                           # jailer.host.paths.Made: the sockets jailer created
         self.notify_fd: int | None = None              # the launcher's end of the notify socketpair
         self.notify_name: str | None = None
+        self.kept: dict[str, int] = {}                 # what a restart gives the program again (jailer.host.restart)
+        self.new_checkpoints: dict[str, int] = {}      # checkpoint memfds created here (for a service manager's store)
 
     @classmethod
     def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None,
-               socket_group: int | None = None, program_sockets: bool = False) -> "Manifest":
+               socket_group: int | None = None, program_sockets: bool = False, made=()) -> "Manifest":
         """given: {name or None: fd}; None stands for the profile's unix-listener (plain --fd N);
         socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on;
         socket_group: the group of every socket jailer creates (see create_listener), which
-        the program's own sockets get too (program_sockets: there are some)."""
+        the program's own sockets get too (program_sockets: there are some); made: what an
+        earlier run of a restarted program made, removed with what this one makes."""
         manifest = cls()
+        manifest.made = list(made)
         given = dict(given)
         paths = dict(sockets or {})
         try:
@@ -230,6 +236,9 @@ class Manifest:
                                  "it cannot be given")
             fd = given[spec.name]
             check_kind(fd, spec)
+            if spec.kind == "checkpoint":
+                _seal(fd, spec)
+            self.kept[spec.name] = fd
             return fd
         path = paths.get(spec.name, spec.path)
         if spec.kind == "notify":
@@ -241,9 +250,15 @@ class Manifest:
         elif spec.kind == "unix-listener" and path:
             fd, made = create_listener(path, *owner, group=socket_group)
             self.made.append(made)
+            self.kept[spec.name] = fd
         elif spec.kind == "memfd" and spec.size is not None:
             fd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(fd, spec.size)
+        elif spec.kind == "checkpoint":
+            fd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, spec.size)
+            _seal(fd, spec)
+            self.kept[spec.name] = self.new_checkpoints[spec.name] = fd
         elif spec.kind == "eventfd":
             fd = os.eventfd(0, os.EFD_CLOEXEC)
         elif spec.kind == "file" and spec.path:
@@ -282,6 +297,17 @@ class Manifest:
         for made in self.made:
             made.remove()
         self.made = []
+
+
+def _seal(fd: int, spec) -> None:
+    """A checkpoint keeps its size: the program must not grow the memory jailer holds for it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALED)
+    except OSError:
+        pass   # already sealed against more seals: what counts is checked below
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALED != _SEALED:
+        raise UsageError(f"fd '{spec.name}' is a memfd that cannot be sealed against growing and shrinking; "
+                         "create it with MFD_ALLOW_SEALING (or let jailer create it)")
 
 
 def _spec(specs, name):

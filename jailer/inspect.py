@@ -130,6 +130,14 @@ def format_plan(plan):
                 if plan.program.ready == "socket" else "the program binds them itself")
         for entry in plan.sockets:
             row(entry.name, f"{entry.path}  (its directory: a private writable bind, sockets only)")
+    restart = plan.restart
+    if restart.policy == "no":
+        section("restart", "no (the program ends, jailer run ends)")
+    else:
+        checkpoint = [fd.name for fd in plan.fds if fd.kind == "checkpoint"]
+        section("restart", f"{restart.policy}, after {restart.delay:g} s doubling to {restart.max_delay:g} s; "
+                f"gives up after {restart.limit} restarts within {restart.interval:g} s")
+        row("kept", "the sockets jailer listens on" + (f", checkpoint fd '{checkpoint[0]}'" if checkpoint else ""))
     net = plan.network
     section("network", net.mode)
     if net.mode == "veth":

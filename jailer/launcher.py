@@ -106,7 +106,7 @@ class Options:
 
     def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
                  syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
-                 pidfile=None, hand_over=False, socket_group=None):
+                 pidfile=None, hand_over=False, socket_group=None, restart=None, carried=None):
         self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
         self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
         self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
@@ -121,6 +121,10 @@ class Options:
         # exec jailer-monitor in this very process once the program runs (see jailer.monitor):
         # only for a process that exists to run the sandbox (`jailer run`), never an embedder's
         self.hand_over = hand_over
+        # restart the program as the plan's RestartPlan says (only `jailer run`, which can exec
+        # itself again: jailer.host.restart), and what the run before this one handed on
+        self.restart = restart
+        self.carried = carried
 
 
 def run(plan, options: Options) -> int:
@@ -188,6 +192,9 @@ class _Launch:
         self.setup_pidfd = None
         self.monitor_can_take_over = None   # decided once the program's pid is known
         self.prepared_state = None      # (what it depends on, the monitor's state text)
+        self.stop_requested = False     # a stop signal was passed on: the program is not restarted
+        self.restart_after = None       # seconds to wait before the program is started again
+        self.restart_state = None       # memfd of what a restart gets (jailer.host.restart), once made
 
     def run(self) -> int:
         plan = self.plan
@@ -196,20 +203,37 @@ class _Launch:
                  namespaces.outside_id(identity.gid, identity.gid_map))
         options = self.options
         self.pidfile = _write_pidfile(options.pidfile) if options.pidfile else None
+        self.hand_on = None             # what the next run gets (jailer.host.restart.Carried) when restarting
         try:
-            return self._run(plan, options, owner)
+            code = self._run(plan, options, owner)
         finally:
-            if self.pidfile is not None:
-                self.pidfile.remove()
+            if self.hand_on is None:
+                if self.pidfile is not None:
+                    self.pidfile.remove()
+                if options.carried is not None:
+                    options.carried.remove()   # (already done, unless the run failed before taking them)
+        if self.hand_on is not None:
+            return self._restart(self.hand_on, code)
+        return code
 
     def _run(self, plan, options, owner) -> int:
-        given = dict(options.given_fds)
-        if "LISTEN_FDS" in os.environ:
-            given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
         socket_path, fd_sockets, program_paths = _split_sockets(plan, options)
+        if options.carried is not None:   # a restart: what jailer made or was given comes again
+            given = dict(options.carried.given)
+            fd_sockets = {name: path for name, path in fd_sockets.items() if name not in given}
+            if socket_path is not None and fdlib.main_listener(plan.fds, "--socket-path").name in given:
+                socket_path = None
+        else:
+            given = dict(options.given_fds)
+            if "LISTEN_FDS" in os.environ:
+                given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
         self.manifest = fdlib.Manifest.gather(plan.fds, given, socket_path, owner, fd_sockets,
-                                              options.socket_group, program_sockets=bool(program_paths))
+                                              options.socket_group, program_sockets=bool(program_paths),
+                                              made=options.carried.made if options.carried else ())
         try:
+            for name, fd in self.manifest.new_checkpoints.items():
+                # systemd keeps it across restarts of the unit and passes it back (LISTEN_FDNAMES)
+                self._tell_service_manager(f"FDSTORE=1\nFDNAME={name}", fds=(fd,))
             if plan.sockets:
                 from jailer.host.sockets import ProgramSocket
 
@@ -241,9 +265,82 @@ class _Launch:
         finally:
             if self.cgroup is not None:
                 self.cgroup.remove()
+            if self.restart_after is not None:
+                self.hand_on = self._hand_on()
             for program_socket in self.program_sockets:
                 program_socket.remove()
             self.manifest.close()
+
+    def _made_at_callers_paths(self) -> list:
+        """The sockets and pid file jailer made for the caller (jailer.host.paths.Made)."""
+        return (self.manifest.made + [p.made for p in self.program_sockets if p.made is not None]
+                + ([self.pidfile] if self.pidfile is not None else []))
+
+    def _restarts_so_far(self) -> list:
+        return list(self.options.carried.restarts) if self.options.carried is not None else []
+
+    def _hand_on(self):
+        """Take what the next run keeps out of this run's clean-up: the descriptors the program
+        gets again and what jailer made at the caller's paths."""
+        from jailer.host.restart import Carried
+
+        carried = Carried(self.manifest.kept, self._made_at_callers_paths(), self._restarts_so_far())
+        self.manifest.made = []
+        for program_socket in self.program_sockets:
+            program_socket.made = None
+        self.pidfile = None
+        kept = set(self.manifest.kept.values())
+        self.manifest.created_fds = [fd for fd in self.manifest.created_fds if fd not in kept]
+        return carried
+
+    def _plan_restart(self, wait_status):
+        from jailer.host import restart
+
+        previous = self._restarts_so_far()
+        action, detail = restart.decide(self.options.restart, wait_status, self.stop_requested, previous,
+                                        time.monotonic())
+        if action == "restart":
+            self.restart_after = detail
+            self.status.emit("restarting", restart=len(previous) + 1, delay=detail)
+        elif action == "give-up":
+            self.status.emit("gave-up", restarts=detail, interval=self.options.restart.interval)
+            status.warn(restart.give_up_message(self.options.restart, detail))
+
+    def _restart(self, carried, code) -> int:
+        """Wait the back-off, then exec this `jailer run` again with what it keeps; returns
+        (the program's last exit code, or 128 + the signal) only when stopped meanwhile or
+        when that exec fails, having removed what jailer made."""
+        import sys
+
+        from jailer.host import restart
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        stop = self.pending_signals[0] if self.pending_signals else None
+        if stop is None:
+            caught = signal.sigtimedwait(FORWARDED_SIGNALS, self.restart_after)
+            stop = caught.si_signo if caught is not None else None
+        if stop is not None:
+            self.status.emit("restart-cancelled", signal=stop)
+            carried.remove()
+            return 128 + stop
+        carried.restarts.append(time.monotonic())
+        state = carried.state_fd()
+        for fd in carried.descriptors():
+            os.set_inheritable(fd, True)
+        os.environ[restart.ENVIRONMENT] = str(state)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        command = restart.command_line()
+        try:
+            os.execv(command[0], command)
+        except OSError as exc:
+            status.warn(f"cannot restart the program: {command[0]}: {exc.strerror}")
+        os.close(state)
+        carried.remove()
+        return code
 
     def _create_cgroup(self, cgroup_plan):
         from jailer.cgroups import Cgroup
@@ -262,6 +359,7 @@ class _Launch:
         if self.plan.network.mode != "none":
             from jailer import network  # noqa: F401
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # a restart execs with them blocked
         old_wakeup = signal.set_wakeup_fd(wake_w)
         launcher_pid = os.getpid()
         pid, cloned = self._start_child()
@@ -581,13 +679,13 @@ class _Launch:
         if self.plan.seccomp.steady and self.listener is not None:
             self.status.emit("stage", stage="steady")
 
-    def _tell_service_manager(self, state):
+    def _tell_service_manager(self, state, fds=()):
         if not os.environ.get("NOTIFY_SOCKET"):
             return
         from jailer import sdnotify
 
         try:
-            sdnotify.notify(state)
+            sdnotify.notify(state, fds=fds)
         except JailerError as exc:
             status.warn(str(exc))
 
@@ -631,6 +729,7 @@ class _Launch:
                 self._kill_sandbox(self.setup_pid)   # interrupted during set-up: tear it down
                 self.error = self.error or ("JailerError", "", f"interrupted by signal {signum} during set-up", "")
                 continue
+            self.stop_requested = True
             if self._program_is_unguarded_pid1():
                 # As pid 1 the program ignores a signal it has no handler for yet, and until it
                 # says READY=1 it may not have one: end it instead of waiting for nothing.
@@ -676,8 +775,16 @@ class _Launch:
             self.monitor_can_take_over = bool(
                 self.options.hand_over and self.program_pid == self.setup_pid
                 and self.options.notification_policy is None and not self.options.route_all_to_notify
-                and monitor.available())
+                and monitor.available() and not self._restart_command_has_newline())
         return self.monitor_can_take_over
+
+    def _restart_command_has_newline(self) -> bool:
+        """The monitor reads the command it restarts one argument per line."""
+        if self.options.restart is None or self.options.restart.policy == "no":
+            return False
+        from jailer.host.restart import command_line
+
+        return any("\n" in arg for arg in command_line())
 
     def _prepare_hand_over(self):
         """Render the monitor's state while the program is being exec'd, when the launcher waits
@@ -713,17 +820,40 @@ class _Launch:
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         self._forward_signals()   # those caught before the block
         _, text = self._monitor_state()
+        restart_lines, restart_fds = self._monitor_restart()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        error = monitor.exec_monitor(text, (self.setup_pidfd, self.listener, self.notify_fd, self.status.fd,
-                                            *(fd for made in self._made() for fd in made.descriptors())))
+        error = monitor.exec_monitor(text + restart_lines,
+                                     (self.setup_pidfd, self.listener, self.notify_fd, self.status.fd,
+                                      *(fd for made in self._made() for fd in made.descriptors()), *restart_fds))
+        for fd in restart_fds[:1]:
+            os.close(fd)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         self.monitor_failed = True
         gc.enable()
         status.warn(f"cannot start {monitor.MONITOR}: {error.strerror}; the launcher stays resident")
+
+    def _monitor_restart(self) -> tuple[str, list]:
+        """(the monitor's restart lines, the descriptors a restart needs) when the plan restarts:
+        the monitor decides as _plan_restart does and execs this `jailer run` again with the
+        state a memfd holds (jailer.host.restart), descriptors first."""
+        restart_plan = self.options.restart
+        if restart_plan is None or restart_plan.policy == "no":
+            return "", []
+        from jailer.host.restart import Carried, command_line
+
+        carried = Carried(self.manifest.kept, self._made_at_callers_paths(), self._restarts_so_far())
+        state = carried.state_fd()
+        lines = [f"restart {restart_plan.policy} {restart_plan.limit} {restart_plan.interval!r} "
+                 f"{restart_plan.delay!r} {restart_plan.max_delay!r} {state}"]
+        lines += [f"restarted {moment!r}" for moment in carried.restarts]
+        if self.stop_requested:   # a signal passed on just before the hand-over: the end is asked for
+            lines.append("stopping")
+        lines += [f"exec {arg}" for arg in command_line()]
+        return "".join(line + "\n" for line in lines), [state, *self.manifest.kept.values()]
 
     def _program_is_pid1_until_ready(self) -> bool:
         """The program is pid 1 and says when it is ready: until then it may lack a handler."""
@@ -747,8 +877,12 @@ class _Launch:
 
             wait_status = SIGSYS   # what the kernel's own kill action would have shown
         self.status.emit("exited", **status.describe_exit(wait_status))
+        if self.options.restart is not None:
+            self._plan_restart(wait_status)
         if self.ready_failure is not None:
-            raise JailerError(self.ready_failure)
+            if self.restart_after is None:
+                raise JailerError(self.ready_failure)
+            status.warn(self.ready_failure)
         return status.exit_code(wait_status)
 
 

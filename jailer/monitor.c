@@ -18,7 +18,13 @@
  *     that may not handle them before its READY=1, kills the sandbox instead);
  *   - when the program ends: the "exited" event (SIGSYS if it was killed for a syscall),
  *     the cgroup removed, the sockets and pid file jailer made removed, the program's exit
- *     code (or 128 + signal) as its own.
+ *     code (or 128 + signal) as its own;
+ *   - or, when the profile restarts it (jailer.host.restart, whose decide() this repeats):
+ *     the "restarting" event, the back-off (a stop signal meanwhile cancels it:
+ *     "restart-cancelled"), then `jailer run` exec'd again in this process with the restart
+ *     state (RESTART_FD, a memfd of lines, gets "restarted T") in $JAILER_RESTART_FD; what
+ *     jailer made at the caller's paths stays for the next run. Past the rate limit:
+ *     "gave-up", one line on stderr, and the ending above.
  *
  * State: `jailer-monitor STATE_FD`, STATE_FD a file of lines "key values...":
  *   pid N | pidfd N | listener N | notify N | status N   (descriptors: -1 when absent)
@@ -29,6 +35,9 @@
  *   entries in it while it is still the directory FD holds, paths.remove_flat_directory)
  *   default SEVERITY ERRNO | staged NR | name NR NAME | reported SEVERITY NAME
  *   rule plain|steady NR SEVERITY ERRNO COUNT {INDEX OP VALUE MASK WIDTH32}*COUNT
+ *   restart on-failure|always LIMIT INTERVAL DELAY MAX_DELAY RESTART_FD | restarted T
+ *   | exec ARG (the command line to exec again, one argument per line) | stopping (a stop signal was
+ *   passed on before the hand-over: no restart)
  * with severities 0 allow, 1 log, 2 errno, 3 trap, 4 kill_thread, 5 kill, and ops
  * eq ne lt le gt ge masked_eq. `jailer-monitor --decide STATE_FD NR ARG0..ARG5` prints the
  * answer for one call in the state's stage (for the tests that hold it to the Python policy).
@@ -72,6 +81,8 @@ enum { OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE, OP_MASKED_EQ };
 #define NR_LIMIT 1024
 #define EPERM_ERRNO 1
 #define SIGSYS_NUMBER 31
+#define MAX_RESTARTS 1024
+#define MAX_ARGS 256
 
 struct condition { int index, op, width32; uint64_t value, mask; };
 struct rule { int steady, nr, severity, errnum, count; struct condition conditions[MAX_CONDITIONS]; };
@@ -86,6 +97,10 @@ static struct made { int fd, dirfd; char *name; } made[MAX_LIST], tidy[MAX_LIST]
 static int cgroup_count, made_count, tidy_count;
 static pid_t program;
 static int pidfd = -1, listener = -1, notify_fd = -1, status_fd = -1, killed, steady_stage, guard, staging;
+static int restart_policy, restart_limit, restart_fd = -1, restart_count, stop_requested, arg_count;
+static double restart_interval, restart_delay, restart_max_delay, restarts[MAX_RESTARTS];
+static char *exec_args[MAX_ARGS + 1];
+enum { RESTART_NO, RESTART_ON_FAILURE, RESTART_ALWAYS };
 
 static void warn(const char *format, ...)
 {
@@ -225,6 +240,18 @@ static int load_state(int fd)
 			for (int nr = 0; nr < NR_LIMIT; nr++)
 				if (names[nr] && !strcmp(names[nr], word) && a >= 0 && a <= KILL)
 					reported[nr][a] = 1;
+		} else if (!strcmp(key, "restart") && sscanf(line, "%*s %63s %d %lf %lf %lf %d", word, &restart_limit,
+							       &restart_interval, &restart_delay, &restart_max_delay,
+							       &restart_fd) == 6) {
+			restart_policy = !strcmp(word, "always") ? RESTART_ALWAYS
+				       : !strcmp(word, "on-failure") ? RESTART_ON_FAILURE : RESTART_NO;
+		} else if (!strcmp(key, "restarted") && restart_count < MAX_RESTARTS
+			   && sscanf(line, "%*s %lf", &restarts[restart_count]) == 1) {
+			restart_count++;
+		} else if (!strcmp(key, "stopping")) {
+			stop_requested = 1;
+		} else if (!strcmp(key, "exec") && arg_count < MAX_ARGS) {
+			exec_args[arg_count++] = rest_of_line(line, 1);
 		} else if (!strcmp(key, "rule") && rule_count < MAX_RULES) {
 			struct rule *r = &rules[rule_count];
 			char stage[8], *p;
@@ -502,7 +529,76 @@ static void remove_cgroups(void)
 	}
 }
 
-static int finish(int wait_status)
+static double monotonic_seconds(void)
+{
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec + now.tv_nsec / 1e9;
+}
+
+/* The back-off: the signal that cancels it, or 0 once `seconds` have passed. */
+static int wait_or_stop(int signal_fd, double seconds)
+{
+	double until = monotonic_seconds() + seconds;
+	for (;;) {
+		struct pollfd entry = { .fd = signal_fd, .events = POLLIN };
+		struct signalfd_siginfo info;
+		double left = until - monotonic_seconds();
+		if (left <= 0)
+			return 0;
+		if (poll(&entry, 1, (int)(left * 1000) + 1) > 0 && read(signal_fd, &info, sizeof info) == sizeof info)
+			return info.ssi_signo;
+	}
+}
+
+/* jailer.host.restart.decide, then the back-off and the exec; returns (only when the program
+ * is not restarted) the exit code to end with. */
+static int restart(int wait_status, int signal_fd, int code)
+{
+	char body[128], number[32];
+	double now = monotonic_seconds(), delay;
+	int recent = 0, stop;
+	if (stop_requested || (restart_policy == RESTART_ON_FAILURE && WIFEXITED(wait_status) && !WEXITSTATUS(wait_status)))
+		return code;
+	for (int i = 0; i < restart_count; i++)
+		recent += now - restarts[i] < restart_interval;
+	if (recent >= restart_limit) {
+		snprintf(body, sizeof body, "\"restarts\":%d,\"interval\":%.9g", recent, restart_interval);
+		emit("gave-up", body);
+		warn("the program ended again after %d restarts within %g s (restart.limit = %d): not restarting it",
+		     recent, restart_interval, restart_limit);
+		return code;
+	}
+	delay = restart_delay;
+	for (int i = 0; i < recent && delay < restart_max_delay; i++)
+		delay *= 2;
+	if (delay > restart_max_delay)
+		delay = restart_max_delay;
+	snprintf(body, sizeof body, "\"restart\":%d,\"delay\":%.9g", restart_count + 1, delay);
+	emit("restarting", body);
+	if ((stop = wait_or_stop(signal_fd, delay))) {
+		snprintf(body, sizeof body, "\"signal\":%d", stop);
+		emit("restart-cancelled", body);
+		return 128 + stop;
+	}
+	if (arg_count == 0 || lseek(restart_fd, 0, SEEK_END) < 0 || dprintf(restart_fd, "restarted %.9g\n",
+									     monotonic_seconds()) < 0) {
+		warn("cannot restart the program: the launcher's restart state is unusable");
+		return code;
+	}
+	snprintf(number, sizeof number, "%d", restart_fd);
+	setenv("JAILER_RESTART_FD", number, 1);
+	for (int i = 0; i < 3; i++) {   /* the ended program's descriptors do not go on; what jailer made does */
+		int fd = (int[]){ pidfd, listener, notify_fd }[i];
+		if (fd >= 0)
+			close(fd);
+	}
+	execv(exec_args[0], exec_args);
+	warn("cannot restart the program: %s: %s", exec_args[0], strerror(errno));
+	return code;
+}
+
+static int finish(int wait_status, int signal_fd)
 {
 	char body[64];
 	int code;
@@ -519,10 +615,12 @@ static int finish(int wait_status)
 	}
 	emit("exited", body);
 	remove_cgroups();
-	for (int i = 0; i < made_count; i++)
-		remove_made(&made[i]);
 	for (int i = 0; i < tidy_count; i++)
 		remove_flat_directory(&tidy[i]);
+	if (restart_policy != RESTART_NO)
+		code = restart(wait_status, signal_fd, code);
+	for (int i = 0; i < made_count; i++)
+		remove_made(&made[i]);
 	return code;
 }
 
@@ -568,6 +666,7 @@ static int monitor(void)
 		if (fds[1].revents) {
 			struct signalfd_siginfo info;
 			while (read(signal_fd, &info, sizeof info) == sizeof info) {
+				stop_requested = 1;
 				if (guard && !steady_stage)
 					kill_program(0);   /* a pid 1 without its handler yet would ignore it */
 				else
@@ -581,7 +680,7 @@ static int monitor(void)
 					warn("monitor: waitpid: %s", strerror(errno));
 					return 125;
 				}
-			return finish(wait_status);
+			return finish(wait_status, signal_fd);
 		}
 	}
 }

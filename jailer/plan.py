@@ -38,10 +38,11 @@ LAYERS = (
 RUNTIMES = ("native", "python")
 SECCOMP_ACTIONS = ("allow", "errno", "kill", "kill_thread", "trap", "log")
 ARG_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "masked_eq")
-FD_KINDS = ("unix-listener", "unix-stream", "memfd", "eventfd", "file", "notify")
+FD_KINDS = ("unix-listener", "unix-stream", "memfd", "eventfd", "file", "notify", "checkpoint")
 READY_MODES = ("exec", "notify", "socket")
 NETWORK_MODES = ("none", "loopback", "veth")
 PID1_MODES = ("reaper", "program")
+RESTART_POLICIES = ("no", "on-failure", "always")
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,12 @@ class FdSpec:
     kind: str                       # one of FD_KINDS
     number: int                     # fd number in the program (>= 3)
     path: str | None = None         # unix-listener: socket to create; file: file to open
-    size: int | None = None         # memfd: size to create
+    size: int | None = None         # memfd, checkpoint: size to create
     mode: str = "r"                 # file: "r", "w" or "rw"
     # notify: one end of a datagram socketpair the launcher creates; the program writes
     # sd_notify-style "READY=1" to it (its number is also in $JAILER_NOTIFY_FD).
+    # checkpoint: a memfd sealed at its size that jailer keeps across restarts of the program
+    # (and stores with systemd), where the program saves the state it must come back with.
     required: bool = True           # must be provided (by --fd, --socket-path or creation)
 
 
@@ -191,6 +194,16 @@ class ProgramSocket:
     caller's --socket-path / --socket NAME=PATH once it listens."""
     name: str
     path: str                       # where the program binds it, inside the sandbox
+
+
+@dataclass(frozen=True)
+class RestartPlan:
+    """What `jailer run` does when the program ends (systemd's Restart= and its rate limit)."""
+    policy: str = "no"              # one of RESTART_POLICIES
+    limit: int = 5                  # restarts allowed within `interval` seconds; one more gives up
+    interval: float = 60.0
+    delay: float = 0.1              # seconds before the first restart of a run of failures
+    max_delay: float = 5.0          # the delay doubles with each restart within `interval`, up to this
 
 
 @dataclass(frozen=True)
@@ -217,6 +230,7 @@ class Plan:
     fds: tuple[FdSpec, ...] = ()
     sockets: tuple[ProgramSocket, ...] = ()
     network: NetworkPlan = field(default_factory=NetworkPlan)
+    restart: RestartPlan = field(default_factory=RestartPlan)
     environment: tuple[tuple[str, str], ...] = ()   # the program's whole environment
     die_with_parent: bool = True
     best_effort: frozenset[str] = frozenset()       # layers that may be skipped (reported)

@@ -33,7 +33,7 @@ _SIZE = re.compile(r"(\d+)\s*([KMGT]?)\Z", re.IGNORECASE)
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%\Z")
 
 TOP_KEYS = ("name", "die_with_parent", "program", "namespaces", "identity", "filesystem", "landlock",
-            "seccomp", "limits", "fds", "sockets", "network", "environment", "enforcement")
+            "seccomp", "limits", "fds", "sockets", "network", "restart", "environment", "enforcement")
 PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout")
 SOCKET_KEYS = ("name", "path")
 NAMESPACE_KEYS = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup", "hostname", "pid1")
@@ -52,6 +52,8 @@ RLIMIT_KEYS = ("soft", "hard")
 CGROUP_KEYS = ("memory", "pids", "cpu", "parent")
 CPU_KEYS = ("quota_us", "period_us")
 FD_KEYS = ("name", "kind", "number", "path", "size", "mode", "required")
+RESTART_KEYS = ("policy", "limit", "interval", "delay", "max_delay")
+CHECKPOINT_MIN_SIZE = 4096   # two slots of a page: anything smaller cannot hold a device's state
 NETWORK_KEYS = ("mode", "host_ifname", "sandbox_ifname", "host_address", "sandbox_address")
 ENVIRONMENT_KEYS = ("set", "pass")
 ENFORCEMENT_KEYS = ("best_effort",)
@@ -192,6 +194,14 @@ def _seconds(low, high):
     def convert(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
             raise _Invalid(f"a number of seconds above {low} and at most {high}")
+        return float(value)
+    return convert
+
+
+def _seconds_or_zero(high):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            raise _Invalid(f"a number of seconds from 0 to {high}")
         return float(value)
     return convert
 
@@ -339,6 +349,7 @@ class _PlanBuilder:
             fds=fds,
             sockets=sockets,
             network=self.network(namespaces.net),
+            restart=self.restart(),
             environment=self.environment(runtime),
             die_with_parent=r.get(self.data, "", "die_with_parent", _boolean, True),
             best_effort=frozenset(self.best_effort()),
@@ -747,7 +758,7 @@ class _PlanBuilder:
                 if number in numbers:
                     r.fail(f"{key}.number", f"found {number}, expected a number not already used by {numbers[number]}")
                 numbers.setdefault(number, key)
-            allowed = {"path": ("unix-listener", "file"), "size": ("memfd",), "mode": ("file",)}
+            allowed = {"path": ("unix-listener", "file"), "size": ("memfd", "checkpoint"), "mode": ("file",)}
             for field, kinds in allowed.items():
                 if field in entry and kind is not None and kind not in kinds:
                     r.fail(f"{key}.{field}", f"found {_describe(entry[field])}, expected no {field} for kind "
@@ -755,9 +766,32 @@ class _PlanBuilder:
             spec = dict(path=r.get(entry, key, "path", _absolute_path), size=r.get(entry, key, "size", parse_size),
                         mode=r.get(entry, key, "mode", _choice(FD_MODES), "r"),
                         required=r.get(entry, key, "required", _boolean, True))
+            if kind == "checkpoint":
+                if spec["size"] is None:
+                    r.fail(f"{key}.size", 'missing, expected the size of the checkpoint memfd, e.g. "64K"')
+                elif spec["size"] < CHECKPOINT_MIN_SIZE:
+                    r.wrong(f"{key}.size", entry["size"], f"at least {CHECKPOINT_MIN_SIZE} bytes")
             if None not in (name, kind, number):
                 fds.append(P.FdSpec(name=name, kind=kind, number=number, **spec))
+        if sum(1 for fd in fds if fd.kind == "checkpoint") > 1:
+            r.fail("fds", "found more than one checkpoint fd, expected at most one")
         return tuple(fds)
+
+    def restart(self):
+        r = self.r
+        section = self.section("restart", RESTART_KEYS)
+        plan = P.RestartPlan(
+            policy=r.get(section, "restart", "policy", _choice(P.RESTART_POLICIES), "no"),
+            limit=r.get(section, "restart", "limit", _integer(1, 1000), 5),
+            interval=r.get(section, "restart", "interval", _seconds(0, 86400), 60.0),
+            delay=r.get(section, "restart", "delay", _seconds_or_zero(3600), 0.1),
+            max_delay=r.get(section, "restart", "max_delay", _seconds_or_zero(3600), 5.0))
+        if plan.max_delay < plan.delay:
+            r.fail("restart.max_delay", f"found {plan.max_delay:g}, expected at least restart.delay ({plan.delay:g})")
+        if section and plan.policy == "no" and set(section) - {"policy"}:
+            r.fail("restart.policy", 'missing or "no" while restart limits are set, expected "on-failure" or '
+                   '"always" (or no [restart] limits)')
+        return plan
 
     def network(self, net_namespace):
         r = self.r

@@ -20,7 +20,7 @@ from jailer.errors import JailerError, UsageError
 USAGE = """\
 usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--socket NAME=PATH]...
                   [--socket-group GROUP] [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache]
-                  PROFILE [-- ARG...]
+                  [--no-restart] PROFILE [-- ARG...]
 
 Run the program a profile describes inside the sandbox the profile describes.
 
@@ -32,14 +32,18 @@ Run the program a profile describes inside the sandbox the profile describes.
                      the sockets jailer creates belong to GROUP (name or number) with mode
                      0660, so a client running as another user in GROUP can connect
   --status-fd N      write JSON-lines status events (started, enforced, ready, stage, seccomp,
-                     exited) to fd N
+                     exited, restarting, gave-up, ...) to fd N
   --log-fd N         jailer's messages and the program's stderr go to fd N instead of stderr
   --pidfile PATH     write the launcher's pid (the process to signal) to PATH while it runs
   --no-cache         resolve the profile and compile its filter even if a cached copy is valid
+  --no-restart       do not apply the profile's [restart] policy (a service manager restarts)
   ARG...             appended to the profile's program arguments
 
 Sockets passed by a service manager (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES) are taken as
 the profile's fds of those names (a single one as its unix-listener).
+
+With a [restart] policy, a program that ends is started again in a fresh sandbox, keeping the
+sockets jailer listens on and the checkpoint fd, up to restart.limit times in restart.interval.
 
 Exit status: the program's, or 128+N when signal N ended it; 1 on an error, 2 on a usage
 or profile error, 3 when a required sandbox layer cannot be applied. See jailer(1).
@@ -57,6 +61,7 @@ class Arguments:
         self.log_fd = None
         self.pidfile = None
         self.use_cache = True
+        self.restart = True
         self.extra_args = []
 
 
@@ -118,6 +123,8 @@ def parse(argv) -> Arguments:
                 args.status_fd = _fd_number(value, "--status-fd")
         elif item == "--no-cache":
             args.use_cache = False
+        elif item == "--no-restart":
+            args.restart = False
         elif item.startswith("-") and item != "-":
             raise UsageError(f"unknown option '{item}' (see jailer run --help)")
         elif args.profile is None:
@@ -314,11 +321,21 @@ def main(argv) -> int:
     if any(a in ("-h", "--help") for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
         sys.stdout.write(USAGE)
         return 0
-    args = parse(argv)
-    if args.log_fd is not None and args.log_fd != 2:
-        os.dup2(args.log_fd, 2)   # every later message, the program's stderr included, goes there
-    plan, bpf, names = resolve(args.profile, args.use_cache)
-    code = run_plan(plan, args, bpf, names)
+    carried = None
+    if "JAILER_RESTART_FD" in os.environ:   # this is a restart: take what the last run handed on first
+        from jailer.host.restart import Carried
+
+        carried = Carried.from_environment()
+    try:
+        args = parse(argv)
+        if args.log_fd is not None and args.log_fd != 2:
+            os.dup2(args.log_fd, 2)   # every later message, the program's stderr included, goes there
+        plan, bpf, names = resolve(args.profile, args.use_cache)
+    except BaseException:
+        if carried is not None:
+            carried.remove()
+        raise
+    code = run_plan(plan, args, bpf, names, carried)
     # Done: skip the interpreter's teardown (module and heap finalization cost more than the
     # whole sandbox set-up); everything jailer made is already removed, only stdio may hold data.
     for stream in (sys.stdout, sys.stderr):
@@ -329,12 +346,14 @@ def main(argv) -> int:
     os._exit(code)
 
 
-def run_plan(plan, args: Arguments, bpf=None, names=None) -> int:
-    """Run an already resolved plan with the command line's fds, status fd and arguments."""
+def run_plan(plan, args: Arguments, bpf=None, names=None, carried=None) -> int:
+    """Run an already resolved plan with the command line's fds, status fd and arguments;
+    carried: what the run before this one handed on, when this is a restart."""
     from jailer import launcher
 
+    restart = plan.restart if args.restart and plan.restart.policy != "no" else None
     options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,
                                extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
-                               sockets=args.sockets, pidfile=args.pidfile, hand_over=True,
-                               socket_group=args.socket_group)
+                               sockets=args.sockets, pidfile=None if carried else args.pidfile, hand_over=True,
+                               socket_group=args.socket_group, restart=restart, carried=carried)
     return launcher.run(plan, options)

@@ -8,6 +8,7 @@ a jailed device keeps its socket across restarts. Both are no-ops outside system
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import stat
@@ -17,8 +18,9 @@ from jailer.errors import JailerError, UsageError
 SD_LISTEN_FDS_START = 3    # systemd passes activated sockets from fd 3 upward
 
 
-def notify(state: str, environ=None) -> bool:
-    """Send `state` ("READY=1", "STATUS=...", "MAINPID=N", newline-separated) to $NOTIFY_SOCKET.
+def notify(state: str, environ=None, fds=()) -> bool:
+    """Send `state` ("READY=1", "STATUS=...", "MAINPID=N", newline-separated) to $NOTIFY_SOCKET,
+    with `fds` attached (for "FDSTORE=1": systemd keeps them and passes them to the next start).
 
     Returns False when not started by a service manager (variable unset or empty).
     """
@@ -35,7 +37,11 @@ def notify(state: str, environ=None) -> bool:
                           "'@name' socket; jailer supports only those two forms")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.sendto(state.encode(), target)
+            if fds:
+                sock.sendmsg([state.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                             0, target)
+            else:
+                sock.sendto(state.encode(), target)
         except OSError as exc:
             raise JailerError(f"cannot notify the service manager at {address}: {exc.strerror}") from exc
     return True

@@ -265,7 +265,7 @@ def supplied_fds(fds, scratch, stack):
     options, numbers = [], []
     for spec in fds:
         if not spec.required or spec.kind in ("eventfd", "notify") or (spec.kind in ("unix-listener", "file") and spec.path) \
-                or (spec.kind == "memfd" and spec.size is not None):
+                or (spec.kind == "memfd" and spec.size is not None) or spec.kind == "checkpoint":
             continue
         if spec.kind == "unix-stream":
             _own_end, their_end = (stack.enter_context(end) for end in socket.socketpair())
@@ -290,7 +290,8 @@ def supplied_fds(fds, scratch, stack):
 def run_in_sandbox(profile_path, targets, fd_options, fds, checks):
     """One `jailer run` of the derived profile on `checks`; returns (exit status, events, stderr)."""
     # --no-cache: the derived profile is used once, its cache entry would only be left behind.
-    argv = [sys.executable, "-m", "jailer", "run", "--no-cache", *fd_options, profile_path,
+    # --no-restart: a probe that fails says so once, it is not started again.
+    argv = [sys.executable, "-m", "jailer", "run", "--no-cache", "--no-restart", *fd_options, profile_path,
             "--", "--only", ",".join(checks)]
     try:
         result = subprocess.run(argv, stdin=targets.terminal_slave, capture_output=True, text=True,

@@ -74,7 +74,7 @@ class StatusStream:
 
 
 def encode_json(value) -> str:
-    """JSON for the plain values status events carry (dict, list, str, int, bool, None)."""
+    """JSON for the plain values status events carry (dict, list, str, int, float, bool, None)."""
     if value is None:
         return "null"
     if value is True:
@@ -83,6 +83,8 @@ def encode_json(value) -> str:
         return "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)   # finite: seconds
     if isinstance(value, str):
         return '"' + "".join(_escape(ch) for ch in value) + '"'
     if isinstance(value, dict):

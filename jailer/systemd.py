@@ -62,6 +62,7 @@ class UnitRequest:
     socket_group: str | None = None
     explicit_socket_path: bool = True   # pass --socket-path (else the profile's own path is used)
     listener_name: str = VFIO_USER_FD_NAME   # the profile's unix-listener fd for the vfio-user socket
+    restarts: bool = False      # the profile restarts the program: systemd does it instead (Restart=)
 
 
 def listener_spec(plan: Plan) -> FdSpec:
@@ -94,13 +95,15 @@ def make_request(plan: Plan, profile: str, jailer: str, name: str | None = None,
     return UnitRequest(name=name, profile=os.path.abspath(profile), jailer=jailer, socket_path=path,
                        socket_activation=socket_activation, socket_group=socket_group,
                        explicit_socket_path=not (listener.path and socket_path in (None, listener.path)),
-                       listener_name=listener.name)
+                       listener_name=listener.name, restarts=plan.restart.policy != "no")
 
 
 def exec_argv(request: UnitRequest) -> list[str]:
     """`jailer run`; socket-activated, with the one socket systemd passes (always fd 3) named
     explicitly, so the unit does not depend on LISTEN_FDS handling and says what it hands over."""
     argv = [request.jailer, "run", request.profile]
+    if request.restarts:
+        argv.append("--no-restart")   # systemd applies the profile's policy (Restart=): one restarter only
     if request.socket_activation:
         argv += ["--fd", f"{request.listener_name}={SD_LISTEN_FDS_START}"]
     else:
@@ -198,7 +201,7 @@ def _runtime_directory(path: str) -> str | None:
     return None
 
 
-def lifecycle_directives(request: UnitRequest) -> list[Directive]:
+def lifecycle_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
     d = [
         Directive("Type", "notify", "jailer sends READY=1 once the device listens, so dependants start "
                   "only when the vfio-user socket is usable"),
@@ -209,10 +212,43 @@ def lifecycle_directives(request: UnitRequest) -> list[Directive]:
         Directive("KillSignal", "SIGTERM", "vfio-user backends exit quickly and cleanly on SIGTERM"),
         Directive("KillMode", "control-group", "SIGTERM reaches the launcher and the device alike"),
         Directive("TimeoutStopSec", "5s", "backends may be SIGKILLed a few seconds after SIGTERM"),
-        Directive("Restart", "on-failure", "a crashed device comes back; vfio-user clients may reconnect"),
-        Directive("RestartSec", "1s", "do not spin on a device that fails at start"),
+        *restart_directives(plan),
     ]
     return d
+
+
+def restart_directives(plan: Plan) -> list[Directive]:
+    """The profile's [restart] as systemd's own: systemd restarts the whole `jailer run`
+    (which runs with --no-restart), a socket unit keeps the listening socket meanwhile,
+    and the file descriptor store keeps the checkpoint fd (jailer stores it: FDSTORE=1)."""
+    restart = plan.restart
+    if restart.policy == "no":
+        return [Directive("Restart", "no", 'the profile\'s restart.policy is "no"')]
+    d = [Directive("Restart", restart.policy, "the profile's restart.policy; vfio-user clients reconnect to the "
+                   "socket, which a .socket unit keeps while the device restarts"),
+         Directive("RestartSec", _seconds(restart.delay),
+                   "the profile's restart.delay (its doubling up to restart.max_delay needs systemd 254's "
+                   "RestartSteps= and RestartMaxDelaySec=; older systemd waits this long every time)")]
+    checkpoints = [spec.name for spec in plan.fds if spec.kind == "checkpoint"]
+    if checkpoints:
+        d.append(Directive("FileDescriptorStoreMax", str(len(checkpoints)),
+                           f"jailer stores the checkpoint fd '{checkpoints[0]}' here, so the restarted device gets "
+                           "back the state the crashed one saved"))
+    return d
+
+
+def start_limit_directives(plan: Plan) -> list[Directive]:
+    """[Unit] settings: more than restart.limit restarts within restart.interval give up."""
+    restart = plan.restart
+    if restart.policy == "no":
+        return []
+    return [Directive("StartLimitIntervalSec", _seconds(restart.interval), "the profile's restart.interval"),
+            Directive("StartLimitBurst", str(restart.limit + 1),
+                      "the first start and restart.limit restarts within that interval; one more gives up")]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s" if value >= 1 or value == 0 else f"{value * 1000:g}ms"
 
 
 def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
@@ -326,7 +362,7 @@ def _resource_directives(plan: Plan) -> list[Directive]:
 
 
 def service_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
-    return lifecycle_directives(request) + sandbox_directives(plan, request)
+    return lifecycle_directives(plan, request) + sandbox_directives(plan, request)
 
 
 def socket_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
@@ -376,6 +412,7 @@ def _unit_section(plan: Plan, request: UnitRequest, *extra: Directive) -> list[s
     return _render_section("Unit", [
         Directive("Description", f"jailed vfio-user device {plan.name}", "shown by systemctl status"),
         Directive("Documentation", "man:jailer(1)", "how the sandbox is built"),
+        *start_limit_directives(plan),
         *extra,
     ])
 
@@ -403,14 +440,16 @@ def render_socket(plan: Plan, request: UnitRequest) -> str:
 def render_drop_in(plan: Plan, request: UnitRequest) -> str:
     """[Service] settings for an existing unit: list-valued settings are cleared first so the
     base unit cannot widen them, and conflicting protections are switched off explicitly."""
-    lines = _header(request) + _render_section("Service", service_directives(plan, request), reset_lists=True)
+    limits = start_limit_directives(plan)
+    unit = _render_section("Unit", limits) + [""] if limits else []
+    lines = _header(request) + unit + _render_section("Service", service_directives(plan, request), reset_lists=True)
     return "\n".join(lines) + "\n"
 
 
 def systemd_run_argv(plan: Plan, request: UnitRequest) -> list[str]:
     """The same service as a transient unit, e.g. for a one-off run or a libvirt hook."""
     argv = ["systemd-run", f"--unit={request.name}", f"--description=jailed vfio-user device {plan.name}"]
-    for directive in service_directives(plan, request):
+    for directive in start_limit_directives(plan) + service_directives(plan, request):
         if directive.key != "ExecStart":
             argv.append(f"--property={directive.key}={directive.value}")
     if request.socket_activation:

@@ -50,6 +50,32 @@ def test_the_jailed_sample_serves_through_its_own_socket_and_leaves_nothing(jail
 
 
 @pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_a_killed_sample_is_restarted_and_its_socket_placed_again(jailed, scratch, invocation):
+    """The shipped profile's restart policy for a program that binds its own socket: SIGKILL
+    the sample, and jailer starts it again and makes its new socket reachable at the same
+    path once it listens; in the end nothing of either run is left."""
+    import signal
+
+    path = scratch / "gpio.sock"
+    device = jailed(invocation, scratch, "--socket-path", str(path), profile=_readable_profile(scratch),
+                    extra_env=ENVIRONMENT)
+    _wait_event(device, "ready")
+    first = next(e["pid"] for e in device.events() if e["event"] == "started")
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while sum(e["event"] == "listening" for e in device.events()) < 2:
+        assert time.monotonic() < deadline and device.proc.poll() is None, device.errors()
+        time.sleep(0.02)
+    assert [e["event"] for e in device.events() if e["event"] in ("exited", "restarting", "listening")] == \
+        ["listening", "exited", "restarting", "listening"]
+    client = device.connect(str(path))
+    assert int.from_bytes(client.region_read(CONFIG, 0, 4), "little") == 0x0DC8494F
+    client.close()
+    device.stop()
+    assert not any(p.name.startswith(".jailer") or p.suffix == ".sock" for p in scratch.iterdir())
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
 def test_the_shipped_profile_passes_selftest(scratch, invocation):
     command, env = JAILER.command(invocation)
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(scratch), **env, **ENVIRONMENT}

@@ -243,7 +243,7 @@ def test_example_profiles_are_valid():
     (BASE + "[[fds]]\nname = \"a\"\nkind = \"memfd\"\nnumber = 2\n",
      "P: fds[0].number: found 2, expected an integer from 3 to 1023"),
     (BASE + "[[fds]]\nname = \"a\"\nkind = \"socket\"\nnumber = 3\n",
-     'P: fds[0].kind: found "socket", expected one of unix-listener, unix-stream, memfd, eventfd, file, notify'),
+     'P: fds[0].kind: found "socket", expected one of unix-listener, unix-stream, memfd, eventfd, file, notify, checkpoint'),
     (BASE + "[[fds]]\nname = \"a\"\nkind = \"eventfd\"\nnumber = 3\npath = \"/x\"\n",
      "P: fds[0].path: found \"/x\", expected no path for kind 'eventfd' (only for unix-listener and file)"),
     ("[program]\nargv = [\"/bin/true\", \"{fd:sock}\"]\n[seccomp]\nallow = [\"@default\"]\n[[fds]]\n"

@@ -27,7 +27,7 @@ def test_show_prints_every_group_of_the_plan():
     assert done.returncode == 0 and done.stderr == ""
     starts = [line.split()[0] for line in done.stdout.splitlines() if not line.startswith(" ")]
     assert starts == ["profile", "invocation", "program", "namespaces", "identity", "filesystem", "landlock",
-                      "seccomp", "limits", "fds", "network", "environment", "die", "best"]
+                      "seccomp", "limits", "fds", "restart", "network", "environment", "die", "best"]
     assert f"  executable    {sys.executable}" in done.stdout.splitlines()
     assert "  tmpfs         /tmp 16M mode 1777" in done.stdout.splitlines()
     assert "  cgroup        memory 128M, pids 16, cpu 50000/100000 us (below 'jailer')" in done.stdout.splitlines()
