@@ -139,6 +139,16 @@ def wait_ready(path, proc):
             time.sleep(0.0005)
 
 
+def stop(proc):
+    """SIGTERM, and SIGKILL after 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def descendants(root_pid):
     children = {}
     for entry in os.listdir("/proc"):
@@ -221,12 +231,7 @@ class Runner:
             wait_ready(path, proc)
             yield proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             if os.path.exists(path):
                 os.unlink(path)
 
