@@ -11,6 +11,9 @@ apt_packages=(
     libglib2.0-0 libfdt1 zlib1g busybox-static
     # the libvfio-user sample devices of ../shared/peers (bring-your-own-device tests)
     libjson-c5
+    # the Debian 12 guest with systemd as pid 1 and cgroup v2 (tests/vm/debian.py): its root
+    # file system and the disk that carries the checkout in
+    debootstrap e2fsprogs
 )
 if [ "${JAILER_SKIP_APT:-0}" != 1 ]; then
     missing=()
