@@ -5,7 +5,10 @@ the launcher's own cgroup, else from its v1 hierarchy (hybrid hosts). The sandbo
 cgroup is <launcher's cgroup>/<CgroupPlan.parent>/<name>.<pid> in each hierarchy used.
 The launcher creates it and writes the limits; the forked child joins it before it
 unshares the cgroup namespace (so the program sees its own cgroup as "/"); the launcher
-removes it when the program is gone, on error paths too.
+removes it when the program is gone, on error paths too. On v2 the launcher's cgroup must
+enable the controllers for its children, which v2 allows only while it holds no process:
+the launcher moves itself into the leaf LAUNCHER_LEAF below it first when it would be the
+one in the way (a systemd unit with Delegate=yes).
 """
 
 from __future__ import annotations
@@ -109,9 +112,9 @@ class Cgroup:
                     raise LayerError("cgroup", f"the {controller} controller is not available",
                                      f"mount the cgroup v1 {controller} hierarchy or enable it in cgroup v2")
                 directory = f"{base}/{leaf}"
+                if versions[controller] == 2:   # every v2 controller, into the one directory they share
+                    _enable_v2(base, parent_parts, controller)
                 if directory not in directories.values():
-                    if versions[controller] == 2:
-                        _enable_v2(base, parent_parts, controller)
                     os.makedirs(os.path.dirname(directory), exist_ok=True)
                     os.mkdir(directory, 0o755)
                 directories[controller] = directory
@@ -192,6 +195,13 @@ def _kill_remaining(directory: str) -> None:
             pass
 
 
+# Where the launcher moves itself when its own cgroup must enable controllers for the
+# sandbox's: cgroup v2 lets only a cgroup without processes of its own do that (the "no
+# internal processes" rule), and a delegated service cgroup (systemd's Delegate=yes) holds
+# just the launcher. One shared leaf for every launcher there, so none leaves a directory.
+LAUNCHER_LEAF = "jailer-launchers"
+
+
 def _enable_v2(base: str, parent_parts: list[str], controller: str) -> None:
     """Enable `controller` in subtree_control from the launcher's cgroup down to the parent."""
     path = base
@@ -207,8 +217,24 @@ def _enable_v2(base: str, parent_parts: list[str], controller: str) -> None:
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
+            if path == base and _leave_for_leaf(base):
+                _write(f"{path}/cgroup.subtree_control", f"+{controller}")
+                continue
             raise LayerError("cgroup", f"cannot enable the {controller} controller below {path}: it holds "
                              "processes (cgroup v2 allows controllers only above leaves)",
                              f"start jailer in a delegated cgroup whose cgroup.subtree_control already enables "
                              f"{controller} (e.g. systemd-run --scope -p Delegate=yes), or list cgroup in "
                              "enforcement.best_effort") from None
+
+
+def _leave_for_leaf(base: str) -> bool:
+    """Move this process from `base` into its launcher leaf; True if `base` then holds no
+    process of its own (others in it, as in a login session's cgroup, keep it busy)."""
+    leaf = f"{base}/{LAUNCHER_LEAF}"
+    try:
+        os.makedirs(leaf, exist_ok=True)
+        _write(f"{leaf}/cgroup.procs", os.getpid())
+        with open(f"{base}/cgroup.procs") as f:
+            return not f.read().split()
+    except OSError:
+        return False
