@@ -3,7 +3,9 @@ pid 1, the unified cgroup v2 hierarchy): the documented `systemd-run` line start
 IDIO-16, the unit is active only once the device serves, the device's cgroup is made under
 the unit's delegated subtree with the profile's limits and is the root of the device's cgroup
 namespace, systemd restarts a killed device and hands the checkpoint back from its file
-descriptor store, and `systemctl stop` leaves no cgroup and no socket behind.
+descriptor store, and `systemctl stop` leaves no cgroup and no socket behind; socket
+activation, a drop-in over an existing unit, the memory and pids limits in a delegated scope,
+`jailer selftest` as root and as a user, and `systemd-analyze security` of the running unit.
 
 One guest for the module (about 25 s to boot once the image is cached; see test_vm_boot.py).
 """
@@ -222,3 +224,24 @@ def test_the_pids_limit_stops_a_fork_bomb(guest):
     assert status == 0 and refused, (status, stdout, stderr)
     assert int(refused[0].split()[-1]) < 8      # the reaper and the program count too
     assert run(guest, "find /sys/fs/cgroup -name 'limited.*'") == ""
+
+
+def test_a_drop_in_jails_an_existing_unit(guest):
+    """`jailer systemd --drop-in UNIT` over a unit the user already has: its ExecStart= is
+    replaced (cleared first) by `jailer run`, with the sandboxing directives."""
+    base = "[Unit]\nDescription=an existing device unit\n[Service]\nExecStart=/bin/sleep infinity\n"
+    guest.put("/etc/systemd/system/existing-idio16.service", base.encode(), 0o644)
+    run(guest, f"{JAILER} systemd {PROFILE} --name existing-idio16 --drop-in existing-idio16.service "
+               "--output-dir /etc/systemd/system && systemctl daemon-reload")
+    drop_in = run(guest, "cat /etc/systemd/system/existing-idio16.service.d/50-jailer.conf")
+    path = shlex.split(next(line for line in drop_in.splitlines() if line.startswith("ExecStart=/")))
+    path = path[path.index("--socket-path") + 1]
+    run(guest, "systemctl start existing-idio16.service", timeout=120)
+    try:
+        assert run(guest, "systemctl show existing-idio16 -p ActiveState --value") == "active"
+        assert run(guest, "systemctl show existing-idio16 -p Type --value") == "notify"
+        assert int(run(guest, f"cd {CHECKOUT} && {PYTHON} -c {shlex.quote(OUTPUTS)} {path} 0x0304")) == 0x0304
+        assert "sleep" not in run(guest, "systemctl show existing-idio16 -p ExecStart --value")
+    finally:
+        guest.run("systemctl stop existing-idio16.service", timeout=60)
+    assert run(guest, "find /sys/fs/cgroup -name 'gpio-pci-idio-16.*'") == ""
