@@ -5,7 +5,8 @@ the unit's delegated subtree with the profile's limits and is the root of the de
 namespace, systemd restarts a killed device and hands the checkpoint back from its file
 descriptor store, and `systemctl stop` leaves no cgroup and no socket behind; socket
 activation, a drop-in over an existing unit, the memory and pids limits in a delegated scope,
-`jailer selftest` as root and as a user, and `systemd-analyze security` of the running unit.
+`jailer selftest` as root and as a user, `systemd-analyze security` of the running unit, and
+an unprivileged user's cgroup limits in its own delegated subtree.
 
 One guest for the module (about 25 s to boot once the image is cached; see test_vm_boot.py).
 """
@@ -245,3 +246,24 @@ def test_a_drop_in_jails_an_existing_unit(guest):
     finally:
         guest.run("systemctl stop existing-idio16.service", timeout=60)
     assert run(guest, "find /sys/fs/cgroup -name 'gpio-pci-idio-16.*'") == ""
+
+
+def test_an_unprivileged_user_gets_cgroup_limits_in_its_delegated_subtree(guest):
+    """What the cgroup v1 host never could: a normal user (its user manager, user@.service,
+    delegates memory and pids to it) runs `jailer run` in a `systemd-run --user --scope -p
+    Delegate=yes`, and the sandbox gets its own cgroup with the limits: 32M OOM-kills the
+    program that writes 200 MiB."""
+    run(guest, "id tenant >/dev/null 2>&1 || useradd -m -u 1000 tenant; loginctl enable-linger tenant; "
+               "for i in $(seq 1 150); do systemctl is-active --quiet user@1000.service && exit 0; sleep 0.2; done; "
+               "systemctl status user@1000.service --no-pager; exit 1", timeout=60)
+    guest.put("/tmp/tenant-hog.toml", LIMITED.format(code=HOG).encode(), 0o644)
+    status, stdout, stderr = guest.run(
+        "cd /tmp && runuser -u tenant -- env XDG_RUNTIME_DIR=/run/user/1000 "
+        "DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/1000/bus systemd-run --user --quiet --scope -p Delegate=yes "
+        f"{JAILER} run --status-fd 1 /tmp/tenant-hog.toml", timeout=120)
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    enforced = next(e for e in events if e["event"] == "enforced")
+    memory = enforced["layers"]["cgroup"]["memory"]
+    assert memory.startswith("v2:/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/"), enforced
+    assert not enforced["skipped"], enforced
+    assert events[-1] == {"event": "exited", "signal": 9} and status == 137, (status, stdout, stderr)

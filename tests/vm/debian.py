@@ -57,7 +57,10 @@ PROJECT = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 # what systemd needs to boot and the agent to run; setup.sh installs the project's own packages
-BOOT_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "python3-venv")
+# libpam-systemd and dbus-user-session: a user manager (user@.service) with its bus, for the
+# tests of an unprivileged caller in a delegated subtree (systemd-run --user)
+BOOT_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "python3-venv", "libpam-systemd",
+                 "dbus-user-session")
 BUILD_TOOLS = {"debootstrap": "debootstrap", "unshare": "util-linux", "chroot": "coreutils",
                "mkfs.ext4": "e2fsprogs"}
 CHECKOUT_ENTRIES = ("jailer", "devices", "profiles", "tests", "man", "share", "docs", "README.md",
