@@ -85,9 +85,11 @@ RUNNER_FOR = _Runner()
 
 
 def readable_tempdir() -> str:
-    """A temporary directory nobody can read and traverse (for plan files and binds)."""
+    """A temporary directory anybody can read and traverse (for plan files and binds); removed
+    when the test run ends, whoever else forgot it."""
     path = tempfile.mkdtemp(prefix="jailer-test-")
     os.chmod(path, 0o755)
+    atexit.register(shutil.rmtree, path, True)
     return path
 
 

@@ -10,8 +10,10 @@ docs/security.md says why each operation is safe.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -166,6 +168,7 @@ class Victim:
 
     def __init__(self, with_socket=False):
         self.directory = tempfile.mkdtemp(prefix="jailer-victim-")   # 0700 root
+        atexit.register(shutil.rmtree, self.directory, True)
         self.file = os.path.join(self.directory, "secret")
         with open(self.file, "w") as f:
             f.write("root only\n")
