@@ -139,14 +139,15 @@ def wait_ready(path, proc):
             time.sleep(0.0005)
 
 
-def stop(proc):
-    """SIGTERM, and SIGKILL after 10 s."""
-    proc.send_signal(signal.SIGTERM)
+def stop(proc) -> int:
+    """SIGTERM (unless it has ended), and SIGKILL after 10 s; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(10)
+        return proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        return proc.wait()
 
 
 def descendants(root_pid):

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -111,14 +110,7 @@ class Device:
         return self.stderr.read()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        return code
+        return device_ready.stop(self.proc)
 
     def close(self) -> None:
         self.stop()

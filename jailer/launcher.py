@@ -276,15 +276,19 @@ class _Launch:
         return (self.manifest.made + [p.made for p in self.program_sockets if p.made is not None]
                 + ([self.pidfile] if self.pidfile is not None else []))
 
+    def _carried(self):
+        """What a restart would get now (jailer.host.restart.Carried)."""
+        from jailer.host.restart import Carried
+
+        return Carried(self.manifest.kept, self._made_at_callers_paths(), self._restarts_so_far())
+
     def _restarts_so_far(self) -> list:
         return list(self.options.carried.restarts) if self.options.carried is not None else []
 
     def _hand_on(self):
         """Take what the next run keeps out of this run's clean-up: the descriptors the program
         gets again and what jailer made at the caller's paths."""
-        from jailer.host.restart import Carried
-
-        carried = Carried(self.manifest.kept, self._made_at_callers_paths(), self._restarts_so_far())
+        carried = self._carried()
         self.manifest.made = []
         for program_socket in self.program_sockets:
             program_socket.made = None
@@ -843,9 +847,9 @@ class _Launch:
         restart_plan = self.options.restart
         if restart_plan is None or restart_plan.policy == "no":
             return "", []
-        from jailer.host.restart import Carried, command_line
+        from jailer.host.restart import command_line
 
-        carried = Carried(self.manifest.kept, self._made_at_callers_paths(), self._restarts_so_far())
+        carried = self._carried()
         state = carried.state_fd()
         lines = [f"restart {restart_plan.policy} {restart_plan.limit} {restart_plan.interval!r} "
                  f"{restart_plan.delay!r} {restart_plan.max_delay!r} {state}"]
