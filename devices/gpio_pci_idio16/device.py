@@ -164,11 +164,7 @@ class Idio16(PciDevice):
                            len(config)) + config
 
     def load_state(self, data: bytes, abi_version: int) -> None:
-        if not self.accepts_abi(abi_version):
-            raise DeviceError(f"{self.device_type} state of ABI version {abi_version} is not loadable "
-                              f"(this device is version {self.abi_version})")
-        if len(data) < _STATE.size:
-            raise DeviceError(f"refusing {self.device_type} state: {len(data)} bytes, shorter than its header")
+        self.check_loadable(data, abi_version, _STATE.size)
         magic, layout, outputs, inputs, flags, status, config_length = _STATE.unpack_from(data)
         config = data[_STATE.size:]
         problems = [(magic != STATE_MAGIC, f"bad magic {magic!r}"),

@@ -58,6 +58,13 @@ class DeviceHost(abc.ABC):
     def dma_write(self, iova: int, data: bytes) -> None:
         """Write guest memory (marks pages dirty while DMA logging is on)."""
 
+    def dma_views(self, segments, writable: bool) -> list[memoryview] | None:
+        """Guest memory of (iova, length) segments as memoryviews for zero-copy access, or
+        None where only dma_read and
+        dma_write reach it. Views must be released before the device returns to the server
+        loop, or in Device.dma_changing() at the latest."""
+        return None
+
 
 class Device(abc.ABC):
     """A PCI device model. Subclasses set `device_type` and `abi_version`.
@@ -79,6 +86,9 @@ class Device(abc.ABC):
     def attach(self, host: DeviceHost | None) -> None:
         """Called with the server's host on start, and with None while no client is connected."""
         self.host = host
+
+    def dma_changing(self) -> None:
+        """The client's DMA mappings are about to change: drop any views of guest memory."""
 
     @abc.abstractmethod
     def regions(self) -> dict[int, Region]:
@@ -111,3 +121,11 @@ class Device(abc.ABC):
     def accepts_abi(self, abi_version: int) -> bool:
         """Whether load_state can take state saved at `abi_version`."""
         return abi_version == self.abi_version
+
+    def check_loadable(self, data: bytes, abi_version: int, header_size: int) -> None:
+        """The first checks of every load_state: an accepted ABI version, a whole header."""
+        if not self.accepts_abi(abi_version):
+            raise DeviceError(f"{self.device_type} state of ABI version {abi_version} is not loadable "
+                              f"(this device is version {self.abi_version})")
+        if len(data) < header_size:
+            raise DeviceError(f"refusing {self.device_type} state: {len(data)} bytes, shorter than its header")

@@ -82,11 +82,21 @@ class DmaSpace:
         self.log_page_size = 0                          # 0 = dirty logging off
         self._log_ranges: tuple = ()
         self._dirty: set[int] = set()                   # page numbers (iova // log_page_size)
+        # Called before any mapping goes away or moves: whoever holds views() of guest
+        # memory must drop them then (an mmap with exported views cannot be closed).
+        self.before_change = None
+        self._recent: Mapping | None = None             # the fd-backed mapping the last access hit
 
     # --- map / unmap --------------------------------------------------------------------
 
+    def _changing(self) -> None:
+        self._recent = None
+        if self.before_change is not None:
+            self.before_change()
+
     def map(self, iova: int, size: int, flags: int, fd: int | None = None, offset: int = 0) -> None:
         """Add a mapping; takes ownership of `fd` (closed on failure too)."""
+        self._changing()
         try:
             backing = self._backing(fd, offset, size, flags) if fd is not None else None
         except BaseException:
@@ -128,9 +138,11 @@ class DmaSpace:
             m = partial[0]
             raise DeviceError(f"DMA_UNMAP [{iova:#x}, {end:#x}) cuts mapping [{m.iova:#x}, {m.end:#x})",
                               errno.EINVAL)
+        self._changing()
         self._remove_range(iova, end)
 
     def unmap_all(self) -> None:
+        self._changing()
         for m in self._maps:
             if m.backing is not None:
                 m.backing.release()
@@ -142,7 +154,7 @@ class DmaSpace:
         channel (the server's session, which holds this space)."""
         self.unmap_all()
         self.stop_logging()
-        self._message_read = self._message_write = None
+        self._message_read = self._message_write = self.before_change = None
 
     def _overlapping(self, start: int, end: int):
         index = max(bisect.bisect(self._starts, start) - 1, 0)
@@ -189,6 +201,10 @@ class DmaSpace:
             index += 1
 
     def read(self, iova: int, length: int) -> bytes:
+        m = self._recent                                # a device's accesses cluster: try it first
+        if m is not None and m.iova <= iova and iova + length <= m.iova + m.size and m.flags & P.DMA_MAP_FLAG_READ:
+            off = m.offset + iova - m.iova
+            return m.backing.mm[off:off + length]
         if length == 0:
             return b""
         parts = []
@@ -198,9 +214,18 @@ class DmaSpace:
             else:
                 off = m.offset + start - m.iova
                 parts.append(m.backing.mm[off:off + stop - start])
+                self._recent = m
         return b"".join(parts)
 
     def write(self, iova: int, data: bytes) -> None:
+        m = self._recent
+        length = len(data)
+        if m is not None and m.iova <= iova and iova + length <= m.iova + m.size and m.flags & P.DMA_MAP_FLAG_WRITE:
+            off = m.offset + iova - m.iova
+            m.backing.view[off:off + length] = data
+            if self.log_page_size:
+                self._mark_dirty(iova, iova + length)
+            return
         if not data:
             return
         data = memoryview(data)
@@ -211,8 +236,38 @@ class DmaSpace:
             else:
                 off = m.offset + start - m.iova
                 m.backing.view[off:off + len(chunk)] = chunk
+                self._recent = m
                 if self.log_page_size:
                     self._mark_dirty(start, stop)
+
+    def views(self, segments, writable: bool) -> list[memoryview] | None:
+        """Guest memory of (iova, length) `segments` as memoryviews of the fd-backed mappings,
+        for zero-copy I/O (preadv into guest RAM); None when some of it is reached only by
+        messages. Writable views count as written for dirty logging. The views must be
+        released before the next map or unmap (see before_change). A device's scatter list
+        mostly stays inside one mapping, which is looked up once, not per segment."""
+        views = []
+        need = P.DMA_MAP_FLAG_WRITE if writable else P.DMA_MAP_FLAG_READ
+        m = None
+        for iova, length in segments:
+            if m is not None and m.iova <= iova and iova + length <= m.iova + m.size:
+                off = m.offset + iova - m.iova
+                views.append(m.backing.view[off:off + length])
+                if writable and self.log_page_size:
+                    self._mark_dirty(iova, iova + length)
+                continue
+            if length == 0:
+                continue
+            for m, start, stop in self._pieces(iova, length, need):
+                if m.backing is None:
+                    for view in views:
+                        view.release()
+                    return None
+                off = m.offset + start - m.iova
+                views.append(m.backing.view[off:off + stop - start])
+                if writable and self.log_page_size:
+                    self._mark_dirty(start, stop)
+        return views
 
     def _by_message_read(self, iova: int, length: int) -> bytes:
         if self._message_read is None:

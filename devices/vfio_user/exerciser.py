@@ -47,6 +47,8 @@ maps, dirty logging, maps over a mapping, the unmap forms); DEVICE_RESET; error 
 migration on the one connection (PRE_COPY, STOP_COPY, STOP, RESUMING with the stream written
 back, RUNNING); a malformed frame; the largest message, its first page sent alone;
 reconnection (the old client's mappings and eventfds gone); the control socket when given.
+A modern virtio block device (1af4:1042) also gets a guest driver's walk after DMA
+(devices.virtio_blk.walk: queues, I/O of every kind, a descriptor loop, resets).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from .device import BAR2, CONFIG, IRQ_ERR, IRQ_INTX, IRQ_REQ, ROM
 from .migration import wrap_state
 
 IDIO16_IDS = (0x494F, 0x0DC8)
+VIRTIO_BLK_IDS = (0x1AF4, 0x1042)
 CAPABILITIES = {"max_msg_fds": P.MAX_MSG_FDS, "max_data_xfer_size": P.MAX_DATA_XFER_SIZE,
                 "pgsizes": P.PAGE_SIZE, "max_dma_maps": P.MAX_DMA_MAPS, "write_multiple": True}
 IRQ_WAIT = 2.0
@@ -1255,6 +1258,16 @@ class Walk:
             refused("DMA_LOGGING_REPORT after logging stopped", f"{SPEC_LOGGING}: a report is only valid while logging",
                     client.dma_logging_report, iova, size)
 
+    def learning_virtio_blk(self) -> None:
+        """What a guest's virtio_blk driver does (devices.virtio_blk.walk)."""
+        from devices.virtio_blk.walk import WalkError, walk
+
+        try:
+            for note in walk(self.client):
+                self.note(note)
+        except WalkError as exc:
+            raise ConformanceError(f"virtio-blk: {exc}") from None
+
     def learning_reset(self) -> None:
         client = self.client
         if self.info.flags & P.DEVICE_FLAG_RESET:
@@ -1497,7 +1510,7 @@ class Walk:
                  ("GET_IRQ_INFO", self.learning_irq_infos), ("config space", self.learning_config_space),
                  ("BARs", self.learning_regions), ("REGION_WRITE_MULTI", self.learning_write_multi),
                  ("SET_IRQS", self.learning_interrupts), ("DMA", self.learning_dma),
-                 ("DEVICE_RESET", self.learning_reset), ("error replies", self.learning_errors),
+                 ("virtio-blk", self.learning_virtio_blk), ("DEVICE_RESET", self.learning_reset), ("error replies", self.learning_errors),
                  ("migration", self.learning_migration), ("malformed frame", self.learning_malformed_frame),
                  ("largest message", self.learning_largest_message), ("reconnection", self.learning_reconnection)]
         if self.control_path:
@@ -1506,6 +1519,8 @@ class Walk:
 
     def run_learning(self) -> None:
         for name, function in self.learning_steps():
+            if name == "virtio-blk" and self.ids != VIRTIO_BLK_IDS:
+                continue                # a guest driver's walk, for that device only
             if not self.stopped and not self.alive():
                 if not self.connections:
                     self.report.steps.append(Step(name, False, "the device is gone"))

@@ -22,7 +22,8 @@ region access hot path is the same as ever.
 
 The device sees the server only through DeviceHost (device.attach(host) while a client is
 connected, device.attach(None) between clients): set_intx(level), signal_irq(index,
-vector), dma_read(iova, length), dma_write(iova, data). Device state and the migration
+vector), dma_read(iova, length), dma_write(iova, data), dma_views(segments,
+writable) for zero-copy access to fd-backed guest memory. Device state and the migration
 state survive client reconnections; DMA mappings and interrupt eventfds do not.
 
 Message-based DMA (mappings without an fd) sends DMA_READ/DMA_WRITE to the client and
@@ -317,6 +318,7 @@ class Session(DeviceHost):
         self.transport = SocketTransport(conn, recv_timeout=HOT_WAIT)
         self.conn = ServerConnection(self, CAPABILITIES)
         self.dma = DmaSpace(self._message_dma_read, self._message_dma_write)
+        self.dma.before_change = device.dma_changing
         self.irqs = IrqTable([device.irq_count(i) for i in range(NUM_PCI_IRQS)],
                              server.add_reader, server.remove_reader)
         self.region_table = [device.regions().get(i) for i in range(NUM_PCI_REGIONS)]
@@ -563,6 +565,9 @@ class Session(DeviceHost):
 
     def dma_write(self, iova: int, data: bytes) -> None:
         self.dma.write(iova, data)
+
+    def dma_views(self, segments, writable: bool) -> list[memoryview] | None:
+        return self.dma.views(segments, writable)
 
     # --- message-based DMA --------------------------------------------------------------
 
