@@ -76,18 +76,20 @@ def _socket_info(fd: int) -> tuple[int, int, str]:
         sock.close()
 
 
-def check_kind(fd: int, spec) -> None:
-    """Refuse a descriptor whose type is not the one the manifest declares for it."""
+def check_kind(fd: int, spec, mode: str | None = None) -> None:
+    """Refuse a descriptor whose type is not the one the manifest declares for it (a file
+    fd: opened in the profile's mode, or in `mode`, which --read-only makes "r")."""
     expected = KIND_DESCRIPTIONS[spec.kind]
+    mode = mode or spec.mode
     actual = describe_fd(fd)
     ok = actual == expected or (spec.kind == "file" and actual == "a regular file")
     if ok and spec.kind == "file":
         access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        needs_read, needs_write = "r" in spec.mode, "w" in spec.mode
+        needs_read, needs_write = "r" in mode, "w" in mode
         ok = (not needs_read or access in (os.O_RDONLY, os.O_RDWR)) and \
              (not needs_write or access in (os.O_WRONLY, os.O_RDWR))
         actual += f" opened {({os.O_RDONLY: 'r', os.O_WRONLY: 'w', os.O_RDWR: 'rw'}).get(access, '?')}"
-        expected += f" opened {spec.mode}"
+        expected += f" opened {mode}"
     if not ok:
         raise UsageError(f"fd {fd} given for '{spec.name}' is {actual}; the profile expects {expected}")
 
@@ -186,15 +188,19 @@ class Manifest:
         self.notify_name: str | None = None
         self.kept: dict[str, int] = {}                 # what a restart gives the program again (jailer.host.restart)
         self.new_checkpoints: dict[str, int] = {}      # checkpoint memfds created here (for a service manager's store)
+        self.files: dict[str, str] = {}                # file fd name -> the caller's path (--file, --disk)
+        self.read_only = False
 
     @classmethod
     def gather(cls, specs, given: dict, socket_path, owner: tuple[int, int], sockets=None,
-               socket_group: int | None = None, program_sockets: bool = False, made=()) -> "Manifest":
+               socket_group: int | None = None, program_sockets: bool = False, made=(), files=None,
+               read_only: bool = False) -> "Manifest":
         """given: {name or None: fd}; None stands for the profile's unix-listener (plain --fd N);
         socket_path: where to listen for that unix-listener; sockets: {name: path} to listen on;
         socket_group: the group of every socket jailer creates (see create_listener), which
         the program's own sockets get too (program_sockets: there are some); made: what an
-        earlier run of a restarted program made, removed with what this one makes."""
+        earlier run of a restarted program made, removed with what this one makes; files:
+        {name: path} of existing files to open for file fds (read-only with read_only)."""
         manifest = cls()
         manifest.made = list(made)
         given = dict(given)
@@ -211,6 +217,14 @@ class Manifest:
                 paths[name] = socket_path
             _refuse_unknown(specs, given, "--fd")
             _refuse_unknown(specs, paths, "--socket")
+            _refuse_unknown(specs, files or {}, "--file")
+            for name, path in (files or {}).items():
+                spec = _spec(specs, name)
+                if spec.kind != "file":
+                    raise UsageError(f"--file {name}={path}: fd '{name}' is a {spec.kind} fd, expected a file")
+                if name in given:
+                    raise UsageError(f"fd '{name}' is given both as an open fd and as a file path")
+            manifest.files, manifest.read_only = dict(files or {}), read_only
             for name in paths:
                 if name in given:
                     raise UsageError(f"fd '{name}' is given both as an open fd and as a socket path")
@@ -261,22 +275,27 @@ class Manifest:
             self.kept[spec.name] = self.new_checkpoints[spec.name] = fd
         elif spec.kind == "eventfd":
             fd = os.eventfd(0, os.EFD_CLOEXEC)
-        elif spec.kind == "file" and spec.path:
+        elif spec.kind == "file" and (spec.path or spec.name in self.files):
             from jailer.host import paths
 
             flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT, "rw": os.O_RDWR | os.O_CREAT}[spec.mode]
+            path = self.files.get(spec.name, spec.path)
+            if spec.name in self.files:              # the caller's file: it must exist
+                flags = os.O_RDONLY if self.read_only else flags & ~os.O_CREAT
             try:
-                fd = paths.open_file(spec.path, flags)
+                fd = paths.open_file(path, flags)
             except OSError as exc:
-                raise UsageError(f"fd '{spec.name}': cannot open {spec.path}: {exc.strerror}") from None
+                raise UsageError(f"fd '{spec.name}': cannot open {path}: {exc.strerror}") from None
         elif spec.required:
-            option = "--fd N or --socket-path PATH" if spec.kind == "unix-listener" else f"--fd {spec.name}=N"
+            option = {"unix-listener": "--fd N or --socket-path PATH",
+                      "file": f"--file {spec.name}=PATH (--disk PATH for 'disk') or --fd {spec.name}=N"}.get(
+                spec.kind, f"--fd {spec.name}=N")
             raise UsageError(f"the profile needs fd '{spec.name}' ({KIND_DESCRIPTIONS[spec.kind]}): pass it with "
                              f"{option}")
         else:
             return None
         self.created_fds.append(fd)
-        check_kind(fd, spec)
+        check_kind(fd, spec, mode="r" if spec.name in self.files and self.read_only else None)
         return fd
 
     def numbers(self) -> dict[str, int]:

@@ -106,10 +106,13 @@ class Options:
 
     def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
                  syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
-                 pidfile=None, hand_over=False, socket_group=None, restart=None, carried=None):
+                 pidfile=None, hand_over=False, socket_group=None, restart=None, carried=None, files=None,
+                 read_only=False):
         self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
         self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
         self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
+        self.files = dict(files or {})           # file fd name -> path of an existing file to open
+        self.read_only = read_only               # open those read-only, whatever the fd's mode
         self.socket_group = socket_group         # gid of the sockets created (mode 0660), or None
         self.status_fd = status_fd
         self.pidfile = pidfile                   # path written with the launcher's pid while it runs
@@ -229,7 +232,8 @@ class _Launch:
                 given = fdlib.activated_fds(plan.fds, given, options.sockets, options.socket_path)
         self.manifest = fdlib.Manifest.gather(plan.fds, given, socket_path, owner, fd_sockets,
                                               options.socket_group, program_sockets=bool(program_paths),
-                                              made=options.carried.made if options.carried else ())
+                                              made=options.carried.made if options.carried else (),
+                                              files=options.files, read_only=options.read_only)
         try:
             for name, fd in self.manifest.new_checkpoints.items():
                 # systemd keeps it across restarts of the unit and passes it back (LISTEN_FDNAMES)

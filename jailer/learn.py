@@ -477,14 +477,19 @@ def replace_seccomp_section(text: str, section: str, path: str = "profile") -> s
 
 # --- running the program ---------------------------------------------------------------------
 
+SCRATCH_FILE_SIZE = 16 << 20
+
+
 class _Sockets:
     """Listening sockets learn creates for the profile's unix-listener fds, and the paths where
-    the launcher makes the program's own sockets ([[sockets]]) reachable, in a private directory."""
+    the launcher makes the program's own sockets ([[sockets]]) reachable, in a private directory;
+    and a scratch file (16 MiB, sparse) for each file fd the caller must name (a disk image)."""
 
     def __init__(self, plan):
         self.directory = tempfile.mkdtemp(prefix="jailer-learn-")
         self.fds = {}
         self.paths = {}
+        self.scratch = []
         self.program = {spec.name: os.path.join(self.directory, f"{spec.name}.sock") for spec in plan.sockets}
         self.paths.update(self.program)
         for spec in plan.fds:
@@ -495,6 +500,13 @@ class _Sockets:
                 sock.listen(16)
                 self.fds[spec.name] = sock.detach()
                 self.paths[spec.name] = path
+            elif spec.required and spec.kind == "file" and not spec.path:
+                path = os.path.join(self.directory, f"{spec.name}.img")
+                flags = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}[spec.mode]
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.truncate(path, SCRATCH_FILE_SIZE)
+                self.fds[spec.name] = fd
+                self.scratch.append(path)
             elif spec.required and spec.kind == "unix-stream":
                 self.close()
                 raise UsageError(f"fd '{spec.name}' is a {spec.kind} the caller must pass: jailer learn only "
@@ -507,7 +519,7 @@ class _Sockets:
 
     def close(self):
         self.close_fds()
-        for path in self.paths.values():
+        for path in [*self.paths.values(), *self.scratch]:
             try:
                 os.unlink(path)
             except OSError:

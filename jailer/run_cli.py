@@ -19,8 +19,9 @@ from jailer.errors import JailerError, UsageError
 
 USAGE = """\
 usage: jailer run [--fd NAME=N]... [--fd N] [--socket-path PATH] [--socket NAME=PATH]...
-                  [--socket-group GROUP] [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache]
-                  [--no-restart] PROFILE [-- ARG...]
+                  [--file NAME=PATH]... [--disk PATH] [--read-only] [--socket-group GROUP]
+                  [--status-fd N] [--log-fd N] [--pidfile PATH] [--no-cache] [--no-restart]
+                  PROFILE [-- ARG...]
 
 Run the program a profile describes inside the sandbox the profile describes.
 
@@ -28,6 +29,10 @@ Run the program a profile describes inside the sandbox the profile describes.
   --fd N             the same, for the profile's unix-listener fd (the only one, or "vfio-user")
   --socket-path PATH create a listening AF_UNIX socket at PATH for that unix-listener fd
   --socket NAME=PATH create a listening AF_UNIX socket at PATH for the unix-listener fd NAME
+  --file NAME=PATH   open the existing file at PATH (outside the sandbox, with the caller's
+                     rights) for the profile's file fd NAME, in that fd's mode
+  --disk PATH        the same for the fd named "disk" (a disk image: profiles/virtio-blk.toml)
+  --read-only        open the files of --file and --disk read-only, whatever their fd's mode
   --socket-group GROUP
                      the sockets jailer creates belong to GROUP (name or number) with mode
                      0660, so a client running as another user in GROUP can connect
@@ -56,6 +61,8 @@ class Arguments:
         self.given_fds = {}
         self.socket_path = None
         self.sockets = {}
+        self.files = {}
+        self.read_only = False
         self.socket_group = None
         self.status_fd = None
         self.log_fd = None
@@ -94,7 +101,8 @@ def parse(argv) -> Arguments:
             args.extra_args = items
             break
         option, has_value, value = item.partition("=") if item.startswith("--") else (item, False, "")
-        if option in ("--fd", "--socket-path", "--socket", "--socket-group", "--status-fd", "--log-fd", "--pidfile"):
+        if option in ("--fd", "--socket-path", "--socket", "--file", "--disk", "--socket-group", "--status-fd",
+                      "--log-fd", "--pidfile"):
             if not has_value:
                 if not items:
                     raise UsageError(f"{option} needs a value (see jailer run --help)")
@@ -113,6 +121,13 @@ def parse(argv) -> Arguments:
                 if name in args.sockets:
                     raise UsageError(f"--socket {value}: fd {name} given twice")
                 args.sockets[name] = os.path.abspath(path)
+            elif option in ("--file", "--disk"):
+                name, equals, path = value.partition("=") if option == "--file" else ("disk", "=", value)
+                if not equals or not name or not path:
+                    raise UsageError(f"--file {value}: expected NAME=PATH")
+                if name in args.files:
+                    raise UsageError(f"{option} {value}: file '{name}' given twice")
+                args.files[name] = os.path.abspath(path)
             elif option == "--pidfile":
                 args.pidfile = os.path.abspath(value)
             elif option == "--socket-group":
@@ -125,6 +140,8 @@ def parse(argv) -> Arguments:
             args.use_cache = False
         elif item == "--no-restart":
             args.restart = False
+        elif item == "--read-only":
+            args.read_only = True
         elif item.startswith("-") and item != "-":
             raise UsageError(f"unknown option '{item}' (see jailer run --help)")
         elif args.profile is None:
@@ -133,6 +150,8 @@ def parse(argv) -> Arguments:
             raise UsageError(f"unexpected argument '{item}': program arguments go after '--'")
     if args.profile is None:
         raise UsageError("missing PROFILE (see jailer run --help)")
+    if args.read_only and not args.files:
+        raise UsageError("--read-only applies to --file and --disk, and neither is given")
     return args
 
 
@@ -354,6 +373,7 @@ def run_plan(plan, args: Arguments, bpf=None, names=None, carried=None) -> int:
     restart = plan.restart if args.restart and plan.restart.policy != "no" else None
     options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,
                                extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
-                               sockets=args.sockets, pidfile=None if carried else args.pidfile, hand_over=True,
+                               sockets=args.sockets, files=args.files, read_only=args.read_only,
+                               pidfile=None if carried else args.pidfile, hand_over=True,
                                socket_group=args.socket_group, restart=restart, carried=carried)
     return launcher.run(plan, options)
