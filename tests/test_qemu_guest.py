@@ -20,10 +20,12 @@ and the tests are skipped, saying what is missing, where neither is there:
     JAILER_QEMU_ACCEL=kvm                        the accelerator (default tcg, which works
                                                  everywhere, nested guests included)
 
-The guest is that kernel plus an initramfs made here from the host's static busybox, the
-driver module and the modules it needs (on 6.12 gpio-idio-16 and gpio-regmap), found through
-the kernel's modules.dep; its /init (GUEST_INIT below, or GUEST_SAMPLE_INIT for the sample)
-loads them in dependency order and reports over the serial console.
+The guest is that kernel plus an initramfs made by tests/guest.py (which holds the QEMU and
+guest helpers these tests share with test_qemu_restart.py and benchmarks/virtio_blk.py) from
+the host's static busybox, the driver module and the modules it needs (on 6.12 gpio-idio-16
+and gpio-regmap), found through the kernel's modules.dep; its /init (GUEST_INIT below, or
+GUEST_SAMPLE_INIT for the sample) loads them in dependency order and reports over the serial
+console.
 
 Every test runs on each kernel: the eight take about 110-135 s under TCG on 2 cores (an
 IDIO-16 run 17-27 s on 6.1 and 12-22 s on 6.12, each for two boots; a sample run, one boot,
@@ -32,14 +34,9 @@ IDIO-16 run 17-27 s on 6.1 and 12-22 s on 6.12, each for two boots; a sample run
 
 from __future__ import annotations
 
-import json
-import lzma
 import os
 import re
-import select
-import shutil
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -47,20 +44,14 @@ from pathlib import Path
 import pytest
 
 from devices.gpio_pci_idio16.ctl import request as control
+from guest import (KERNELS, PEERS, QEMU, Console, _stop_qemu, initramfs, kernel_problem, qemu_command, qemu_problem,
+                   vfio_user_device)
+# tests/vm/debian.py takes these from here (they live in tests/guest.py now)
+from guest import ACCEL, BUSYBOX, DATADIRS, newc_archive  # noqa: F401
+from guest import modules_directory as _modules_directory  # noqa: F401
 from test_e2e_jailed_device import jailed, listener, scratch, start_with_control  # noqa: F401  (fixtures)
 
-PEERS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
-QEMU = os.environ.get("JAILER_QEMU") or str(PEERS / "qemu" / "bin" / "qemu-system-x86_64")
-KERNELS = ([os.environ["JAILER_GUEST_KERNEL"]] if os.environ.get("JAILER_GUEST_KERNEL")
-           else sorted(str(path) for path in (PEERS / "guest" / "boot").glob("vmlinuz-*")))
 DRIVER = "gpio_pci_idio_16"
-UNPACK = {".ko": bytes, ".xz": lzma.decompress}   # a module file's last suffix: how to get its .ko
-DATADIRS = [d for d in (os.environ.get("JAILER_QEMU_DATADIR")
-                        or (str(PEERS / "qemu" / "share") if not os.environ.get("JAILER_QEMU") else "")).split(":") if d]
-ACCEL = os.environ.get("JAILER_QEMU_ACCEL", "tcg")
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-BOOT_TIMEOUT = 120.0          # TCG without KVM takes a while
-GUEST_RAM = "256M"
 OUTPUTS = 0x8009              # the guest drives OUT0, OUT3 and OUT15 high
 INPUTS = 0xA5C3               # the host drives these input lines
 
@@ -136,64 +127,11 @@ reboot -f
 """
 
 
-def _qemu_problem() -> str | None:
-    if not os.access(QEMU, os.X_OK):
-        return f"no QEMU at {QEMU} (set JAILER_QEMU; Debian 12's QEMU 7.2 has no vfio-user-pci)"
-    devices = subprocess.run([QEMU, "-device", "help"], capture_output=True, text=True, timeout=30).stdout
-    if '"vfio-user-pci"' not in devices:
-        return f"{QEMU} has no vfio-user-pci device (needs QEMU 10.1 or newer)"
-    if not KERNELS:
-        return f"no guest kernel in {PEERS / 'guest' / 'boot'} (set JAILER_GUEST_KERNEL)"
-    if not os.access(BUSYBOX, os.X_OK):
-        return "no busybox for the guest's initramfs (Debian: busybox-static)"
-    return None
-
-
-def _modules_directory(kernel: str) -> Path:
-    """../lib/modules/VERSION beside the kernel's boot/, as in a Debian linux-image package."""
-    return Path(kernel).parent.parent / "lib" / "modules" / Path(kernel).name.removeprefix("vmlinuz-")
-
-
-def _module_name(path: str) -> str:
-    return Path(path).name.split(".ko")[0].replace("-", "_")
-
-
-def driver_modules(kernel: str) -> list[Path]:
-    """The driver's module after every module it needs, each after its own dependencies: busybox
-    insmod loads one file and resolves nothing, so the order comes from the kernel's modules.dep."""
-    directory = _modules_directory(kernel)
-    needs = {}
-    for line in (directory / "modules.dep").read_text().splitlines():
-        module, _, dependencies = line.partition(":")
-        needs[module] = dependencies.split()
-    order = []
-
-    def after_its_dependencies(module: str):
-        if module not in order:
-            for dependency in needs[module]:
-                after_its_dependencies(dependency)
-            order.append(module)
-    for module in needs:
-        if _module_name(module) == DRIVER:
-            after_its_dependencies(module)
-    return [directory / module for module in order]
-
-
 def _kernel_problem(kernel: str) -> str | None:
-    if not os.path.exists(kernel):
-        return f"no guest kernel at {kernel}"
-    if not (_modules_directory(kernel) / "modules.dep").exists():
-        return f"no {_modules_directory(kernel) / 'modules.dep'} for {kernel}"
-    modules = driver_modules(kernel)
-    if not modules:
-        return f"no gpio-pci-idio-16 module for {kernel} (CONFIG_GPIO_PCI_IDIO_16=m)"
-    for module in modules:
-        if not module.exists() or module.suffix not in UNPACK:
-            return f"no loadable {module} (plain or .xz) for {kernel}"
-    return None
+    return kernel_problem(kernel, [DRIVER], "CONFIG_GPIO_PCI_IDIO_16=m")
 
 
-QEMU_PROBLEM = _qemu_problem()
+QEMU_PROBLEM = qemu_problem()
 pytestmark = pytest.mark.skipif(QEMU_PROBLEM is not None, reason=str(QEMU_PROBLEM))
 
 
@@ -204,91 +142,6 @@ def _kernel_param(kernel: str):
 
 
 GUEST_KERNELS = [_kernel_param(kernel) for kernel in KERNELS]
-
-
-def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A cpio "newc" archive (the initramfs format) of (path, mode, content) entries."""
-    out = bytearray()
-
-    def add(name: str, mode: int, data: bytes, inode: int):
-        encoded = name.encode() + b"\0"
-        fields = (inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
-        out.extend(b"070701" + b"".join(b"%08X" % value for value in fields) + encoded)
-        out.extend(b"\0" * (-len(out) % 4) + data)
-        out.extend(b"\0" * (-len(out) % 4))
-    for inode, (name, mode, data) in enumerate(entries, start=1):
-        add(name, mode, data, inode)
-    add("TRAILER!!!", 0, b"", 0)
-    return bytes(out)
-
-
-def guest_initramfs(directory: Path, kernel: str, init: str = GUEST_INIT) -> Path:
-    """busybox, the /init script, and in modules/ the driver's modules, unpacked, with their load order."""
-    modules = {module.name.split(".ko")[0] + ".ko": UNPACK[module.suffix](module.read_bytes())
-               for module in driver_modules(kernel)}
-    entries = [(directory, stat.S_IFDIR | 0o755, b"") for directory in ("bin", "proc", "sys", "modules")]
-    entries += [("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()),
-                ("init", stat.S_IFREG | 0o755, init.encode()),
-                ("modules/order", stat.S_IFREG | 0o644, "".join(f"{name}\n" for name in modules).encode())]
-    entries += [(f"modules/{name}", stat.S_IFREG | 0o644, data) for name, data in modules.items()]
-    path = directory / "initramfs.cpio"
-    path.write_bytes(newc_archive(entries))
-    return path
-
-
-def qemu_command(socket_path: str, initramfs: Path, kernel: str, device_properties: dict | None = None) -> list[str]:
-    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}, **(device_properties or {})}
-    command = [QEMU, "-machine", f"q35,accel={ACCEL},memory-backend=mem", "-m", GUEST_RAM,
-               "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
-               "-device", json.dumps(device), "-kernel", kernel, "-initrd", str(initramfs),
-               "-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-nodefaults",
-               "-serial", "stdio"]
-    for directory in DATADIRS:
-        command += ["-L", directory]
-    return command
-
-
-def _stop_qemu(qemu) -> None:
-    """Whatever the test saw, no QEMU outlives it."""
-    if qemu.poll() is None:
-        qemu.kill()
-        qemu.wait()
-    qemu.stdout.close()
-
-
-class Console:
-    """The guest's serial console, read line by line; GUEST: lines are the /init's reports."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        self.partial = b""
-        self.seen = []        # every line so far, for failure messages
-        self.reports = []     # GUEST: reports not yet expected
-
-    def expect(self, report: str, timeout: float = BOOT_TIMEOUT) -> str:
-        """The rest of the guest's next `GUEST: <report> ...` line."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.reports:
-                if line.startswith("FAIL"):
-                    raise AssertionError(f"the guest reports {line}:\n{self.transcript()}")
-                if line.split(" ", 1)[0] == report:
-                    self.reports.remove(line)
-                    return line[len(report):].strip()
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no {report} from the guest within {timeout} s:\n{self.transcript()}"
-            readable, _, _ = select.select([self.proc.stdout], [], [], remaining)
-            if readable:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                assert chunk, f"QEMU exited with {self.proc.wait()}:\n{self.transcript()}"
-                *lines, self.partial = (self.partial + chunk).split(b"\n")
-                for line in (raw.decode(errors="replace").strip("\r") for raw in lines):
-                    self.seen.append(line)
-                    if "GUEST: " in line:      # after the BIOS's escape sequences, on the first
-                        self.reports.append(line.split("GUEST: ", 1)[1])
-
-    def transcript(self) -> str:
-        return "\n".join(self.seen[-40:])
 
 
 def wait_ready(device, timeout: float = 15.0):
@@ -330,7 +183,7 @@ def test_linux_guest_driver_binds_and_drives_the_jailed_device(invocation, qemu_
         device, sock, ctl = start_for_unprivileged_qemu(jailed, invocation, scratch)
         prefix = ["setpriv", f"--reuid={QEMU_UID}", f"--regid={SOCKET_GID}", "--clear-groups"]
     wait_ready(device)
-    command = prefix + qemu_command(sock, guest_initramfs(scratch, kernel), kernel)
+    command = prefix + qemu_command(initramfs(scratch, kernel, GUEST_INIT, [DRIVER]), kernel, vfio_user_device(sock))
     qemu = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         console = Console(qemu)
@@ -438,8 +291,8 @@ def test_linux_guest_driver_drives_the_jailed_libvfio_user_sample(kernel, scratc
                     extra_env={"LIBVFIO_USER_SAMPLES": str(LIBVFIO_USER_SAMPLES)})
     wait_ready(device)
     trace = scratch / "qemu-trace.log"
-    command = qemu_command(str(sock), guest_initramfs(scratch, kernel, GUEST_SAMPLE_INIT), kernel,
-                           {"x-no-posted-writes": True})     # each BAR write waits for the device's reply
+    command = qemu_command(initramfs(scratch, kernel, GUEST_SAMPLE_INIT, [DRIVER]), kernel,
+                           vfio_user_device(str(sock), {"x-no-posted-writes": True}))  # each BAR write waits for the device's reply
     command += ["-D", str(trace)] + [argument for event in TRACED for argument in ("-trace", event)]
     qemu = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

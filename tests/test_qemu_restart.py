@@ -22,8 +22,8 @@ quoting QEMU. Any other failure fails at once.
 
 One kernel only, 6.12 from the peers (or JAILER_GUEST_KERNEL), to keep the suite's time
 down: one boot, 11-19 s under TCG on 2 cores (22-31 s with one retry). The QEMU, kernel
-and busybox come from tests/test_qemu_guest.py, and the test is skipped, as that file's are,
-where they are missing.
+and busybox come from tests/guest.py (as for tests/test_qemu_guest.py), and the test is
+skipped, as that file's are, where they are missing.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import pytest
 
 from devices.gpio_pci_idio16.ctl import request as control
 from test_e2e_jailed_device import jailed, scratch  # noqa: F401  (fixtures)
-from test_qemu_guest import (GUEST_PRELUDE, INPUTS, KERNELS, NEEDS_ROOT, OUTPUTS, QEMU_PROBLEM, Console,
-                             _kernel_param, _stop_qemu, guest_initramfs, qemu_command)
+from guest import KERNELS, Console, _stop_qemu, initramfs, qemu_command, vfio_user_device
+from test_qemu_guest import DRIVER, GUEST_PRELUDE, INPUTS, NEEDS_ROOT, OUTPUTS, QEMU_PROBLEM, _kernel_param
 
 pytestmark = pytest.mark.skipif(QEMU_PROBLEM is not None, reason=str(QEMU_PROBLEM))
 
@@ -264,7 +264,7 @@ def _clients(device) -> int:
     return len(re.findall(r": client connected$", device.errors(), re.MULTILINE))
 
 
-def _restart_scenario(jailed, scratch: Path, kernel: str, initramfs: Path, attempt: int) -> None:
+def _restart_scenario(jailed, scratch: Path, kernel: str, initrd: Path, attempt: int) -> None:
     sock, ctl = str(scratch / f"idio16-{attempt}.sock"), str(scratch / f"idio16-{attempt}.ctl")
     qmp_path, stderr = str(scratch / f"qmp-{attempt}.sock"), scratch / f"qemu-{attempt}.err"
     device = jailed("root", scratch, "--socket-path", sock, "--socket", f"control={ctl}")
@@ -277,7 +277,7 @@ def _restart_scenario(jailed, scratch: Path, kernel: str, initramfs: Path, attem
             time.sleep(0.02)
         inode = os.stat(sock).st_ino
         card = {"driver": "vfio-user-pci", "id": "dev0", "bus": "rp1", "x-msg-timeout": MSG_TIMEOUT_MS}
-        command = qemu_command(sock, initramfs, kernel, card)
+        command = qemu_command(initrd, kernel, vfio_user_device(sock, card))
         command[command.index("-device"):command.index("-device")] = ["-device", ROOT_PORT]
         command += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
         with stderr.open("w") as err:
@@ -370,11 +370,11 @@ def _restart_scenario(jailed, scratch: Path, kernel: str, initramfs: Path, attem
 @NEEDS_ROOT
 @pytest.mark.parametrize("kernel", _restart_kernels())
 def test_guest_gets_the_restarted_device_back_by_device_del_and_device_add(kernel, scratch, jailed):
-    initramfs = guest_initramfs(scratch, kernel, GUEST_RESTART_INIT)
+    initrd = initramfs(scratch, kernel, GUEST_RESTART_INIT, [DRIVER])
     aborts = []
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            _restart_scenario(jailed, scratch, kernel, initramfs, attempt)
+            _restart_scenario(jailed, scratch, kernel, initrd, attempt)
             return
         except KnownQemuAbort as abort:
             aborts.append(str(abort))
