@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from devices.vfio_user import protocol as P
 from devices.vfio_user.device import CONFIG, IRQ_MSIX, DeviceError, DeviceHost
+from devices.vfio_user.client import Client, ClientError
 from devices.vfio_user.dma import DmaSpace
 from devices.vfio_user.exerciser import exercise
 from devices.vfio_user.migration import unwrap_state, wrap_state
@@ -620,3 +621,52 @@ def _descendants(root: int) -> list[int]:
         pending += children.get(pid, [])
     return found
 
+
+
+def _bare_device(tmp_path: Path, name: str, image: Path):
+    fd = os.open(image, os.O_RDWR)
+    sock = str(tmp_path / f"{name}.sock")
+    device = subprocess.Popen([sys.executable, "-m", "devices.virtio_blk", "--socket-path", sock, f"--disk-fd={fd}"],
+                              pass_fds=[fd], cwd=ROOT, stderr=subprocess.DEVNULL)
+    os.close(fd)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert device.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return device, sock
+
+
+def test_live_migration_carries_the_queues_and_the_destination_serves_what_the_source_left(tmp_path):
+    """Both devices serve the same image (shared storage) and the same guest RAM: the source
+    stops with a read made available but never notified; the destination, once RUNNING,
+    finds it on the ring and completes it, and the guest's next request just works."""
+    image = tmp_path / "shared.img"
+    os.close(make_disk(image))
+    source, source_sock = _bare_device(tmp_path, "source", image)
+    destination, destination_sock = _bare_device(tmp_path, "destination", image)
+    ram = GuestRam(8 << 20)
+    try:
+        with Client.connect(source_sock) as client:
+            driver = BlockDriver(client, ram)
+            assert driver.write(0, b"m" * SECTOR) == S_OK
+            buffer = ram.alloc(SECTOR, 4096)
+            head = driver.submit(T_IN, 0, [(buffer, SECTOR, True)])     # left on the ring
+            blob = client.save_device_state()                             # STOP_COPY .. STOP
+            with Client.connect(destination_sock) as target:
+                with pytest.raises(ClientError):                          # a corrupted stream is refused
+                    target.load_device_state(blob[:-1] + bytes([blob[-1] ^ 1]))
+                target.reset()
+                target.dma_map(ram.iova, ram.size, fd=ram.fd)
+                target.enable_irq_eventfds(IRQ_MSIX, driver.virtio.eventfds)
+                target.load_device_state(blob)                            # RESUMING .. RUNNING
+                assert [h for h, _ in driver.virtio.wait_used(driver.queue, 1)] == [head]
+                assert ram.read(buffer, SECTOR) == b"m" * SECTOR
+                driver.virtio.client = target
+                assert driver.read(0, 1) == (S_OK, b"m" * SECTOR)
+                assert driver.write(1, b"n" * SECTOR) == S_OK
+        assert image.read_bytes()[SECTOR:2 * SECTOR] == b"n" * SECTOR
+    finally:
+        ram.close()
+        for device in (source, destination):
+            device.terminate()
+            assert device.wait(10) == 0

@@ -90,6 +90,10 @@ class Device(abc.ABC):
     def dma_changing(self) -> None:
         """The client's DMA mappings are about to change: drop any views of guest memory."""
 
+    def resumed(self) -> None:
+        """Migration brought the device back to RUNNING (after STOP, or a loaded state): work
+        the guest queued meanwhile, when no access could reach the device, can start now."""
+
     @abc.abstractmethod
     def regions(self) -> dict[int, Region]:
         """Region index -> Region, for every index 0..NUM_PCI_REGIONS-1 the device implements."""

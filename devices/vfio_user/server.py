@@ -124,6 +124,7 @@ class Server:
         self._stop_requested = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.session: Session | None = None
+        self._was_running = True
         self.migration = Migration(device, self._migration_changed)
         self.add_reader(self._stop_fd, self._drain_stop)
         if self._listening:
@@ -273,6 +274,15 @@ class Server:
     def _migration_changed(self) -> None:
         if self.session is not None:
             self.session.migration_changed()
+        running = self.migration.running
+        if running and not self._was_running:
+            try:
+                self.device.resumed()
+            except FATAL_ERRORS:
+                raise
+            except Exception:                   # noqa: BLE001 - a device bug must not stop the loop
+                log.exception("device.resumed() failed")
+        self._was_running = running
         self.save_checkpoint()
 
     # --- checkpoint ---------------------------------------------------------------------

@@ -220,6 +220,10 @@ class VirtioPciDevice(PciDevice):
         for queue in self.queues:
             queue.release_views()
 
+    def resumed(self) -> None:
+        for queue in self.queues:              # chains the source left on the ring, or queued while stopped
+            self.kick(queue)
+
     def reset(self) -> None:
         self.reset_config()
         self._transport_power_on()
