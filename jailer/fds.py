@@ -217,7 +217,7 @@ class Manifest:
                 paths[name] = socket_path
             _refuse_unknown(specs, given, "--fd")
             _refuse_unknown(specs, paths, "--socket")
-            _refuse_unknown(specs, files or {}, "--file")
+            _refuse_unknown(specs, files or {}, "--file" if set(files or {}) != {"disk"} else "--disk")
             for name, path in (files or {}).items():
                 spec = _spec(specs, name)
                 if spec.kind != "file":

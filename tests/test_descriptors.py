@@ -39,11 +39,15 @@ def tree(tmp_path):
     return levels, put
 
 
-def test_shipped_descriptor_is_valid():
-    [found] = search([SHIPPED])
-    assert found.type == "gpio-pci-idio-16"
-    assert (found.pci.vendor_id, found.pci.device_id, found.pci.class_code) == (0x494F, 0x0DC8, 0x110000)
-    assert found.sandbox.launcher == "/usr/bin/jailer" and found.sandbox.profile.endswith("gpio-pci-idio-16.toml")
+def test_shipped_descriptors_are_valid():
+    idio16, virtio_blk = search([SHIPPED])
+    assert idio16.type == "gpio-pci-idio-16"
+    assert (idio16.pci.vendor_id, idio16.pci.device_id, idio16.pci.class_code) == (0x494F, 0x0DC8, 0x110000)
+    assert idio16.sandbox.launcher == "/usr/bin/jailer" and idio16.sandbox.profile.endswith("gpio-pci-idio-16.toml")
+    assert virtio_blk.type == "virtio-blk"
+    assert (virtio_blk.pci.vendor_id, virtio_blk.pci.device_id, virtio_blk.pci.class_code) == (0x1AF4, 0x1042, 0x010000)
+    # its data moves with preadv into guest RAM: the VMM must give that RAM an fd
+    assert virtio_blk.sandbox.guest_memory == "shared" and virtio_blk.sandbox.profile.endswith("virtio-blk.toml")
 
 
 def test_more_specific_directory_wins_by_basename(tree):
@@ -330,7 +334,8 @@ def test_installed_descriptor_starts_the_jailed_device_as_a_management_tool_woul
     written = subprocess.run([sys.executable, "-m", "jailer", "descriptors", "--install", str(tmp_path / "vfio-user")],
                              capture_output=True, text=True, timeout=60)
     assert written.returncode == 0, written.stderr
-    assert written.stderr == f"jailer descriptors: wrote {tmp_path / 'vfio-user' / '50-gpio-pci-idio-16.json'}\n"
+    assert written.stderr == "".join(f"jailer descriptors: wrote {tmp_path / 'vfio-user' / name}\n"
+                                     for name in ("50-gpio-pci-idio-16.json", "50-virtio-blk.json"))
     descriptor = select("gpio-pci-idio-16", [tmp_path / "vfio-user"])
     socket_path = tmp_path / "idio16.sock"
     device = subprocess.Popen(descriptor.command(socket_path=str(socket_path)), stdout=subprocess.DEVNULL,
