@@ -115,6 +115,9 @@ class Cgroup:
                 if versions[controller] == 2:   # every v2 controller, into the one directory they share
                     _enable_v2(base, parent_parts, controller)
                 if directory not in directories.values():
+                    from jailer.host import leftovers
+
+                    leftovers.sweep_cgroups(os.path.dirname(directory))
                     os.makedirs(os.path.dirname(directory), exist_ok=True)
                     os.mkdir(directory, 0o755)
                 directories[controller] = directory

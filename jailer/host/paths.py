@@ -241,6 +241,9 @@ class PrivateDirectory:
     gets its owner and mode before it is moved into place."""
 
     def __init__(self, dirfd: int, path: str):
+        from jailer.host import leftovers
+
+        leftovers.sweep_private_directories(dirfd, os.path.dirname(path))
         self.parent, self.path = dirfd, path
         self.name = f".jailer-{os.getpid()}-{os.urandom(6).hex()}"
         os.mkdir(self.name, 0o700, dir_fd=dirfd)
