@@ -78,6 +78,11 @@ def format_plan(plan):
     for label, maps in (("uid map", ident.uid_map), ("gid map", ident.gid_map)):
         if maps:
             row(label, ", ".join(f"{m.inside} -> {m.outside} (x{m.count})" for m in maps))
+    host_ids = getattr(ident, "host_ids", "shared")
+    if host_ids != "shared":
+        first, count = ident.host_id_range
+        row("host ids", f"{host_ids}: one host uid/gid of its own from [{first}, {first + count}) per "
+                        "running sandbox, replacing the outside ids above")
     fs = plan.filesystem
     section("filesystem", f"tmpfs root {format_size(fs.root_size)}, "
             + ("read-only" if fs.readonly_root else "writable") + " once built, /proc " + ("yes" if fs.proc else "no"))

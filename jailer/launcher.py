@@ -190,6 +190,7 @@ class _Launch:
         self.reported = set()
         self.pending_signals = []
         self.pidfile = None             # the --pidfile written (jailer.host.paths.Made)
+        self.host_id_made = None        # the record of this sandbox's own host id (jailer.host.host_ids)
         self.hand_over_at = None        # monotonic time from which jailer-monitor may take over
         self.monitor_failed = False
         self.setup_pidfd = None
@@ -200,7 +201,7 @@ class _Launch:
         self.restart_state = None       # memfd of what a restart gets (jailer.host.restart), once made
 
     def run(self) -> int:
-        plan = self.plan
+        plan = self.plan = self._with_own_host_ids(self.plan)
         identity = plan.identity
         owner = (namespaces.outside_id(identity.uid, identity.uid_map),
                  namespaces.outside_id(identity.gid, identity.gid_map))
@@ -213,11 +214,25 @@ class _Launch:
             if self.hand_on is None:
                 if self.pidfile is not None:
                     self.pidfile.remove()
+                if self.host_id_made is not None:
+                    self.host_id_made.remove()
                 if options.carried is not None:
                     options.carried.remove()   # (already done, unless the run failed before taking them)
         if self.hand_on is not None:
             return self._restart(self.hand_on, code)
         return code
+
+    def _with_own_host_ids(self, plan):
+        """As root, the plan with a host uid/gid of this sandbox's own (jailer.host.host_ids)."""
+        identity = plan.identity
+        mode = getattr(identity, "host_ids", "shared")
+        if os.geteuid() != 0 or mode == "shared":
+            return plan
+        from jailer.host import host_ids
+
+        number, self.host_id_made = host_ids.allocate(mode, tuple(identity.host_id_range), plan.name)
+        self.enforcement.applied["host_ids"] = {"mode": mode, "uid": number, "gid": number}
+        return host_ids.PlanWithIdentity(plan, host_ids.Identity(identity, number))
 
     def _run(self, plan, options, owner) -> int:
         socket_path, fd_sockets, program_paths = _split_sockets(plan, options)
@@ -278,7 +293,8 @@ class _Launch:
     def _made_at_callers_paths(self) -> list:
         """The sockets and pid file jailer made for the caller (jailer.host.paths.Made)."""
         return (self.manifest.made + [p.made for p in self.program_sockets if p.made is not None]
-                + ([self.pidfile] if self.pidfile is not None else []))
+                + ([self.pidfile] if self.pidfile is not None else [])
+                + ([self.host_id_made] if self.host_id_made is not None else []))
 
     def _carried(self):
         """What a restart would get now (jailer.host.restart.Carried)."""
@@ -297,6 +313,7 @@ class _Launch:
         for program_socket in self.program_sockets:
             program_socket.made = None
         self.pidfile = None
+        self.host_id_made = None
         kept = set(self.manifest.kept.values())
         self.manifest.created_fds = [fd for fd in self.manifest.created_fds if fd not in kept]
         return carried
@@ -817,7 +834,8 @@ class _Launch:
 
     def _made(self) -> list:
         """The sockets, directories and pid file jailer made, which whoever outlives the program removes."""
-        return self.manifest.made + self.program_sockets + ([self.pidfile] if self.pidfile is not None else [])
+        return (self.manifest.made + self.program_sockets + ([self.pidfile] if self.pidfile is not None else [])
+                + ([self.host_id_made] if self.host_id_made is not None else []))
 
     def _hand_over(self):
         """Exec jailer-monitor in this process; returns only if that exec failed."""

@@ -43,6 +43,7 @@ READY_MODES = ("exec", "notify", "socket")
 NETWORK_MODES = ("none", "loopback", "veth")
 PID1_MODES = ("reaper", "program")
 RESTART_POLICIES = ("no", "on-failure", "always")
+HOST_ID_MODES = ("per-device", "stable", "shared")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class IdentityPlan:
     gid: int
     uid_map: tuple[IdMap, ...] = ()  # empty when no user namespace
     gid_map: tuple[IdMap, ...] = ()
+    # As root: "shared" runs the sandbox as the host ids the maps name; "per-device" and
+    # "stable" give it a host id of its own from host_id_range (start, count), chosen when
+    # it starts (jailer.host.host_ids), which replaces the maps' outside ids (or uid/gid
+    # without a user namespace).
+    host_ids: str = "shared"
+    host_id_range: tuple[int, int] = (0x6A000000, 0x10000)
 
 
 @dataclass(frozen=True)

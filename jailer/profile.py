@@ -37,7 +37,7 @@ TOP_KEYS = ("name", "die_with_parent", "program", "namespaces", "identity", "fil
 PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout")
 SOCKET_KEYS = ("name", "path")
 NAMESPACE_KEYS = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup", "hostname", "pid1")
-IDENTITY_KEYS = ("uid", "gid", "unprivileged_uid", "unprivileged_gid")
+IDENTITY_KEYS = ("uid", "gid", "unprivileged_uid", "unprivileged_gid", "host_ids", "host_id_range")
 FILESYSTEM_KEYS = ("root_size", "readonly_root", "proc", "devices", "bind", "tmpfs", "symlink")
 BIND_KEYS = ("source", "target", "writable", "optional")
 TMPFS_KEYS = ("target", "size", "mode")
@@ -212,6 +212,17 @@ def _integer(low, high=None):
             raise _Invalid(f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}")
         return value
     return convert
+
+
+def _id_range(value):
+    expected = f"[first id, count]: integers, first >= 1000, the range ending at most at {MAX_ID}"
+    if not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                             for v in value):
+        raise _Invalid(expected)
+    first, count = value
+    if first < 1000 or count < 1 or first + count > MAX_ID:
+        raise _Invalid(expected)
+    return (first, count)
 
 
 def _choice(options):
@@ -507,14 +518,17 @@ class _PlanBuilder:
         gid = r.get(section, "identity", "gid", ids, 65534)
         inside_uid = r.get(section, "identity", "unprivileged_uid", ids, uid)
         inside_gid = r.get(section, "identity", "unprivileged_gid", ids, gid)
+        host_ids = r.get(section, "identity", "host_ids", _choice(P.HOST_ID_MODES), "per-device")
+        host_id_range = r.get(section, "identity", "host_id_range", _id_range, P.IdentityPlan.host_id_range)
+        own = dict(host_ids=host_ids, host_id_range=host_id_range)   # (applied only as root)
         if self.euid == 0:
             if not user_namespace:
-                return P.IdentityPlan(uid=uid, gid=gid)
-            return P.IdentityPlan(uid=uid, gid=gid, uid_map=(P.IdMap(uid, uid),), gid_map=(P.IdMap(gid, gid),))
+                return P.IdentityPlan(uid=uid, gid=gid, **own)
+            return P.IdentityPlan(uid=uid, gid=gid, uid_map=(P.IdMap(uid, uid),), gid_map=(P.IdMap(gid, gid),), **own)
         if not user_namespace:
-            return P.IdentityPlan(uid=self.euid, gid=self.egid)
+            return P.IdentityPlan(uid=self.euid, gid=self.egid, **own)
         return P.IdentityPlan(uid=inside_uid, gid=inside_gid, uid_map=(P.IdMap(inside_uid, self.euid),),
-                              gid_map=(P.IdMap(inside_gid, self.egid),))
+                              gid_map=(P.IdMap(inside_gid, self.egid),), **own)
 
     def filesystem(self, runtime):
         r = self.r

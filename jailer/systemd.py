@@ -275,6 +275,10 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
     d.append(Directive("CacheDirectory", "jailer", "`jailer run` caches resolved plans and compiled filters "
                        "in /var/cache/jailer, read-only otherwise under ProtectSystem=strict"))
     d.append(Directive("CacheDirectoryMode", "0700", "jailer only trusts a private cache"))
+    if getattr(plan.identity, "host_ids", "shared") != "shared":
+        d.append(Directive("StateDirectory", "jailer/host-ids", "where `jailer run` records the host uid/gid it "
+                           "took for this sandbox, shared by every jailed device (identity.host_ids)"))
+        d.append(Directive("StateDirectoryMode", "0700", "only root reads and writes the records"))
     tmp_paths = [p for p in [request.profile, request.jailer, request.socket_path, *_host_paths(plan)]
                  if _under_tmp(p)]
     if tmp_paths:

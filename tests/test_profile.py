@@ -21,6 +21,7 @@ argv = ["/bin/true"]
 [seccomp]
 allow = ["@default"]
 """
+PER_DEVICE = dict(host_ids="per-device", host_id_range=(0x6A000000, 0x10000))   # the [identity] defaults
 
 
 def write(tmp_path, text, name="p.toml"):
@@ -42,7 +43,7 @@ def test_minimal_profile_uses_the_documented_defaults(tmp_path):
     assert plan.name == "p" and plan.invocation == "root"
     assert plan.program.argv == ("/bin/true",) and plan.program.executable == "/bin/true"
     assert plan.namespaces.user and plan.namespaces.net and plan.namespaces.pid1 == "reaper"
-    assert plan.identity == IdentityPlan(65534, 65534, (IdMap(65534, 65534),), (IdMap(65534, 65534),))
+    assert plan.identity == IdentityPlan(65534, 65534, (IdMap(65534, 65534),), (IdMap(65534, 65534),), **PER_DEVICE)
     assert plan.seccomp.default_action == "kill" and plan.seccomp.report
     assert {r.syscall for r in plan.seccomp.rules} <= set(expand("@default"))
     assert all(r.action == "allow" and not r.args for r in plan.seccomp.rules)
@@ -163,7 +164,7 @@ def test_every_section_maps_onto_the_plan(tmp_path):
     assert plan.program.argv == ("true", "--socket-fd", "{fd:socket}", "--dma={fd:dma}")
     assert plan.program.executable == "/usr/bin/true" and plan.program.cwd == "/tmp"
     assert not plan.namespaces.ipc and plan.namespaces.hostname == "dev0" and plan.namespaces.pid1 == "program"
-    assert plan.identity == IdentityPlan(1000, 1001, (IdMap(1000, 1000),), (IdMap(1001, 1001),))
+    assert plan.identity == IdentityPlan(1000, 1001, (IdMap(1000, 1000),), (IdMap(1001, 1001),), **PER_DEVICE)
     fs = plan.filesystem
     assert fs.root_size == 2 << 20 and not fs.readonly_root and not fs.proc and fs.devices == ("/dev/null",)
     assert fs.binds[-2:] == (Bind("/etc/passwd", "/etc/users"),
@@ -208,10 +209,10 @@ def test_unprivileged_invocation_maps_the_inside_ids_to_the_caller(tmp_path):
     path = write(tmp_path, FULL)
     plan = build_plan(path, euid=1234, egid=2345, environ={})
     assert plan.invocation == "unprivileged"
-    assert plan.identity == IdentityPlan(0, 0, (IdMap(0, 1234),), (IdMap(0, 2345),))
+    assert plan.identity == IdentityPlan(0, 0, (IdMap(0, 1234),), (IdMap(0, 2345),), **PER_DEVICE)
     no_userns = write(tmp_path, BASE + "[namespaces]\nuser = false\n", "nouser.toml")
-    assert build_plan(no_userns, euid=1234, egid=2345).identity == IdentityPlan(1234, 2345)
-    assert build_plan(no_userns, euid=0).identity == IdentityPlan(65534, 65534)
+    assert build_plan(no_userns, euid=1234, egid=2345).identity == IdentityPlan(1234, 2345, **PER_DEVICE)
+    assert build_plan(no_userns, euid=0).identity == IdentityPlan(65534, 65534, **PER_DEVICE)
 
 
 def test_example_profiles_are_valid():

@@ -506,9 +506,12 @@ def run_in_emulated_unit(tmp_path, socket_activation=False, **overrides):
     assert settings["PrivateTmp"] == "no"      # the profile is in pytest's /tmp
     settings.update(overrides)
     writable = [f"/run/{runtime}", f"/var/cache/{settings['CacheDirectory']}"]
+    if "StateDirectory" in settings:             # the per-sandbox host ids' records (identity.host_ids)
+        writable.append(f"/var/lib/{settings['StateDirectory']}")
     root = tmp_path / "unit-root"
     root.mkdir()
-    os.makedirs(writable[1], mode=0o700, exist_ok=True)
+    for directory in writable[1:]:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     os.mkdir(writable[0])
     env = dict(os.environ, PRIVATE_TMP=settings["PrivateTmp"], PROTECT_HOME=settings["ProtectHome"],
                PRIVATE_DEVICES=settings["PrivateDevices"],

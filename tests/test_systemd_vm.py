@@ -33,7 +33,7 @@ OUTPUTS = """
 import sys
 from devices.vfio_user.client import Client
 from devices.vfio_user.device import BAR2
-with Client.connect(sys.argv[1]) as client:
+with Client.connect(sys.argv[1], timeout=60) as client:   # socket-activated: the first connection waits for the start
     if len(sys.argv) > 2:
         value = int(sys.argv[2], 0)
         client.region_write(BAR2, 0x0, bytes([value & 0xFF]))
