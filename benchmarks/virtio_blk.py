@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from device_ready import stop, wait_ready  # noqa: E402
-from guest import (ACCEL, BOOT_TIMEOUT, KERNELS, Console, _stop_qemu, initramfs, kernel_problem,  # noqa: E402
+from guest import (ACCEL, BOOT_TIMEOUT, KERNELS, Console, _stop_qemu, initramfs, kernel_problem, whole_file,  # noqa: E402
                    qemu_command, qemu_problem, vfio_user_device)
 
 PROFILE = os.path.join(REPO, "profiles", "virtio-blk.toml")
@@ -182,12 +182,10 @@ class Device:
                 os.close(disk_fd)           # the device holds its own copy
 
     def events(self):
-        self.status.seek(0)
-        return [json.loads(line) for line in self.status.read().splitlines() if line.strip()]
+        return [json.loads(line) for line in whole_file(self.status).splitlines() if line.strip()]
 
     def errors(self, lines=15):
-        self.stderr.seek(0)
-        return "\n".join(self.stderr.read().splitlines()[-lines:])
+        return "\n".join(whole_file(self.stderr).splitlines()[-lines:])
 
     def wait_ready(self):
         """jailed: the {"event": "ready"} status line; bare: a served VERSION handshake."""

@@ -280,3 +280,11 @@ class Console:
 
     def transcript(self) -> str:
         return "\n".join(self.seen[-40:])
+
+
+def whole_file(file) -> str:
+    """What a file jailer still appends to holds now. Not seek(0) and read(): the file offset is
+    shared with jailer's O_APPEND writes, which move it to the end, while Python's buffered
+    reader may skip the lseek for a position it believes it is at: the first lines went missing."""
+    fd = file.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")

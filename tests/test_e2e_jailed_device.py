@@ -29,6 +29,7 @@ from devices.gpio_pci_idio16.ctl import request as control
 from jailer.profile import build_plan
 from devices.vfio_user import protocol as P
 from devices.vfio_user.client import Client, ClientError
+from guest import whole_file
 from devices.vfio_user.device import BAR2, CONFIG
 from engine_sandbox import nobody_python
 
@@ -118,12 +119,10 @@ class JailedDevice:
         self.code = None
 
     def events(self) -> list[dict]:
-        self.status.seek(0)
-        return [json.loads(line) for line in self.status.read().splitlines() if line.strip()]
+        return [json.loads(line) for line in whole_file(self.status).splitlines() if line.strip()]
 
     def errors(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()
+        return whole_file(self.stderr)
 
     def connect(self, path: str, timeout: float = READY_TIMEOUT) -> Client:
         """Ready = a VERSION handshake succeeds on the socket (the path may not exist yet)."""

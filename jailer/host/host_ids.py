@@ -72,7 +72,7 @@ def _holder(dirfd: int, number: int) -> tuple[int, str, str] | None:
     """(pid, start time, name) of the launcher whose record takes `number`, if it still runs."""
     try:
         fd = os.open(str(number), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-    except FileNotFoundError:
+    except OSError:                 # gone, or not a record of ours: holds nothing
         return None
     try:
         fields = os.read(fd, 4096).decode(errors="replace").split(" ", 2)
