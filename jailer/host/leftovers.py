@@ -83,24 +83,8 @@ def sweep_private_directories(dirfd: int, directory: str) -> list[str]:
 
 
 def _remove_private(dirfd: int, name: str) -> bool:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
-            return False
-        for entry in os.listdir(fd):
-            try:
-                if stat.S_ISSOCK(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
-                    os.unlink(entry, dir_fd=fd)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(name, dir_fd=dirfd)
-    except OSError:
-        return False
-    return True
+    from jailer.host import paths
+
+    return paths.remove_directory_if(
+        dirfd, name, lambda st: st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700,
+        lambda fd, entry: stat.S_ISSOCK(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode))

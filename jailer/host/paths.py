@@ -334,16 +334,24 @@ def remove_flat_directory(dirfd: int, name: str, held: int) -> bool:
     that is not a directory (jailer-monitor's `tidy` does the same); False if something was
     left. Made for the directory a program binds its socket in, where Landlock lets it make
     sockets and nothing else."""
+    return remove_directory_if(dirfd, name, lambda st: os.path.samestat(st, os.fstat(held)))
+
+
+def remove_directory_if(dirfd: int, name: str, ours, entry_removable=lambda fd, entry: True) -> bool:
+    """Remove directory NAME (opened without following a link) when ours(its stat) says so,
+    first unlinking the entries in it that entry_removable(its fd, entry) allows; False if it
+    was not ours or something was left."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     except OSError:
         return False
     try:
-        if not os.path.samestat(os.fstat(fd), os.fstat(held)):
+        if not ours(os.fstat(fd)):
             return False
         for entry in os.listdir(fd):
             try:
-                os.unlink(entry, dir_fd=fd)
+                if entry_removable(fd, entry):
+                    os.unlink(entry, dir_fd=fd)
             except OSError:
                 pass
     finally:
