@@ -59,8 +59,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from device_ready import stop, wait_ready  # noqa: E402
-from guest import (ACCEL, BOOT_TIMEOUT, KERNELS, Console, _stop_qemu, initramfs, kernel_problem, whole_file,  # noqa: E402
-                   qemu_command, qemu_problem, vfio_user_device)
+from guest import (ACCEL, BOOT_TIMEOUT, KERNELS, VDA_INIT_PRELUDE, Console, _stop_qemu, initramfs,  # noqa: E402
+                   kernel_problem, qemu_command, qemu_problem, vfio_user_device, whole_file)
 
 PROFILE = os.path.join(REPO, "profiles", "virtio-blk.toml")
 DEVICE_MAIN = os.path.join(REPO, "devices", "virtio_blk", "__main__.py")
@@ -81,20 +81,7 @@ TESTS = [("seqread", "seqread", "MBps", "MB/s"),
 TITLES = {"seqread": "seq read", "seqwrite": "seq write", "randread-qd1": "randread QD1",
           "randread-qd16": "randread QD16"}
 
-GUEST_INIT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-say() { echo "GUEST: $*"; }
-fail() { say "FAIL $*"; poweroff -f; }
-for module in $(cat /modules/order); do insmod /modules/$module || fail "insmod $module"; done
-tries=0
-while [ ! -b /dev/vda ] && [ $tries -lt 200 ]; do tries=$((tries + 1)); sleep 0.05; done
-[ -b /dev/vda ] || fail "no /dev/vda"
-pci=$(readlink -f /sys/block/vda/device/..)
-say "DISK sectors=$(cat /sys/block/vda/size) lbs=$(cat /sys/block/vda/queue/logical_block_size) pci=$(cat $pci/vendor):$(cat $pci/device) driver=$(basename $(readlink /sys/block/vda/device/driver))"
+GUEST_INIT = VDA_INIT_PRELUDE + r"""say "DISK sectors=$(cat /sys/block/vda/size) lbs=$(cat /sys/block/vda/queue/logical_block_size) pci=$(cat $pci/vendor):$(cat $pci/device) driver=$(basename $(readlink /sys/block/vda/device/driver))"
 run=1
 while [ $run -le @RUNS@ ]; do
     for test in @TESTS@; do

@@ -288,3 +288,22 @@ def whole_file(file) -> str:
     reader may skip the lseek for a position it believes it is at: the first lines went missing."""
     fd = file.fileno()
     return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
+# The start of a guest /init for a virtio disk: busybox, /proc, /sys and /dev, the modules in
+# modules/order loaded, /dev/vda waited for; say/fail report over the console, and $pci is the
+# disk's PCI device directory in sysfs.
+VDA_INIT_PRELUDE = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() { echo "GUEST: $*"; }
+fail() { say "FAIL $*"; poweroff -f; }
+for module in $(cat /modules/order); do insmod /modules/$module || fail "insmod $module"; done
+tries=0
+while [ ! -b /dev/vda ] && [ $tries -lt 200 ]; do tries=$((tries + 1)); sleep 0.05; done
+[ -b /dev/vda ] || fail "no /dev/vda"
+pci=$(readlink -f /sys/block/vda/device/..)
+"""

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from guest import (APPEND, KERNELS, Console, _stop_qemu, initramfs, kernel_problem, qemu_command, qemu_problem,
+from guest import (APPEND, KERNELS, VDA_INIT_PRELUDE, Console, _stop_qemu, initramfs, kernel_problem, qemu_command, qemu_problem,
                    vfio_user_device)
 from test_e2e_jailed_device import jailed, scratch  # noqa: F401  (fixtures)
 
@@ -69,20 +69,7 @@ READ_ONLY_CONTENT = bytes(range(256)) * 4096 + b"written on the host\n"
 # /init: load the modules, wait for /dev/vda, report what the guest sees of it (its PCI ids and
 # driver, size, read-only flag, cache mode) and the kernel's lines about it, then do the step
 # the kernel command line names (jailer_step=...).
-GUEST_INIT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /mnt /tmp
-say() { echo "GUEST: $*"; }
-fail() { say "FAIL $*"; poweroff -f; }
-for module in $(cat /modules/order); do insmod /modules/$module || fail "insmod $module"; done
-tries=0
-while [ ! -b /dev/vda ] && [ $tries -lt 200 ]; do tries=$((tries + 1)); sleep 0.05; done
-[ -b /dev/vda ] || fail "no /dev/vda"
-pci=$(readlink -f /sys/block/vda/device/..)
+GUEST_INIT = VDA_INIT_PRELUDE + r"""mkdir -p /mnt /tmp
 say "DISK pci=$(cat $pci/vendor):$(cat $pci/device) pci_driver=$(basename $(readlink $pci/driver))" \
     "driver=$(basename $(readlink /sys/block/vda/device/driver)) sectors=$(cat /sys/block/vda/size)" \
     "ro=$(cat /sys/block/vda/ro) cache=$(tr ' ' _ < /sys/block/vda/queue/write_cache)"
