@@ -19,6 +19,7 @@ SUBCOMMANDS = {
                 "Write systemd units (service, socket or drop-in) that run a profile under jailer run."),
     "descriptors": ("jailer.descriptors:descriptors_command", "List the vfio-user backend descriptors in effect."),
     "init": ("jailer.commands.init:init_command", "Write a starting profile for a device program."),
+    "clean": ("jailer.commands.clean:clean_command", "Remove what launchers killed with SIGKILL left behind."),
 }
 
 

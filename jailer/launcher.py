@@ -191,6 +191,7 @@ class _Launch:
         self.pending_signals = []
         self.pidfile = None             # the --pidfile written (jailer.host.paths.Made)
         self.host_id_made = None        # the record of this sandbox's own host id (jailer.host.host_ids)
+        self.record = None              # the record of what this run made, for a clean-up after a kill (jailer.host.leftovers)
         self.hand_over_at = None        # monotonic time from which jailer-monitor may take over
         self.monitor_failed = False
         self.setup_pidfd = None
@@ -216,6 +217,8 @@ class _Launch:
                     self.pidfile.remove()
                 if self.host_id_made is not None:
                     self.host_id_made.remove()
+                if self.record is not None:
+                    self.record.remove()
                 if options.carried is not None:
                     options.carried.remove()   # (already done, unless the run failed before taking them)
         if self.hand_on is not None:
@@ -280,6 +283,12 @@ class _Launch:
             if cgroup_plan is not None and (cgroup_plan.memory_max is not None or cgroup_plan.pids_max is not None
                                             or cgroup_plan.cpu_quota_us is not None):
                 self.enforcement.attempt("cgroup", lambda: self._create_cgroup(cgroup_plan))
+            if options.carried is None:   # (a restart carries the record of its first run)
+                from jailer.host import leftovers
+
+                self.record = leftovers.record([made for made in self._made_at_callers_paths()
+                                                if made is not self.host_id_made],   # (freed by host_ids)
+                                               sorted(set(self.cgroup.directories.values())) if self.cgroup else ())
             return self._fork_and_supervise(argv, environment, bpf)
         finally:
             if self.cgroup is not None:
@@ -293,8 +302,7 @@ class _Launch:
     def _made_at_callers_paths(self) -> list:
         """The sockets and pid file jailer made for the caller (jailer.host.paths.Made)."""
         return (self.manifest.made + [p.made for p in self.program_sockets if p.made is not None]
-                + ([self.pidfile] if self.pidfile is not None else [])
-                + ([self.host_id_made] if self.host_id_made is not None else []))
+                + [made for made in (self.pidfile, self.host_id_made, self.record) if made is not None])
 
     def _carried(self):
         """What a restart would get now (jailer.host.restart.Carried)."""
@@ -312,8 +320,7 @@ class _Launch:
         self.manifest.made = []
         for program_socket in self.program_sockets:
             program_socket.made = None
-        self.pidfile = None
-        self.host_id_made = None
+        self.pidfile = self.host_id_made = self.record = None
         kept = set(self.manifest.kept.values())
         self.manifest.created_fds = [fd for fd in self.manifest.created_fds if fd not in kept]
         return carried
@@ -834,8 +841,8 @@ class _Launch:
 
     def _made(self) -> list:
         """The sockets, directories and pid file jailer made, which whoever outlives the program removes."""
-        return (self.manifest.made + self.program_sockets + ([self.pidfile] if self.pidfile is not None else [])
-                + ([self.host_id_made] if self.host_id_made is not None else []))
+        return (self.manifest.made + self.program_sockets
+                + [made for made in (self.pidfile, self.host_id_made, self.record) if made is not None])
 
     def _hand_over(self):
         """Exec jailer-monitor in this process; returns only if that exec failed."""

@@ -276,9 +276,14 @@ def sandbox_directives(plan: Plan, request: UnitRequest) -> list[Directive]:
                        "in /var/cache/jailer, read-only otherwise under ProtectSystem=strict"))
     d.append(Directive("CacheDirectoryMode", "0700", "jailer only trusts a private cache"))
     if getattr(plan.identity, "host_ids", "shared") != "shared":
-        d.append(Directive("StateDirectory", "jailer/host-ids", "where `jailer run` records the host uid/gid it "
-                           "took for this sandbox, shared by every jailed device (identity.host_ids)"))
-        d.append(Directive("StateDirectoryMode", "0700", "only root reads and writes the records"))
+        d.append(Directive("StateDirectory", "jailer/launchers jailer/host-ids",
+                           "where `jailer run` records what it makes (for `jailer clean` after a kill) and the "
+                           "host uid/gid it took for this sandbox, shared by every jailed device (identity.host_ids)",
+                           list_valued=True))
+    else:
+        d.append(Directive("StateDirectory", "jailer/launchers",
+                           "where `jailer run` records what it makes, for `jailer clean` after a kill"))
+    d.append(Directive("StateDirectoryMode", "0700", "only root reads and writes the records"))
     tmp_paths = [p for p in [request.profile, request.jailer, request.socket_path, *_host_paths(plan)]
                  if _under_tmp(p)]
     if tmp_paths:

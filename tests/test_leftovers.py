@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jailer.host import leftovers
-from test_e2e_jailed_device import jailed, scratch  # noqa: F401  (fixtures)
+from test_e2e_jailed_device import IS_ROOT, JAILER, NOBODY, jailed, scratch  # noqa: F401  (fixtures)
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups of its own)")
 
@@ -125,3 +125,97 @@ def test_sigkill_at_any_moment_of_start_up_leaves_nothing_once_a_run_ends_cleanl
     names = {entry for parent in hierarchies for entry in os.listdir(parent)}
     assert not [name for name in names if name.rpartition(".")[2] in map(str, killed + [last.proc.pid])]
     assert not os.path.exists(sock) and not list(scratch.glob(".jailer-*"))
+
+
+# --- sockets at paths no later run uses: the launchers' records, `jailer clean` ---------
+
+def _kill(device):
+    """SIGKILL jailer-monitor (the device's parent) and reap it: a zombie still holds its pid."""
+    device.connect(device.socket).close()
+    device.proc.send_signal(signal.SIGKILL)
+    device.proc.wait()
+
+
+def _clean(invocation, *options, env=None):
+    command, base = JAILER.command(invocation)
+    return subprocess.run([*command, "clean", *options], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", **base, **(env or {})}, cwd="/")
+
+
+def _start(jailed, invocation, scratch, name, env=None):
+    sock, pidfile = str(scratch / f"{name}.sock"), str(scratch / f"{name}.pid")
+    device = jailed(invocation, scratch, "--socket-path", sock, "--pidfile", pidfile, extra_env=env)
+    device.socket, device.pidfile = sock, pidfile
+    device.connect(sock).close()
+    return device
+
+
+@NEEDS_ROOT
+def test_the_next_run_removes_what_a_killed_launcher_made_at_paths_it_does_not_use(scratch, jailed):
+    first = _start(jailed, "root", scratch, "first")
+    left = _cgroups(first)
+    _kill(first)
+    _wait_empty(left)
+    assert os.path.exists(first.socket) and os.path.exists(first.pidfile)
+    second = _start(jailed, "root", scratch, "second")      # another path, the same user
+    for path in (first.socket, first.pidfile):
+        assert not os.path.exists(path)
+        assert f"removed {path}, which a killed launcher (pid {first.proc.pid}) left behind" in second.errors()
+    assert second.stop() == 0
+    assert not os.path.exists(second.socket) and not os.path.exists(f"/var/lib/jailer/launchers/{second.proc.pid}")
+
+
+@NEEDS_ROOT
+def test_jailer_clean_removes_only_what_a_killed_launcher_made(scratch, jailed):
+    killed, replaced, running = (_start(jailed, "root", scratch, name) for name in ("killed", "replaced", "running"))
+    left = _cgroups(killed)
+    for device in (killed, replaced):
+        _kill(device)
+    _wait_empty(left)
+    os.unlink(replaced.socket)                      # someone made a socket at that path since: theirs
+    theirs = socket.socket(socket.AF_UNIX)
+    theirs.bind(replaced.socket)
+
+    dry = _clean("root", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would remove {killed.socket}, which a killed launcher (pid {killed.proc.pid}) left behind" \
+        in dry.stdout.splitlines()
+    assert os.path.exists(killed.socket) and all(os.path.isdir(d) for d in left)
+
+    done = _clean("root")
+    assert done.returncode == 0 and done.stderr == ""
+    said = done.stdout.splitlines()
+    for path in (killed.socket, killed.pidfile, *left, replaced.pidfile):
+        assert not os.path.exists(path)
+        assert any(line.startswith(f"removed {path}, ") for line in said), (path, said)
+    assert os.path.exists(replaced.socket) and not any(replaced.socket in line for line in said)
+    for device in (killed, replaced):
+        assert not os.path.exists(f"/var/lib/jailer/launchers/{device.proc.pid}")
+    # the running launcher's sockets, pid file and record are untouched, and it still serves
+    assert os.path.exists(running.pidfile) and os.path.exists(f"/var/lib/jailer/launchers/{running.proc.pid}")
+    running.connect(running.socket).close()
+    assert running.stop() == 0
+    theirs.close()
+
+
+def test_an_unprivileged_users_record_and_clean_up_live_in_their_state_directory(scratch, jailed):
+    state = scratch / "state-of-the-user"
+    state.mkdir()
+    if IS_ROOT:
+        os.chown(state, NOBODY, NOBODY)
+    env = {"XDG_STATE_HOME": str(state)}
+    device = _start(jailed, "user", scratch, "user-killed", env=env)
+    record = state / "jailer" / "launchers" / str(device.proc.pid)
+    deadline = time.monotonic() + 10
+    while not record.exists():
+        assert time.monotonic() < deadline, device.errors()
+        time.sleep(0.01)
+    assert record.stat().st_mode & 0o777 == 0o600
+    _kill(device)
+    done = _clean("user", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"removed {device.socket}, which a killed launcher (pid {device.proc.pid}) left behind" \
+        in done.stdout.splitlines()
+    assert not os.path.exists(device.socket) and not os.path.exists(device.pidfile) and not record.exists()
+    again = _clean("user", env=env)
+    assert again.stdout == f"nothing left behind by a killed launcher ({state}/jailer/launchers)\n"

@@ -506,8 +506,8 @@ def run_in_emulated_unit(tmp_path, socket_activation=False, **overrides):
     assert settings["PrivateTmp"] == "no"      # the profile is in pytest's /tmp
     settings.update(overrides)
     writable = [f"/run/{runtime}", f"/var/cache/{settings['CacheDirectory']}"]
-    if "StateDirectory" in settings:             # the per-sandbox host ids' records (identity.host_ids)
-        writable.append(f"/var/lib/{settings['StateDirectory']}")
+    # the records of what jailer run makes, and of the per-sandbox host ids (identity.host_ids)
+    writable += [f"/var/lib/{directory}" for directory in settings.get("StateDirectory", "").split()]
     root = tmp_path / "unit-root"
     root.mkdir()
     for directory in writable[1:]:

@@ -25,19 +25,9 @@ import os
 import zlib
 
 from jailer.errors import JailerError
+from jailer.host.leftovers import started
 
 STATE_DIRECTORY = "/var/lib/jailer/host-ids"   # (a systemd unit gets it as StateDirectory=jailer/host-ids)
-
-
-def _start_time(pid: int) -> str | None:
-    """The pid's start time and this boot's id: what tells a launcher from a later one with its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            started = f.read().rsplit(b")", 1)[1].split()[19].decode()
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f"{started}@{f.read().strip()}"
-    except (OSError, IndexError):
-        return None
 
 
 def _owned_ranges(path: str) -> list[tuple[int, int]]:
@@ -78,17 +68,54 @@ def _holder(dirfd: int, number: int) -> tuple[int, str, str] | None:
         fields = os.read(fd, 4096).decode(errors="replace").split(" ", 2)
     finally:
         os.close(fd)
-    if len(fields) == 3 and fields[0].isdigit() and _start_time(int(fields[0])) == fields[1]:
+    if len(fields) == 3 and fields[0].isdigit() and started(int(fields[0])) == fields[1]:
         return int(fields[0]), fields[1], fields[2].strip()
     return None
 
 
-def _listing(dirfd: int) -> list[str]:
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+def _records(dirfd: int) -> tuple[list[str], list[str]]:
+    """(the records whose launcher still runs, those of a killed launcher: their ids are free)."""
+    from jailer.host import paths
+
+    live, dead = [], []
+    for entry in paths.list_directory(dirfd):
+        if entry.isdigit():
+            (live if _holder(dirfd, int(entry)) is not None else dead).append(entry)
+    return live, dead
+
+
+def _remove(dirfd: int, entries) -> None:
+    for entry in entries:
+        try:
+            os.unlink(entry, dir_fd=dirfd)
+        except OSError:
+            pass
+
+
+def release_dead(dry_run: bool = False) -> list[str]:
+    """Free the host ids that killed launchers still hold in their records (one line each,
+    said; with dry_run only said). allocate() frees them too, when it needs an id."""
+    from jailer.host import paths
+
     try:
-        return os.listdir(fd)
+        dirfd = paths.open_directory(STATE_DIRECTORY)
+    except OSError:
+        return []
+    try:
+        lock = os.open(".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        os.close(dirfd)
+        return []
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        dead = _records(dirfd)[1]
+        if not dry_run:
+            _remove(dirfd, dead)
+        verb = "would free" if dry_run else "freed"
+        return [f"{verb} host id {entry} ({STATE_DIRECTORY}/{entry}), which a killed launcher held" for entry in dead]
     finally:
-        os.close(fd)
+        os.close(lock)
+        os.close(dirfd)
 
 
 def allocate(mode: str, id_range, name: str):
@@ -107,19 +134,15 @@ def allocate(mode: str, id_range, name: str):
         lock = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            me, my_start = os.getpid(), _start_time(os.getpid())
+            me, my_start = os.getpid(), started(os.getpid())
+            live, dead = _records(dirfd)
+            _remove(dirfd, dead)                      # their launchers were killed: the ids are free again
             taken = set()
-            for entry in _listing(dirfd):
-                holder = _holder(dirfd, int(entry)) if entry.isdigit() else None
-                if holder is not None:
-                    if holder[:2] == (me, my_start):
-                        return int(entry), None       # restarted: the id this launcher holds
-                    taken.add(int(entry))
-                elif entry.isdigit():                 # its launcher was killed: the id is free again
-                    try:
-                        os.unlink(entry, dir_fd=dirfd)
-                    except OSError:
-                        pass
+            for entry in live:
+                holder = _holder(dirfd, int(entry))
+                if holder is not None and holder[:2] == (me, my_start):
+                    return int(entry), None           # restarted: the id this launcher holds
+                taken.add(int(entry))
             first = zlib.crc32(name.encode()) % count if mode == "stable" else 0
             owned = _owned_ranges("/etc/subuid") + _owned_ranges("/etc/subgid")
             free = None

@@ -219,7 +219,7 @@ class Made:
         """Remove the entry if it is still ours, and let go of it and its directory."""
         if self.dirfd < 0:
             return
-        _unlink_if_same(self.dirfd, self.name, self.fd)
+        unlink_if_same(self.dirfd, self.name, self.fd)
         self.close()
 
     def close(self) -> None:
@@ -321,7 +321,16 @@ def place(private: PrivateDirectory, name: str, dirfd: int, target: str, path: s
     raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
 
 
-def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
+def list_directory(dirfd: int) -> list[str]:
+    """The entries of a pinned directory (which may be an O_PATH descriptor, which cannot be listed)."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_if_same(dirfd: int, name: str, fd: int) -> None:
     try:
         if os.path.samestat(os.stat(name, dir_fd=dirfd, follow_symlinks=False), os.fstat(fd)):
             os.unlink(name, dir_fd=dirfd)
@@ -403,7 +412,7 @@ def write_in(dirfd: int, name: str, data: bytes, mode: int) -> int:
     try:
         os.rename(temporary, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except OSError:
-        _unlink_if_same(dirfd, temporary, held)
+        unlink_if_same(dirfd, temporary, held)
         os.close(held)
         raise
     return held
