@@ -64,6 +64,8 @@ def format_plan(plan):
     row("executable", program.executable)
     row("argv", " ".join(json.dumps(a) if not a or " " in a or '"' in a else a for a in program.argv))
     row("cwd", program.cwd)
+    row("start", "zero-exec: run by the sandbox's process in the launcher's interpreter, execve refused"
+        if program.start == "zero-exec" else "exec")
     row("ready", plan.program.ready + (f" (within {plan.program.ready_timeout:g} s)"
                                         if plan.program.ready == "socket" else ""))
     ns = plan.namespaces

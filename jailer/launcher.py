@@ -983,6 +983,7 @@ class _Child:
         self.socket_binds = []
         self.user_namespace = False
         self.last_cap = None
+        self.process_blocks = None      # zero-exec: where /proc/self/cmdline and environ live (jailer.zero_exec)
 
     def _die_with(self, parent_pid):
         """SIGKILL this process when its parent dies (and die now if it already has). The parent
@@ -999,6 +1000,10 @@ class _Child:
         from jailer import capabilities
 
         self.last_cap = capabilities.last_capability()   # /proc may not exist in the new root
+        if self.plan.program.start == "zero-exec":
+            from jailer import zero_exec
+
+            self.process_blocks = zero_exec.process_blocks()
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)   # the launcher decides what reaches the program
         self._die_with(self.launcher_pid)
@@ -1167,13 +1172,20 @@ class _Child:
         os._exit(0)
 
     def exec_program(self):
-        """The process that execs: environment, seccomp last, execve."""
+        """The process that execs: environment, seccomp last, execve (or, zero-exec, the
+        program's start in this process: jailer.zero_exec)."""
         plan = self.plan
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         environment = dict(self.environment)
         if "LISTEN_FDS" in environment:
             environment["LISTEN_PID"] = str(os.getpid())
+        zero_exec = None
+        if plan.program.start == "zero-exec":
+            from jailer.zero_exec import Start
+
+            zero_exec = Start(self.argv, environment, self.process_blocks)
+            zero_exec.take_over_process()
         report = bool(self.bpf) and self.listen
         listener_number = -1
         if report:   # the kernel gives the listener the lowest free number: tell the launcher which
@@ -1193,6 +1205,8 @@ class _Child:
                     os.read(self.sock_fd, 1)   # wait until the launcher holds the listener
                 except OSError:
                     pass
+        if zero_exec is not None:
+            zero_exec.run([self.sock_fd, self.exec_w, *([listener_number] if report else [])])
         try:
             os.execve(plan.program.executable, self.argv, environment)
         except OSError as exc:

@@ -40,6 +40,7 @@ SECCOMP_ACTIONS = ("allow", "errno", "kill", "kill_thread", "trap", "log")
 ARG_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "masked_eq")
 FD_KINDS = ("unix-listener", "unix-stream", "memfd", "eventfd", "file", "notify", "checkpoint")
 READY_MODES = ("exec", "notify", "socket")
+START_MODES = ("exec", "zero-exec")
 NETWORK_MODES = ("none", "loopback", "veth")
 PID1_MODES = ("reaper", "program")
 RESTART_POLICIES = ("no", "on-failure", "always")
@@ -55,6 +56,8 @@ class ProgramPlan:
     ready: str = "exec"             # one of READY_MODES: "notify" = when it writes READY=1 to its notify fd,
                                     # "socket" = when every socket of Plan.sockets listens
     ready_timeout: float = 10.0     # ready = "socket": seconds the program has to listen
+    start: str = "exec"             # one of START_MODES: "zero-exec" = a Python program run by the sandbox's
+                                    # process in the launcher's interpreter (jailer.zero_exec), no execve
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%\Z")
 
 TOP_KEYS = ("name", "die_with_parent", "program", "namespaces", "identity", "filesystem", "landlock",
             "seccomp", "limits", "fds", "sockets", "network", "restart", "environment", "enforcement")
-PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout")
+EXEC_SYSCALLS = ("execve", "execveat")
+PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout", "start")
 SOCKET_KEYS = ("name", "path")
 NAMESPACE_KEYS = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup", "hostname", "pid1")
 IDENTITY_KEYS = ("uid", "gid", "unprivileged_uid", "unprivileged_gid", "host_ids", "host_id_range")
@@ -355,7 +356,7 @@ class _PlanBuilder:
             filesystem=self.filesystem(runtime),
             landlock=P.LandlockPlan(enabled=r.get(self.section("landlock", ("enabled",)), "landlock",
                                                   "enabled", _boolean, True)),
-            seccomp=self.seccomp(),
+            seccomp=self.seccomp(zero_exec=program.start == "zero-exec"),
             limits=self.limits(),
             fds=fds,
             sockets=sockets,
@@ -365,6 +366,12 @@ class _PlanBuilder:
             die_with_parent=r.get(self.data, "", "die_with_parent", _boolean, True),
             best_effort=frozenset(self.best_effort()),
         )
+        if program.start == "zero-exec":
+            from jailer import zero_exec
+
+            for variable in zero_exec.unsupported_environment(dict(plan.environment)):
+                r.fail(f"environment.{variable}", f"a variable CPython reads at start-up only, expected none of "
+                       "those with program.start = \"zero-exec\" (the interpreter already runs)")
         notify_fds = [fd.name for fd in fds if fd.kind == "notify"]
         if len(notify_fds) > 1:
             r.fail("fds", f"found {len(notify_fds)} notify fds ({', '.join(notify_fds)}), expected at most one")
@@ -489,8 +496,14 @@ class _PlanBuilder:
         if "ready_timeout" in section and ready != "socket":
             r.fail("program.ready_timeout", f"found {_describe(section['ready_timeout'])}, expected no "
                    'ready_timeout (only used with ready = "socket")')
+        start = r.get(section, "program", "start", _choice(P.START_MODES), "exec")
+        if start == "zero-exec":
+            from jailer import zero_exec
+
+            for key, found, expected in zero_exec.unsupported(runtime_name, argv):
+                r.fail(key, f"found {found}, expected {expected}")
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,
-                             cwd=cwd, ready=ready,
+                             cwd=cwd, ready=ready, start=start,
                              ready_timeout=r.get(section, "program", "ready_timeout", _seconds(0, 3600), 10.0)), \
             resolved
 
@@ -602,7 +615,9 @@ class _PlanBuilder:
         return ([b for b in runtime.binds if not covered(b.target, identity)] + binds,
                 [s for s in runtime.symlinks if not covered(s.target, identity)] + symlinks)
 
-    def seccomp(self):
+    def seccomp(self, zero_exec: bool = False):
+        """With zero_exec nothing is ever exec'd: execve and execveat are refused from the first
+        instruction of the program, whatever the profile allows."""
         r = self.r
         section = self.section("seccomp", SECCOMP_KEYS)
         default_action, default_errno = self.action_and_errno(section, "seccomp", "default_action", "default_errno",
@@ -623,12 +638,20 @@ class _PlanBuilder:
                 allowed.append(name)
         allowed = list(dict.fromkeys(allowed))
         enabled = r.get(section, "seccomp", "enabled", _boolean, True)
-        if enabled and len(r.problems) == problems_before and default_action not in ("allow", "log") \
+        if zero_exec:
+            refusal = (default_action, default_errno) if default_action not in ("allow", "log") else ("errno", 1)
+            allowed = [s for s in allowed if s not in EXEC_SYSCALLS]
+            rules = [rule for rule in rules if rule.syscall not in EXEC_SYSCALLS] + [
+                P.SeccompRule(syscall=s, action=refusal[0], errno=refusal[1] if refusal[0] == "errno" else None)
+                for s in EXEC_SYSCALLS]
+        elif enabled and len(r.problems) == problems_before and default_action not in ("allow", "log") \
                 and "execve" not in allowed and not any(
                 rule.syscall == "execve" and rule.action in ("allow", "log") for rule in rules):
             r.fail("seccomp.allow", 'found no rule allowing execve, expected "execve" or "@default" (the program '
                    "is started by execve after the filter is installed)")
         steady = self.steady_rules(section, table)
+        if zero_exec:   # (refused already, in the kernel)
+            steady = tuple(rule for rule in steady if rule.syscall not in EXEC_SYSCALLS)
         if steady and not enabled:
             r.fail("seccomp.steady_deny" if "steady_deny" in section else "seccomp.steady_rule",
                    "found steady rules with enabled = false, expected seccomp enabled (steady rules are "

@@ -200,6 +200,8 @@ def probe_profile(data, probe_args, scratch, machinery=()):
         derived["seccomp"] = seccomp
     derived["program"] = {"runtime": "python", "argv": ["-m", "jailer.escape_probe", "--stream", *probe_args],
                           "modules": ["jailer"]}
+    if data.get("program", {}).get("start") == "zero-exec":
+        derived["program"]["start"] = "zero-exec"    # the probe starts as the program would
     if "ready" in data.get("program", {}):
         # The probe never says READY=1 nor listens: a staged profile is tested in its set-up
         # stage, the weaker one (steady rules only take permissions away), so what it blocks

@@ -62,6 +62,7 @@ MOUNT_ATTR_NOEXEC = 0x8
 # prctl(2)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_GET_SECUREBITS = 27
@@ -150,6 +151,12 @@ def mount_setattr(path, attr_set: int, recursive: bool) -> None:
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+def set_process_name(name: bytes) -> None:
+    """The task's comm (what ps and /proc/PID/comm show), at most 15 bytes."""
+    _check(_libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name[:15]), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)))
 
 
 def sethostname(name: str) -> None:

@@ -136,6 +136,7 @@ def test_child_that_hangs_is_killed_within_bound():
 # --- inside real sandboxes: `jailer run` on tests/profiles/escape-tight.toml --------------------
 
 TIGHT_PROFILE = os.path.join(REPO, "tests", "profiles", "escape-tight.toml")
+START_MODES = ("exec", "zero-exec")   # the probe exec'd, or started in the launcher's interpreter (jailer.zero_exec)
 UNPRIVILEGED = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
 
 # The exact outcome each check must have in that profile; a tuple lists the acceptable ones.
@@ -215,21 +216,25 @@ def run_selftest(profile, prefix=(sys.executable,), env=None, cwd=REPO):
     return result.returncode, json.loads(result.stdout)
 
 
-def selftest_readable_copy(prefix, env):
-    """The tight profile's self-test from a copy of the profile that any user can read."""
+def selftest_readable_copy(prefix, env, start="exec"):
+    """The tight profile's self-test from a copy of the profile that any user can read, its
+    program started as `start` says (program.start)."""
     with tempfile.TemporaryDirectory(prefix="jailer-escape-") as readable:   # pytest's own tmp is 0700
         os.chmod(readable, 0o755)
-        copy = shutil.copy(TIGHT_PROFILE, readable)
+        copy = os.path.join(readable, os.path.basename(TIGHT_PROFILE))
+        with open(TIGHT_PROFILE) as source, open(copy, "w") as target:
+            target.write(source.read().replace('[program]\n', f'[program]\nstart = "{start}"\n', 1))
         os.chmod(copy, 0o644)
         return run_selftest(copy, prefix, env, cwd="/")
 
 
-@pytest.fixture(scope="module")
-def tight_reports(unprivileged_runner):
+@pytest.fixture(scope="module", params=START_MODES)
+def tight_reports(request, unprivileged_runner):
     reports = {}
     if IS_ROOT:
-        reports["root"] = run_selftest(TIGHT_PROFILE)
-    reports["unprivileged"] = selftest_readable_copy(*(unprivileged_runner if IS_ROOT else ((sys.executable,), None)))
+        reports["root"] = selftest_readable_copy((sys.executable,), None, request.param)
+    reports["unprivileged"] = selftest_readable_copy(*(unprivileged_runner if IS_ROOT else ((sys.executable,), None)),
+                                                     request.param)
     return reports
 
 

@@ -228,8 +228,8 @@ def test_example_profiles_are_valid():
      "P: namespaces.usr: found unknown key, expected one of user, mount, pid, net, ipc, uts, cgroup, hostname, "
      "pid1 (did you mean 'user'?)"),
     ("[program]\nargv = [\"/bin/true\"]\nruntme = \"native\"\n[seccomp]\nallow = [\"@default\"]\n",
-     "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site, ready, ready_timeout "
-     "(did you mean 'runtime'?)"),
+     "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site, ready, "
+     "ready_timeout, start (did you mean 'runtime'?)"),
     (BASE + "[namespaces]\nuser = \"yes\"\n", 'P: namespaces.user: found "yes", expected true or false'),
     (BASE + "[namespaces]\npid1 = \"reapr\"\n",
      "P: namespaces.pid1: found \"reapr\", expected one of reaper, program (did you mean 'reaper'?)"),

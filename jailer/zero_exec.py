@@ -1,0 +1,282 @@
+"""Zero-exec start: the sandbox's own process runs a Python program in the launcher's
+interpreter, where the exec path would execve a second interpreter.
+
+The launcher is a running CPython with the standard library it shares with the program
+already imported; a fresh interpreter costs its start-up and its own memory again. Nothing
+is exec'd, so the filter refuses execve and execveat from the program's first instruction
+(jailer.profile). Every layer up to seccomp is applied exactly as for the exec path, and
+the launcher sees the same protocol (ready, the filter's listener, the exec pipe closing).
+
+What an execve would have reset, and what this does instead, in this order:
+
+- the process's name and /proc entries: comm becomes the interpreter's name; the memory
+  behind /proc/self/cmdline holds the program's argv (truncated to the launcher's argv
+  area when longer, padded with NULs when shorter), that behind /proc/self/environ the
+  program's environment (likewise: the launcher's is gone); dumpable is set again, as an
+  exec by a process that changed its ids does (ptrace and /proc/self stay the program's);
+- before the filter: nothing more; the program's fds are in place, every other one closed
+  (jailer.fds.install), as for the exec path;
+- after the filter, the launcher's state: the local variables of every frame below the
+  program's (the plan, the profile, the launcher's objects and caches) are cleared, jailer's
+  own modules and every module outside the standard library leave sys.modules, import
+  hooks and caches are reset, atexit handlers dropped, the garbage collector re-enabled
+  with its default thresholds and run;
+- the signal dispositions: every handled signal back to SIG_DFL (ignored ones stay
+  ignored, as across execve), then what CPython's start-up sets (SIGPIPE and SIGXFSZ
+  ignored, SIGINT raising KeyboardInterrupt); no wake-up fd;
+- the interpreter's view: sys.argv, sys.orig_argv, sys.path (the exec path's: the program's
+  directory, $PYTHONPATH, the standard library; site-packages through site.main() when the
+  profile asks for site), os.environ (and the C environment) replaced by the program's,
+  sys.dont_write_bytecode from $PYTHONDONTWRITEBYTECODE, a fresh __main__, default hooks,
+  recursion limit and switch interval;
+- the launcher's descriptors: its end of the set-up socket, the exec pipe (closing it tells
+  the launcher the program started) and the filter's listener (the launcher holds its own);
+- the exit: as CPython's (SystemExit codes and messages, a traceback and status 1, death by
+  SIGINT after an unhandled KeyboardInterrupt), after non-daemon threads and atexit handlers.
+
+What stays the launcher's: the address-space layout (no new ASLR draw), sys.flags (the
+launcher's interpreter options), the hash seed, the standard streams' encoding and
+buffering, and freed memory that is not scrubbed (unreachable from Python, readable as raw
+memory by the program itself, as everything in its own address space is).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SUPPORTED_PYTHONS = ((3, 11), (3, 12))   # PyFrame_LocalsToFast clears a caller's locals (gone in 3.13)
+FRESH_ENVIRONMENT_ONLY = ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")   # the PYTHON* variables honoured
+
+
+def unsupported(runtime: str, argv) -> list[tuple[str, str, str]]:
+    """(key, what was found, what was expected) for each reason a profile cannot start zero-exec."""
+    problems = []
+    if runtime != "python":
+        problems.append(("program.start", f'"zero-exec" with runtime = "{runtime}"',
+                         '"exec" (zero-exec runs a Python program in the launcher\'s interpreter: runtime = "python")'))
+    elif sys.implementation.name != "cpython" or sys.version_info[:2] not in SUPPORTED_PYTHONS:
+        problems.append(("program.start", f'"zero-exec" on {sys.implementation.name} {sys.version.split()[0]}',
+                         '"exec" (zero-exec needs CPython ' + " or ".join(f"{a}.{b}" for a, b in SUPPORTED_PYTHONS)
+                         + ")"))
+    elif not (len(argv) >= 2 and argv[0] == "-m" and argv[1]) and not (argv and argv[0].startswith("/")):
+        problems.append(("program.argv", repr(list(argv)[:2]),
+                         '["-m", "module", ...] or ["/path/to/script.py", ...] with program.start = "zero-exec" '
+                         "(interpreter options cannot apply to a running interpreter)"))
+    return problems
+
+
+def unsupported_environment(environment) -> list[str]:
+    """The PYTHON* variables a running interpreter cannot honour (read at start-up only)."""
+    return sorted(name for name in environment if name.startswith("PYTHON") and name not in FRESH_ENVIRONMENT_ONLY)
+
+
+def process_blocks() -> tuple[int, int, int, int]:
+    """(arg_start, arg_end, env_start, env_end) of this process: where /proc/self/cmdline and
+    environ are read from. Read before pivot_root (the new root may have no /proc)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return tuple(int(value) for value in fields[45:49])
+
+
+class Start:
+    """The program's start in this process: its argv (as exec'd: interpreter, options, then
+    "-m module" or a script, then its arguments) and environment."""
+
+    def __init__(self, argv, environment: dict, blocks):
+        self.interpreter = argv[0]
+        options = list(argv[1:])
+        self.site = True
+        while options and options[0] == "-S":
+            self.site = False
+            options.pop(0)
+        if options[0] == "-m":
+            self.module, self.script, self.args = options[1], None, options[2:]
+        else:
+            self.module, self.script, self.args = None, options[0], options[1:]
+        self.argv = list(argv)
+        self.environment = dict(environment)
+        self.blocks = blocks
+
+    def take_over_process(self) -> None:
+        """Before the filter: comm, /proc/self/cmdline and environ, dumpable, as after execve."""
+        import ctypes
+
+        from jailer import syscalls
+
+        syscalls.set_process_name(os.fsencode(os.path.basename(self.interpreter)))
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
+        arg_start, arg_end, env_start, env_end = self.blocks
+        _overwrite(arg_start, arg_end, [os.fsencode(arg) for arg in self.argv])
+        _overwrite(env_start, env_end, [os.fsencode(f"{key}={value}") for key, value in self.environment.items()])
+
+    def run(self, launcher_fds) -> None:
+        """Become the program (never returns)."""
+        _become(self.module, self.script, self.args, self.argv, self.environment, self.site, launcher_fds)
+
+
+def _overwrite(start: int, end: int, strings) -> None:
+    """Put NUL-terminated strings in a block of this process's memory that /proc shows,
+    as many as fit, the rest zeroed (the kernel reads it up to its end)."""
+    import ctypes
+
+    data = b"".join(string + b"\0" for string in strings)
+    if len(data) > end - start:
+        data = data[:end - start - 1] + b"\0"
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, data, len(data))
+
+
+def _become(module, script, args, argv, environment, site, launcher_fds) -> None:
+    """Forget the launcher, reset what an exec would have, close its fds, run the program."""
+    _forget_callers()
+    _reset_interpreter(module, script, args, argv, environment, site)
+    for fd in launcher_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    os._exit(_run_as_main(module, script))
+
+
+def _forget_callers() -> None:
+    """Clear the locals of every function frame below _become's: what the launcher held
+    (the plan, its objects) becomes unreachable, and is collected."""
+    import ctypes
+
+    locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
+    locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name != "<module>":    # (a module's locals are its globals)
+            names = frame.f_locals
+            for name in names:
+                names[name] = None
+            locals_to_fast(frame, 1)
+        frame = frame.f_back
+
+
+def _standard_library() -> tuple[str, ...]:
+    stdlib = os.path.dirname(os.__file__)
+    dynload = next((p for p in sys.path if os.path.basename(p) == "lib-dynload"), os.path.join(stdlib, "lib-dynload"))
+    zipped = os.path.join(sys.base_prefix, "lib", f"python{sys.version_info[0]}{sys.version_info[1]}.zip")
+    return zipped, stdlib, dynload
+
+
+def _in_standard_library(module, stdlib: str) -> bool:
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return True                          # built in, or frozen
+    return path.startswith(stdlib + os.sep) and os.sep + "site-packages" + os.sep not in path \
+        and os.sep + "dist-packages" + os.sep not in path
+
+
+def _reset_interpreter(module, script, args, argv, environment, site) -> None:
+    import atexit
+    import gc
+    import importlib
+    import signal
+    import types
+
+    zipped, stdlib, dynload = _standard_library()
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or not _in_standard_library(module, stdlib):
+            del sys.modules[name]
+    main = types.ModuleType("__main__")
+    main.__builtins__ = sys.modules["builtins"]
+    sys.modules["__main__"] = main
+    sys.meta_path[:] = [finder for finder in sys.meta_path
+                        if getattr(finder, "__name__", None) in ("BuiltinImporter", "FrozenImporter", "PathFinder")]
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+    atexit._clear()
+
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL, None):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    os.environ.clear()
+    os.environ.update(environment)
+    initial = sys.modules["posix"].environ     # (the environment the interpreter started with)
+    initial.clear()
+    initial.update((os.fsencode(key), os.fsencode(value)) for key, value in environment.items())
+    sys.dont_write_bytecode = bool(environment.get("PYTHONDONTWRITEBYTECODE"))
+    first = os.path.dirname(script) if script else os.getcwd()
+    python_path = [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [first, *python_path, zipped, stdlib, dynload]
+    sys.argv = [script or "-m", *args]
+    sys.orig_argv = list(argv)
+    for hook in ("excepthook", "displayhook", "unraisablehook", "breakpointhook"):
+        setattr(sys, hook, getattr(sys, f"__{hook}__"))
+    sys.settrace(None)
+    sys.setprofile(None)
+    sys.setrecursionlimit(1000)
+    sys.setswitchinterval(0.005)
+    if site:
+        import site as site_module
+
+        site_module.main()
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+    gc.collect()
+
+
+def _run_as_main(module, script) -> int:
+    """Run the program as CPython's main would; its exit status."""
+    import runpy
+
+    code = 0
+    try:
+        if module is not None:
+            runpy._run_module_as_main(module, alter_argv=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        code = -2
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    if code == -2:      # CPython dies by the signal, so its parent sees the interrupt
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
+    return code
+
+
+def _exit_status(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:
+        pass
+    return 1

@@ -1,0 +1,14 @@
+"""Every end-to-end test of the jailed device again, with the shipped profile's program
+started zero-exec (program.start = "zero-exec", jailer.zero_exec) instead of exec'd."""
+
+import pytest
+
+import test_e2e_jailed_device as e2e
+from test_e2e_jailed_device import *  # noqa: F401,F403  (the tests and their fixtures)
+
+
+@pytest.fixture(autouse=True)
+def zero_exec_start():
+    e2e.START["mode"] = "zero-exec"
+    yield
+    e2e.START["mode"] = "exec"

@@ -1,0 +1,73 @@
+"""What a program sees of its process, printed as one JSON object: run by tests/test_zero_exec.py
+under `jailer run` in both start modes, which must agree (jailer.zero_exec lists what the
+exec path resets). Its argv: the reverse of MARKER (a string only the launcher held) [execve]."""
+
+import ctypes
+import gc
+import json
+import os
+import signal
+import sys
+
+
+def reachable_strings_with(reversed_marker: str) -> int:
+    """How many strings or bytes reachable from a container hold the marker (given reversed,
+    so that the program's own argv does not hold it)."""
+    marker = reversed_marker[::-1]
+    encoded = marker.encode()
+    found = 0
+    for container in gc.get_objects():
+        for item in gc.get_referents(container):
+            if (isinstance(item, str) and marker in item) or (isinstance(item, bytes) and encoded in item):
+                found += 1
+    return found
+
+
+def launcher_frames() -> int:
+    """Frames below this one that still hold locals, in jailer's code (but for the two that start
+    the program, which hold its module or script, argv and environment)."""
+    frame, held = sys._getframe(1), 0
+    while frame is not None:
+        if "/jailer/" in frame.f_code.co_filename and frame.f_code.co_name not in ("<module>", "_become", "_run_as_main") \
+                and any(value is not None for value in frame.f_locals.values()):
+            held += 1
+        frame = frame.f_back
+    return held
+
+
+def main():
+    if sys.argv[2:] == ["execve"]:
+        os.execv(sys.executable, [sys.executable, "-S", "-c", "pass"])
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+    report = {
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+        "signals": {signal.Signals(n).name: str(signal.getsignal(n)) for n in sorted(signal.valid_signals())
+                    if n not in (signal.SIGKILL, signal.SIGSTOP) and n < signal.SIGRTMIN},
+        "environ": dict(os.environ),
+        "proc_environ": [e for e in open("/proc/self/environ", "rb").read().decode().split("\0") if e],
+        "cmdline": [a for a in open("/proc/self/cmdline", "rb").read().decode().split("\0") if a],
+        "comm": open("/proc/self/comm").read().strip(),
+        "dumpable": libc.prctl(3, 0, 0, 0, 0),
+        "argv": sys.argv,
+        "path": sys.path,
+        "cwd": os.getcwd(),
+        "jailer_modules": sorted(n for n in sys.modules if n == "jailer" or n.startswith("jailer.")),
+        "foreign_modules": sorted(n for n in ("toml", "click", "pyseccomp", "prctl") if n in sys.modules),
+        "jailer_objects": sum(1 for o in gc.get_objects() if type(o).__module__.startswith("jailer")),
+        "marker_strings": reachable_strings_with(sys.argv[1]),
+        "launcher_frames": launcher_frames(),
+        "gc": [gc.isenabled(), list(gc.get_threshold())],
+        "atexit": __import__("atexit")._ncallbacks(),
+        "hooks": [sys.excepthook is sys.__excepthook__, sys.gettrace() is None, sys.getrecursionlimit()],
+        "meta_path": [getattr(f, "__name__", type(f).__name__) for f in sys.meta_path],
+        "main": sorted(k for k in vars(sys.modules["__main__"]) if not k.startswith("__")),
+        "ids": [os.getuid(), os.getgid(), status["NoNewPrivs"], status["Seccomp"], status["CapEff"],
+                status["CapBnd"]],
+        "dont_write_bytecode": sys.dont_write_bytecode,
+    }
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
