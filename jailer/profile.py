@@ -369,9 +369,11 @@ class _PlanBuilder:
         if program.start == "zero-exec":
             from jailer import zero_exec
 
-            for variable in zero_exec.unsupported_environment(dict(plan.environment)):
-                r.fail(f"environment.{variable}", f"a variable CPython reads at start-up only, expected none of "
-                       "those with program.start = \"zero-exec\" (the interpreter already runs)")
+            environment = dict(plan.environment)
+            for variable in zero_exec.unsupported_environment(environment):
+                r.fail(f"environment.{variable}", f"found {_describe(environment[variable])}, expected no variable "
+                       "CPython reads only at start-up with program.start = \"zero-exec\" (the interpreter "
+                       "already runs)")
         notify_fds = [fd.name for fd in fds if fd.kind == "notify"]
         if len(notify_fds) > 1:
             r.fail("fds", f"found {len(notify_fds)} notify fds ({', '.join(notify_fds)}), expected at most one")

@@ -100,8 +100,6 @@ class Start:
 
     def take_over_process(self) -> None:
         """Before the filter: comm, /proc/self/cmdline and environ, dumpable, as after execve."""
-        import ctypes
-
         from jailer import syscalls
 
         syscalls.set_process_name(os.fsencode(os.path.basename(self.interpreter)))
