@@ -37,6 +37,7 @@ fi
 # jailer-monitor: the native process the launcher becomes once its program is ready (a
 # resident Python launcher costs ~8 MiB per device, this under 1 MiB); see jailer/monitor.py.
 # Static: no dynamic loader to run while the program waits on its first notified syscall.
+# An editable install leaves it to this line; a wheel's build runs the same in setup.py.
 gcc -O2 -static -Wall -Wextra -Werror -o jailer/jailer-monitor.new jailer/monitor.c
 mv jailer/jailer-monitor.new jailer/jailer-monitor
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jailer.errors import JailerError
+from jailer.errors import JailerError, UsageError
 
 SUBDIR = Path("qemu") / "vfio-user"
 MAX_DESCRIPTOR_BYTES = 1 << 20     # libvirt refuses bigger interop files too
@@ -85,10 +88,15 @@ def default_dirs(environ=None) -> list[Path]:
     if installed not in dirs:
         dirs.append(installed)
     dirs.append(Path("/etc") / SUBDIR)
-    config_home = environ.get("XDG_CONFIG_HOME") or (Path(environ["HOME"]) / ".config" if environ.get("HOME") else None)
+    config_home = _user_config_dir(environ)
     if config_home:
-        dirs.append(Path(config_home) / SUBDIR)
+        dirs.append(config_home / SUBDIR)
     return dirs
+
+
+def _user_config_dir(environ) -> Path | None:
+    config_home = environ.get("XDG_CONFIG_HOME") or (Path(environ["HOME"]) / ".config" if environ.get("HOME") else None)
+    return Path(config_home) if config_home else None
 
 
 def descriptor_files(dirs) -> list[Path]:
@@ -241,41 +249,89 @@ class _Checker:
         return value
 
 
+# jailer's shipped files: (where a checkout has them, where they are installed under a data
+# directory). pyproject.toml's [tool.setuptools.data-files] puts them at the second path, so a
+# package for prefix P has them at P/<second path>.
+SHIPPED_PROFILES = (Path("profiles"), Path("share") / "jailer" / "profiles")
+SHIPPED_TEMPLATES = (Path("share") / SUBDIR, Path("share") / "jailer" / "vfio-user")
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+
+def installation() -> tuple[Path, Path]:
+    """(commands, data) directories of this installation. The install scheme that holds the
+    package says where pip put its commands and data files: a venv, --user and Debian's
+    /usr/local each differ from what sys.prefix alone says. A checkout is in no scheme: the
+    interpreter's own directory and sys.prefix (setup.sh's venv)."""
+    for scheme in dict.fromkeys([sysconfig.get_default_scheme(), *sysconfig.get_scheme_names()]):
+        paths = sysconfig.get_paths(scheme)
+        if PACKAGE_PARENT in (Path(paths["purelib"]).resolve(), Path(paths["platlib"]).resolve()):
+            return Path(paths["scripts"]), Path(paths["data"])
+    return Path(sys.executable).parent, Path(sys.prefix)
+
+
+def shipped_dir(kind: tuple[Path, Path]) -> Path:
+    """The directory of SHIPPED_PROFILES or SHIPPED_TEMPLATES: the checkout's own first (an
+    editable install or a clone runs what it has), then this installation's data files."""
+    in_tree, installed = kind
+    candidates = []
+    if (PACKAGE_PARENT / "pyproject.toml").is_file():
+        candidates.append(PACKAGE_PARENT / in_tree)
+    candidates += [installation()[1] / installed, Path(sys.prefix) / installed]
+    candidates = list(dict.fromkeys(candidates))
+    for directory in candidates:
+        if directory.is_dir():
+            return directory
+    searched = ", ".join(map(str, candidates))
+    raise DescriptorError([f"jailer's shipped files are in none of {searched}: reinstall jailer"])
+
+
+def shipped_profile(name: str) -> Path:
+    """The profile jailer ships for device type `name`: the one place that finds it."""
+    return shipped_dir(SHIPPED_PROFILES) / f"{name}.toml"
+
+
 def bundled_templates() -> list[Path]:
-    """The descriptors jailer ships, from the source tree (an editable install, which copies
-    no data files) or from this installation's data directory (a wheel)."""
-    for directory in (Path(__file__).resolve().parent.parent / "share" / SUBDIR, Path(sys.prefix) / "share" / SUBDIR):
-        found = sorted(directory.glob("*.json")) if directory.is_dir() else []
-        if found:
-            return found
-    raise DescriptorError([f"no bundled descriptors beside {Path(__file__).resolve().parent} or in "
-                           f"{Path(sys.prefix) / 'share' / SUBDIR}"])
+    """The descriptors jailer ships, with /usr paths to replace: installed under the data
+    directory's share/jailer/vfio-user, where no management tool reads them as they are."""
+    directory = shipped_dir(SHIPPED_TEMPLATES)
+    found = sorted(directory.glob("*.json"))
+    if not found:
+        raise DescriptorError([f"no bundled descriptors in {directory}: reinstall jailer"])
+    return found
 
 
-def for_this_installation(template: Path) -> dict:
-    """A bundled descriptor with the paths of this installation: the device's own command and
-    the `jailer` beside this interpreter, and the shipped profile of the same type."""
+def for_this_installation(template: Path, prefix: str | None = None) -> dict:
+    """A bundled descriptor with the paths of this installation (the device's own command and
+    the `jailer` of its commands directory, the shipped profile of the same type), or with the
+    paths a package installed at `prefix` will have, which need not exist yet."""
     data = json.loads(template.read_bytes())
-    bin_dir = Path(sys.executable).parent
-    profile = Path(__file__).resolve().parent.parent / "profiles" / f"{data['type']}.toml"
-    data["binary"] = str(bin_dir / data["type"])
+    if prefix is None:
+        commands, profile = installation()[0], shipped_profile(data["type"])
+    else:
+        commands, profile = Path(prefix) / "bin", Path(prefix) / SHIPPED_PROFILES[1] / f"{data['type']}.toml"
+    data["binary"] = str(commands / data["type"])
     if "sandbox" in data:
-        data["sandbox"] = dict(data["sandbox"], launcher=str(bin_dir / "jailer"), profile=str(profile))
-    missing = [path for path in (data["binary"], data.get("sandbox", {}).get("launcher"),
-                                 data.get("sandbox", {}).get("profile")) if path and not os.path.exists(path)]
-    if missing:
-        raise DescriptorError([f"{template}: this installation has no {missing[0]}"])
+        data["sandbox"] = dict(data["sandbox"], launcher=str(commands / "jailer"), profile=str(profile))
+    if prefix is None:
+        missing = [path for path in (data["binary"], data.get("sandbox", {}).get("launcher"),
+                                     data.get("sandbox", {}).get("profile")) if path and not os.path.exists(path)]
+        if missing:
+            raise DescriptorError([f"{template}: this installation has no {missing[0]}"])
     parse(data, str(template))
     return data
 
 
-def install(directory: str) -> list[str]:
-    """Write the bundled descriptors, with this installation's paths, into `directory`."""
+def install(directory: str, prefix: str | None = None) -> list[str]:
+    """Write the bundled descriptors, with this installation's paths (or those of a package
+    for `prefix`), into `directory`."""
     from jailer.host import paths
 
+    if prefix is not None and not os.path.isabs(prefix):
+        raise UsageError(f"--prefix: found '{prefix}', expected the absolute prefix the package installs to, "
+                         "such as /usr")
     written = []
     for template in bundled_templates():
-        text = json.dumps(for_this_installation(template), indent=4) + "\n"
+        text = json.dumps(for_this_installation(template, prefix), indent=4) + "\n"
         target = os.path.join(directory, template.name)
         try:
             paths.write_file(target, text.encode(), 0o644, make_dirs=0o755).close()
@@ -283,6 +339,41 @@ def install(directory: str) -> list[str]:
             raise JailerError(f"cannot write {target}: {exc.strerror}") from None
         written.append(target)
     return written
+
+
+def not_in_effect(found, device_type: str | None = None, environ=None) -> list[str]:
+    """One line per bundled device type that no descriptor in effect offers, with the command
+    that installs it: a wheel's templates are not where management tools look."""
+    try:
+        types = [json.loads(template.read_bytes()).get("type") for template in bundled_templates()]
+    except (DescriptorError, OSError, ValueError):
+        return []   # a broken installation: --install says what is wrong
+    offered = {d.type for d in found}
+    missing = [t for t in dict.fromkeys(types) if t not in offered and device_type in (None, t)]
+    if not missing:
+        return []
+    environ = os.environ if environ is None else environ
+    user_dir = _user_config_dir(environ)
+    if os.geteuid() == 0 or user_dir is None:
+        target = shlex.quote(str(Path("/etc") / SUBDIR))
+    else:
+        home = (environ.get("HOME") or "").rstrip("/")
+        target = str(user_dir / SUBDIR)
+        under_home = bool(home) and target.startswith(home + "/")
+        target = "~/" + shlex.quote(target[len(home) + 1:]) if under_home else shlex.quote(target)
+    command = f"{_this_jailer()} descriptors --install {target}"
+    return [f"jailer descriptors: no descriptor in effect for the bundled {t}; install it with: {command}"
+            for t in missing]
+
+
+def _this_jailer() -> str:
+    """How to name this installation's `jailer` in a command to copy: its bare name when that
+    is what PATH finds."""
+    launcher = installation()[0] / "jailer"
+    on_path = shutil.which("jailer")
+    if on_path and launcher.exists() and Path(on_path).resolve() == launcher.resolve():
+        return "jailer"
+    return shlex.quote(str(launcher)) if launcher.exists() else f"{shlex.quote(sys.executable)} -m jailer"
 
 
 def _summary_line(d: Descriptor) -> str:
@@ -304,21 +395,31 @@ def _click_command():
                   help="Write jailer's bundled descriptors, with this installation's paths, into DIR "
                        "(setup.sh: the venv's share/qemu/vfio-user; as root, /etc/qemu/vfio-user makes them "
                        "visible to every management tool).")
-    def descriptors_command(as_json, device_type, dirs, install_dir):
+    @click.option("--prefix", metavar="P",
+                  help="With --install: write the paths of a package installed at prefix P (P/bin/TYPE, "
+                       "P/bin/jailer, P/share/jailer/profiles/TYPE.toml), e.g. --install "
+                       "debian/tmp/usr/share/qemu/vfio-user --prefix /usr.")
+    def descriptors_command(as_json, device_type, dirs, install_dir, prefix):
+        if prefix is not None and not install_dir:
+            raise UsageError("--prefix goes with --install DIR: it names where the package that DIR belongs to "
+                             "installs jailer")
         if install_dir:
-            for target in install(install_dir):
+            for target in install(install_dir, prefix):
                 click.echo(f"jailer descriptors: wrote {target}", err=True)
             return
         found = search(list(dirs) or None, device_type)
         if as_json:
             click.echo(json.dumps([{"path": str(d.path), **d.data} for d in found], indent=2))
-            return
-        for descriptor in found:
-            click.echo(_summary_line(descriptor))
-        if not found:   # say where we looked: an empty listing alone does not tell a user why
+        else:
+            for descriptor in found:
+                click.echo(_summary_line(descriptor))
+        if not found and not as_json:   # say where we looked: an empty listing alone does not tell why
             searched = ", ".join(str(d) for d in (list(dirs) or default_dirs()))
             kind = f" of type '{device_type}'" if device_type else ""
             click.echo(f"no vfio-user descriptors{kind} in {searched}", err=True)
+        if not dirs:   # what a management tool would see: a bundled device it cannot find is said
+            for line in not_in_effect(found, device_type):
+                click.echo(line, err=True)
 
     return descriptors_command
 

@@ -1,5 +1,6 @@
 """Descriptor discovery (vhost-user search path, merging, masking, priority) and validation."""
 
+import contextlib
 import json
 import os
 import signal
@@ -13,8 +14,9 @@ from click.testing import CliRunner
 
 from devices.vfio_user.client import Client, ClientError
 
+from jailer import descriptors
 from jailer.descriptors import (DescriptorError, default_dirs, descriptor_files, descriptors_command,
-                                load, parse, parse_capabilities, search, select)
+                                for_this_installation, load, parse, parse_capabilities, search, select)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "share" / "qemu" / "vfio-user"
 
@@ -242,10 +244,11 @@ def test_libvirt_domain_in_docs_passes_libvirts_own_schema(tmp_path):
 
 
 def test_descriptor_examples_in_docs():
+    """The example is what a package for /usr installs (--install DIR --prefix /usr)."""
     descriptor_doc, capabilities_doc = fenced_blocks(DOCS / "vfio-user-descriptor.md", "json")
     example = json.loads(descriptor_doc)
     parse(example, "docs/vfio-user-descriptor.md")
-    assert example == json.loads((SHIPPED / "50-gpio-pci-idio-16.json").read_text())
+    assert example == for_this_installation(SHIPPED / "50-gpio-pci-idio-16.json", prefix="/usr")
     parse_capabilities(json.loads(capabilities_doc), "docs/vfio-user-descriptor.md")
 
 
@@ -336,8 +339,14 @@ def test_installed_descriptor_starts_the_jailed_device_as_a_management_tool_woul
     assert written.returncode == 0, written.stderr
     assert written.stderr == "".join(f"jailer descriptors: wrote {tmp_path / 'vfio-user' / name}\n"
                                      for name in ("50-gpio-pci-idio-16.json", "50-virtio-blk.json"))
-    descriptor = select("gpio-pci-idio-16", [tmp_path / "vfio-user"])
-    socket_path = tmp_path / "idio16.sock"
+    with started_from(select("gpio-pci-idio-16", [tmp_path / "vfio-user"]), tmp_path / "idio16.sock") as (_, client):
+        assert client.region_read(7, 0, 4) == bytes.fromhex("4f49c80d")
+
+
+@contextlib.contextmanager
+def started_from(descriptor, socket_path):
+    """Start a device as a management tool would from its descriptor; yields the process and
+    a connected vfio-user client, and stops the device with SIGTERM."""
     device = subprocess.Popen(descriptor.command(socket_path=str(socket_path)), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
@@ -349,8 +358,78 @@ def test_installed_descriptor_starts_the_jailed_device_as_a_management_tool_woul
             except ClientError:
                 assert device.poll() is None and time.monotonic() < deadline, device.stderr.read()
                 time.sleep(0.02)
-        assert client.region_read(7, 0, 4) == bytes.fromhex("4f49c80d")
-        client.close()
+        try:
+            yield device, client
+        finally:
+            client.close()
     finally:
         device.terminate()
         device.wait(20)
+
+
+# --- Bundled descriptors and profiles: found from a checkout, said when not in effect. ---
+
+def test_a_checkout_uses_its_own_profiles_and_templates():
+    """A clone or an editable install runs the profiles it has, not an installed copy."""
+    checkout = Path(__file__).resolve().parent.parent
+    assert descriptors.shipped_profile("gpio-pci-idio-16") == checkout / "profiles" / "gpio-pci-idio-16.toml"
+    assert descriptors.bundled_templates() == sorted(SHIPPED.glob("*.json"))
+
+
+def test_an_installed_package_finds_its_data_files_under_its_schemes_data_directory(tmp_path, monkeypatch):
+    """Installed (no pyproject.toml beside the package), the shipped files are where
+    pyproject's data-files put them, under the install scheme's data directory."""
+    profiles = tmp_path / "share" / "jailer" / "profiles"
+    profiles.mkdir(parents=True)
+    monkeypatch.setattr(descriptors, "PACKAGE_PARENT", tmp_path / "lib" / "site-packages")
+    monkeypatch.setattr(descriptors, "installation", lambda: (tmp_path / "bin", tmp_path))
+    assert descriptors.shipped_profile("virtio-blk") == profiles / "virtio-blk.toml"
+    with pytest.raises(DescriptorError, match=r"shipped files are in none of .*/share/jailer/vfio-user.*reinstall"):
+        descriptors.bundled_templates()
+
+
+def test_the_packager_prefix_writes_the_packages_paths_without_needing_them(tmp_path):
+    written = subprocess.run([sys.executable, "-m", "jailer", "descriptors", "--install", str(tmp_path / "d"),
+                              "--prefix", "/opt/nowhere"], capture_output=True, text=True, timeout=60)
+    assert written.returncode == 0, written.stderr
+    [idio16, virtio_blk] = search([tmp_path / "d"])
+    assert (idio16.binary, idio16.sandbox.launcher, idio16.sandbox.profile) == (
+        "/opt/nowhere/bin/gpio-pci-idio-16", "/opt/nowhere/bin/jailer",
+        "/opt/nowhere/share/jailer/profiles/gpio-pci-idio-16.toml")
+    assert virtio_blk.sandbox.profile == "/opt/nowhere/share/jailer/profiles/virtio-blk.toml"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--install", "d", "--prefix", "usr"],
+     "jailer: --prefix: found 'usr', expected the absolute prefix the package installs to, such as /usr\n"),
+    (["--prefix", "/usr"],
+     "jailer: --prefix goes with --install DIR: it names where the package that DIR belongs to installs jailer\n"),
+])
+def test_a_wrong_prefix_is_one_line(tmp_path, argv, line):
+    result = subprocess.run([sys.executable, "-m", "jailer", "descriptors", *argv], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (2, line)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("euid, target", [(0, "/etc/qemu/vfio-user"), (1000, "~/.config/qemu/vfio-user")])
+def test_a_bundled_device_in_effect_nowhere_is_said_with_the_command_that_installs_it(tree, monkeypatch,
+                                                                                     euid, target):
+    levels, put = tree
+    put(1, "50-other.json", descriptor(device_type="virtio-blk"))
+    monkeypatch.setattr(descriptors, "default_dirs", lambda environ=None: levels)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    monkeypatch.setenv("HOME", "/home/u")
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setattr(descriptors, "_this_jailer", lambda: "jailer")
+    result = CliRunner().invoke(descriptors_command, [])
+    assert result.exit_code == 0 and result.stdout.startswith("50-other.json  virtio-blk")
+    assert result.stderr == ("jailer descriptors: no descriptor in effect for the bundled gpio-pci-idio-16; "
+                             f"install it with: jailer descriptors --install {target}\n")
+    # the same with --type and --json; nothing for another type, nor for directories given with --dir
+    result = CliRunner().invoke(descriptors_command, ["--json", "--type", "gpio-pci-idio-16"])
+    assert (result.exit_code, json.loads(result.stdout)) == (0, [])
+    assert result.stderr.startswith("jailer descriptors: no descriptor in effect for the bundled gpio-pci-idio-16;")
+    assert CliRunner().invoke(descriptors_command, ["--type", "virtio-blk"]).stderr == ""
+    dirs = [arg for level in levels for arg in ("--dir", str(level))]
+    assert CliRunner().invoke(descriptors_command, dirs).stderr == ""
