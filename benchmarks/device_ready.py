@@ -11,7 +11,10 @@ jailer's launcher has handed over to jailer-monitor); then the device is stopped
 SIGTERM. The variants run interleaved, one of
 each per round, as root and as uid 65534 (setpriv).
 
-  jailer  jailer run profiles/gpio-pci-idio-16.toml --socket-path S
+  jailer  jailer run profiles/gpio-pci-idio-16.toml --socket-path S (the profile's program
+          exec'd: a second interpreter starts in the sandbox)
+  zero    the same with program.start = "zero-exec": the sandbox's process runs the device in
+          the launcher's interpreter (jailer.zero_exec)
   bwrap   bwrap with the same sandbox as far as bwrap expresses it: --unshare-all,
           --die-with-parent, --new-session, a read-only tmpfs root holding exactly the
           binds and symlinks `jailer show --json` lists, /proc, --clearenv plus the plan's
@@ -54,8 +57,9 @@ PROFILE = os.path.join(REPO, "profiles", "gpio-pci-idio-16.toml")
 READY_TIMEOUT = 20.0
 SETTLE = 0.3            # seconds after ready before the memory is read
 TARGET_READY = 1.15     # jailer's time to ready at most 1.15x bwrap's
+TARGET_ZERO_EXEC_READY = 1.0   # zero-exec: at most bwrap's
 TARGET_MEMORY = 1.2     # jailer's resident memory at most 1.2x bwrap's
-VARIANTS = ("jailer", "bwrap", "bare")
+VARIANTS = ("jailer", "zero", "bwrap", "bare")
 
 
 @dataclasses.dataclass
@@ -201,11 +205,16 @@ class Runner:
         self.scratch = scratch
         self.count = 0
         self.seccomp_fd = seccomp_memfd()
+        self.zero_profile = os.path.join(scratch, "zero-exec.toml")
+        with open(PROFILE) as source, open(self.zero_profile, "w") as target:
+            target.write(source.read().replace("[program]\n", '[program]\nstart = "zero-exec"\n', 1))
+        os.chmod(self.zero_profile, 0o644)
 
     def spawn(self, variant, path):
         who = self.who
-        if variant == "jailer":
-            argv = [*who.prefix, *who.jailer, "run", PROFILE, "--socket-path", path]
+        if variant in ("jailer", "zero"):
+            profile = PROFILE if variant == "jailer" else self.zero_profile
+            argv = [*who.prefix, *who.jailer, "run", profile, "--socket-path", path]
             return subprocess.Popen(argv, env=who.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd="/"), None
         if variant == "bare":
@@ -277,21 +286,28 @@ def ratio(a, b):
 def report(results, runs):
     print(f"IDIO-16 device, {runs} runs per variant, interleaved; medians")
     print("time to ready (spawn -> VERSION handshake), ms")
-    print(f"  {'identity':13} {'jailer':>8} {'bwrap':>8} {'bare':>8} {'jailer/bwrap':>13} {'jailer/bare':>12}")
+    header = (f"  {'identity':13} {'jailer':>8} {'zero':>8} {'bwrap':>8} {'bare':>8} {'jailer/bwrap':>13} "
+              f"{'zero/bwrap':>11} {'zero/bare':>10}")
+
+    def row(name, m):
+        print(f"  {name:13} {m['jailer']:8.1f} {m['zero']:8.1f} {m['bwrap']:8.1f} {m['bare']:8.1f} "
+              f"{ratio(m['jailer'], m['bwrap']):>13} {ratio(m['zero'], m['bwrap']):>11} "
+              f"{ratio(m['zero'], m['bare']):>10}")
+
+    print(header)
     verdicts = []
     for name, (ready, _) in results.items():
         m = {variant: statistics.median(values) for variant, values in ready.items()}
-        print(f"  {name:13} {m['jailer']:8.1f} {m['bwrap']:8.1f} {m['bare']:8.1f} "
-              f"{ratio(m['jailer'], m['bwrap']):>13} {ratio(m['jailer'], m['bare']):>12}")
-        verdicts.append(f"{name}: ready jailer/bwrap {m['jailer'] / m['bwrap']:.2f} "
-                        f"({'within' if m['jailer'] <= TARGET_READY * m['bwrap'] else 'OVER'} the "
-                        f"{TARGET_READY}x target)")
+        row(name, m)
+        for variant in ("jailer", "zero"):
+            target = TARGET_READY if variant == "jailer" else TARGET_ZERO_EXEC_READY
+            verdicts.append(f"{name}: ready {variant}/bwrap {m[variant] / m['bwrap']:.2f} "
+                            f"({'within' if m[variant] <= target * m['bwrap'] else 'OVER'} the {target}x target)")
     print("CPU time to ready (user + system of the process tree, clock ticks), ms: steadier on a busy machine")
+    print(header)
     for name, (_, samples) in results.items():
-        m = {variant: statistics.median(sum(p[3] for p in processes) for processes in runs)
-             for variant, runs in samples.items()}
-        print(f"  {name:13} {m['jailer']:8.1f} {m['bwrap']:8.1f} {m['bare']:8.1f} "
-              f"{ratio(m['jailer'], m['bwrap']):>13} {ratio(m['jailer'], m['bare']):>12}")
+        row(name, {variant: statistics.median(sum(p[3] for p in processes) for processes in runs)
+                   for variant, runs in samples.items()})
     print("resident memory once ready, sum over the processes left running, KiB")
     print(f"  {'identity':13} {'variant':7} {'RSS':>7} {'PSS':>7}  processes (name RSS/PSS)")
     for name, (_, memory) in results.items():
@@ -299,14 +315,16 @@ def report(results, runs):
         for variant, row in rows.items():
             processes = ", ".join(f"{p[0]} {p[1]}/{p[2]}" for p in row["processes"])
             print(f"  {name:13} {variant:7} {row['rss']:7} {row['pss']:7}  {processes}")
-        jailer, bwrap, bare = rows["jailer"], rows["bwrap"], rows["bare"]
-        print(f"  {name:13} ratios  RSS jailer/bwrap {ratio(jailer['rss'], bwrap['rss'])}, jailer/bare "
-              f"{ratio(jailer['rss'], bare['rss'])}; PSS jailer/bwrap {ratio(jailer['pss'], bwrap['pss'])}, "
-              f"jailer/bare {ratio(jailer['pss'], bare['pss'])}")
-        for measure in ("rss", "pss"):
-            verdicts.append(f"{name}: {measure.upper()} jailer/bwrap {jailer[measure] / bwrap[measure]:.2f} "
-                            f"({'within' if jailer[measure] <= TARGET_MEMORY * bwrap[measure] else 'OVER'} the "
-                            f"{TARGET_MEMORY}x target)")
+        bwrap, bare = rows["bwrap"], rows["bare"]
+        for variant in ("jailer", "zero"):
+            mine = rows[variant]
+            print(f"  {name:13} ratios  RSS {variant}/bwrap {ratio(mine['rss'], bwrap['rss'])}, {variant}/bare "
+                  f"{ratio(mine['rss'], bare['rss'])}; PSS {variant}/bwrap {ratio(mine['pss'], bwrap['pss'])}, "
+                  f"{variant}/bare {ratio(mine['pss'], bare['pss'])}")
+            for measure in ("rss", "pss"):
+                verdicts.append(f"{name}: {measure.upper()} {variant}/bwrap {mine[measure] / bwrap[measure]:.2f} "
+                                f"({'within' if mine[measure] <= TARGET_MEMORY * bwrap[measure] else 'OVER'} the "
+                                f"{TARGET_MEMORY}x target)")
     for line in verdicts:
         print(line)
 

@@ -170,10 +170,10 @@ def _in_standard_library(module, stdlib: str) -> bool:
 
 
 def _reset_interpreter(module, script, args, argv, environment, site) -> None:
+    import _signal as signal   # (the C module: `signal` imports enum, which costs milliseconds here)
     import atexit
     import gc
     import importlib
-    import signal
     import types
 
     zipped, stdlib, dynload = _standard_library()
@@ -260,7 +260,7 @@ def _run_as_main(module, script) -> int:
         except (AttributeError, OSError, ValueError):
             pass
     if code == -2:      # CPython dies by the signal, so its parent sees the interrupt
-        import signal
+        import _signal as signal
 
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
