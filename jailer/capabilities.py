@@ -27,6 +27,14 @@ LOCKED_SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUIDFIXU
 
 FIX = "jailer must start with CAP_SETPCAP, CAP_SETUID and CAP_SETGID (as root, or inside its user namespace)"
 
+# capability numbers (linux/capability.h) that decide what a process may still do to itself
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 6, 7, 8, 21, 24
+
+
+def holds(capability: int) -> bool:
+    """Whether this thread has `capability` in its effective set (in its own user namespace)."""
+    return bool(syscalls.capget()[0] & (1 << capability))
+
 
 def last_capability() -> int:
     fd = os.open("/proc/sys/kernel/cap_last_cap", os.O_RDONLY | os.O_CLOEXEC)

@@ -5,9 +5,10 @@ a later kernel adds is not silently left open. After pivot_root the rules name t
 inside the new root ("/" readable, or writable when readonly_root is off; binds read-only
 or writable; tmpfs writable; device nodes read/write/ioctl). Without a mount namespace
 the rules name the bind sources on the host instead, which makes Landlock the only thing
-keeping the program to the plan's paths. With ABI >= 4 and network mode "none", TCP bind
-and connect are denied; with ABI >= 6, abstract unix sockets and signals are scoped to
-the sandbox.
+keeping the program to the plan's paths (jailer.lockdown's case too: it opens them before
+the process changes ids, and enforces them later). With ABI >= 4 and network mode "none",
+TCP bind and connect are denied; with ABI >= 6, abstract unix sockets and signals are
+scoped to the sandbox.
 """
 
 from __future__ import annotations
@@ -62,13 +63,14 @@ def path_rules(plan, pivoted: bool) -> list[tuple[str, int, bool]]:
 
 def restrict(plan, pivoted: bool) -> dict:
     """Create, fill and enforce the ruleset on this process (inherited by its children)."""
-    abi = syscalls.landlock_abi()
-    handled = handled_fs_rights(abi)
-    handled_net = NET_TCP if abi >= 4 and plan.network.mode == "none" else 0
-    scoped = SCOPE_ALL if abi >= 6 else 0
-    ruleset = syscalls.landlock_create_ruleset(handled, handled_net, scoped)
+    return enforce(plan, open_paths(plan, pivoted))
+
+
+def open_paths(plan, pivoted: bool) -> list[tuple[int, int]]:
+    """(O_PATH fd, rights) for every rule's path that exists (only an optional one may not),
+    opened with this process's current rights; enforce() closes them."""
+    opened = []
     try:
-        count = 0
         for path, rights, optional in path_rules(plan, pivoted):
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -76,16 +78,36 @@ def restrict(plan, pivoted: bool) -> dict:
                 if optional:
                     continue
                 raise
-            try:
+            opened.append((fd, rights))
+    except OSError:
+        _close(opened)
+        raise
+    return opened
+
+
+def enforce(plan, opened) -> dict:
+    """Enforce a ruleset of the opened paths on this process; closes them."""
+    try:
+        abi = syscalls.landlock_abi()
+        handled = handled_fs_rights(abi)
+        handled_net = NET_TCP if abi >= 4 and plan.network.mode == "none" else 0
+        scoped = SCOPE_ALL if abi >= 6 else 0
+        ruleset = syscalls.landlock_create_ruleset(handled, handled_net, scoped)
+        try:
+            for fd, rights in opened:
                 allowed = rights & handled
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     allowed &= FILE_ONLY
                 syscalls.landlock_add_path_rule(ruleset, allowed, fd)
-                count += 1
-            finally:
-                os.close(fd)
-        syscalls.landlock_restrict_self(ruleset)
+            syscalls.landlock_restrict_self(ruleset)
+        finally:
+            os.close(ruleset)
     finally:
-        os.close(ruleset)
-    return {"abi": abi, "rules": count, "tcp": "denied" if handled_net else "not handled",
+        _close(opened)
+    return {"abi": abi, "rules": len(opened), "tcp": "denied" if handled_net else "not handled",
             "scoped": "signals, abstract unix sockets" if scoped else "no"}
+
+
+def _close(opened):
+    for fd, _ in opened:
+        os.close(fd)

@@ -4,6 +4,7 @@ The user namespace is created first and alone, so every other namespace is owned
 and the child holds all capabilities inside it before any map exists; the maps are then
 written from outside by the launcher, which is the only process allowed to write the
 maps of an unprivileged user (setgroups is denied first, as the kernel requires).
+jailer.lockdown enters them in a running process, which writes its own maps (its own ids only).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ NAMESPACE_LAYERS = {
 
 _FIX_USERNS = ("check that user namespaces are enabled (sysctl user.max_user_namespaces > 0) and not "
                "restricted by AppArmor (sysctl kernel.apparmor_restrict_unprivileged_userns=0)")
-_FIX_OTHER = "run as root, or enable the user namespace in the profile so the other namespaces can be created"
+FIX_OTHER = "run as root, or enable the user namespace in the profile so the other namespaces can be created"
 
 
 def enter_user_namespace(namespaces, enforcement) -> bool:
@@ -49,7 +50,7 @@ def enter_namespaces(namespaces, enforcement) -> set[str]:
         syscalls.unshare(combined)
     except OSError:
         for layer, flag in wanted.items():
-            enforcement.attempt(layer, lambda flag=flag: syscalls.unshare(flag), _FIX_OTHER)
+            enforcement.attempt(layer, lambda flag=flag: syscalls.unshare(flag), FIX_OTHER)
     else:
         for layer in wanted:
             enforcement.applied[layer] = True
@@ -80,6 +81,26 @@ def write_id_maps(pid: int, identity) -> None:
         raise LayerError("user_namespace", f"writing the id maps of pid {pid}: {exc.strerror}",
                          "an unprivileged caller may map only its own uid and gid (one entry each); "
                          "check identity.uid_map/gid_map in the plan (`jailer show`)") from None
+
+
+def take_host_ids(uid: int, gid: int) -> None:
+    """As root, before a running process unshares its user namespace: take the host ids it
+    will map, the only ones a process may map for itself. Changing the euid made the process
+    undumpable and its /proc files root's, so fsuid stays 0 (the saved uid allows it) until
+    map_own_ids has written the maps."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, 0)
+    syscalls.setfsuid(0)
+
+
+def map_own_ids(identity) -> dict:
+    """In the process's new user namespace: write its maps itself, then settle every uid on
+    the identity's (which ends take_host_ids's saved uid and fsuid 0)."""
+    write_id_maps(os.getpid(), identity)
+    os.setresuid(identity.uid, identity.uid, identity.uid)
+    return {"uid": identity.uid, "gid": identity.gid,
+            "host_uid": outside_id(identity.uid, identity.uid_map), "host_gid": outside_id(identity.gid, identity.gid_map)}
 
 
 def outside_id(inside: int, id_map) -> int:

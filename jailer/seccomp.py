@@ -35,6 +35,9 @@ notification is still valid before killing on its behalf, and if the launcher
 disappears the kernel fails every pending and future notified syscall (ENOSYS).
 trap and log stay native actions. Without any notification, actions map one to one onto
 the kernel's.
+
+In-process (jailer.lockdown) there is no launcher to answer notifications: the process
+loads filters that notify nothing, for the stage it chooses (compile_stage_filters).
 """
 
 from __future__ import annotations
@@ -127,6 +130,26 @@ def compile_bpf(seccomp, route_all_to_notify: bool = False) -> bytes:
         if rule.syscall not in staged:
             add(_action_value(pyseccomp, rule.action, rule.errno, seccomp.report), rule)
     return _export(syscall_filter)
+
+
+def compile_stage_filters(seccomp, stage: str) -> tuple[bytes, ...]:
+    """Filters, in loading order, that give one stage of the plan with no listener, for a
+    process locking itself down: "setup" is the plain rules; "steady" adds, loaded first,
+    a filter of the steady rules alone (everything else allowed). The kernel runs every
+    filter and takes the most severe action, and of equally severe ones that of the filter
+    loaded last: the plain rules win a tie, exactly StagedPolicy's rule, so the pair acts
+    as the launcher would answer, without notifying anything."""
+    import dataclasses
+
+    plain = compile_bpf(dataclasses.replace(seccomp, report=False, steady=()))
+    if stage == "setup" or not seccomp.steady:
+        return (plain,)
+    if "seccomp" in steady_syscalls(seccomp):
+        raise LayerError("seccomp", "a steady rule names seccomp, which loading the profile's own filter after the "
+                         "steady one needs", "refuse seccomp in the plain rules instead")
+    steady = compile_bpf(dataclasses.replace(seccomp, default_action="allow", default_errno=None,
+                                             rules=seccomp.steady, steady=(), report=False))
+    return steady, plain
 
 
 def _carve_staged(name, seccomp):

@@ -40,9 +40,24 @@ def _start_control(server, device: Idio16, options):
     return stop
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, before_serving=None) -> None:
+    """before_serving(): called once the device holds everything it serves with (its
+    listening socket, control socket and checkpoint), just before it serves: where a program
+    embedding the device locks itself down (examples/locked_down_idio16.py). With
+    --socket-path the socket is renamed into place after it; --fd needs nothing more."""
+    def setup(server, device: Idio16, options):
+        stop = _start_control(server, device, options)
+        if before_serving is not None:
+            try:
+                before_serving()
+            except BaseException:
+                if stop is not None:
+                    stop()   # the loop's clean-up never comes: remove the control socket now
+                raise
+        return stop
+
     run_backend(lambda options: Idio16(), argv, description="Emulated ACCES PCI-IDIO-16 GPIO card (vfio-user)",
-                device_type=Idio16.device_type, extra_options=_options, setup=_start_control,
+                device_type=Idio16.device_type, extra_options=_options, setup=setup,
                 features=("control-socket", "control-fd"))
 
 
