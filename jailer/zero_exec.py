@@ -20,7 +20,8 @@ What an execve would have reset, and what this does instead, in this order:
   program's (the plan, the profile, the launcher's objects and caches) are cleared, jailer's
   own modules and every module outside the standard library leave sys.modules, import
   hooks and caches are reset, atexit handlers dropped, the garbage collector re-enabled
-  with its default thresholds and run;
+  with its default thresholds and run, and what survives (the standard library's modules)
+  frozen, so that the program's collections do not walk the bigger heap;
 - the signal dispositions: every handled signal back to SIG_DFL (ignored ones stay
   ignored, as across execve), then what CPython's start-up sets (SIGPIPE and SIGXFSZ
   ignored, SIGINT raising KeyboardInterrupt); no wake-up fd;
@@ -126,14 +127,16 @@ def _overwrite(start: int, end: int, strings) -> None:
 
 
 def _become(module, script, args, argv, environment, site, launcher_fds) -> None:
-    """Forget the launcher, reset what an exec would have, close its fds, run the program."""
-    _forget_callers()
-    _reset_interpreter(module, script, args, argv, environment, site)
+    """Close the launcher's fds (the exec pipe closing tells it the program started, so it
+    hands over to jailer-monitor while this resets), forget the launcher, reset what an exec
+    would have, run the program."""
     for fd in launcher_fds:
         try:
             os.close(fd)
         except OSError:
             pass
+    _forget_callers()
+    _reset_interpreter(module, script, args, argv, environment, site)
     os._exit(_run_as_main(module, script))
 
 
@@ -228,6 +231,7 @@ def _reset_interpreter(module, script, args, argv, environment, site) -> None:
     gc.set_threshold(700, 10, 10)
     gc.enable()
     gc.collect()
+    gc.freeze()   # what survives is the standard library's: the program's collections need not walk it
 
 
 def _run_as_main(module, script) -> int:
