@@ -11,10 +11,10 @@ jailer's launcher has handed over to jailer-monitor); then the device is stopped
 SIGTERM. The variants run interleaved, one of
 each per round, as root and as uid 65534 (setpriv).
 
-  jailer  jailer run profiles/gpio-pci-idio-16.toml --socket-path S (the profile's program
-          exec'd: a second interpreter starts in the sandbox)
-  zero    the same with program.start = "zero-exec": the sandbox's process runs the device in
-          the launcher's interpreter (jailer.zero_exec)
+  jailer  jailer run P --socket-path S, P a copy of profiles/gpio-pci-idio-16.toml with
+          program.start = "exec": a second interpreter starts in the sandbox
+  zero    the same with program.start = "zero-exec" (as the profile ships): the sandbox's
+          process runs the device in the launcher's interpreter (jailer.zero_exec)
   bwrap   bwrap with the same sandbox as far as bwrap expresses it: --unshare-all,
           --die-with-parent, --new-session, a read-only tmpfs root holding exactly the
           binds and symlinks `jailer show --json` lists, /proc, --clearenv plus the plan's
@@ -104,7 +104,7 @@ def bwrap_argv(plan_json, socket_fd, seccomp_fd):
     return argv + program
 
 
-def seccomp_memfd():
+def seccomp_memfd(profile: str):
     """The profile's filter as BPF in a memfd, for bwrap: kill actions kill (bwrap has no one
     to report to), no steady rules (they need jailer's notification listener), and wait4 is
     allowed, because bwrap loads the filter in its own pid 1 too, which reaps with it."""
@@ -112,7 +112,7 @@ def seccomp_memfd():
     from jailer.plan import SeccompRule
     from jailer.profile import build_plan
 
-    filter_plan = build_plan(PROFILE, euid=os.geteuid()).seccomp
+    filter_plan = build_plan(profile, euid=os.geteuid()).seccomp
     filter_plan = dataclasses.replace(filter_plan, report=False, steady=(),
                                       rules=(*filter_plan.rules, SeccompRule("wait4")))
     bpf = seccomp.compile_bpf(filter_plan)
@@ -188,10 +188,23 @@ def process_figures(pid):
     return name, int(fields["Rss"]), int(fields["Pss"]), cpu_ms
 
 
-def shown_plan(who: Identity) -> dict:
-    show = subprocess.run([*who.prefix, *who.jailer, "show", "--json", PROFILE],
+def shown_plan(who: Identity, profile: str) -> dict:
+    show = subprocess.run([*who.prefix, *who.jailer, "show", "--json", profile],
                           env=who.env, capture_output=True, text=True, check=True, cwd="/")
     return json.loads(show.stdout)
+
+
+def started_as(scratch, start: str) -> str:
+    """A copy of PROFILE, readable by uid 65534, whose program starts as `start` says."""
+    import toml
+
+    data = toml.load(PROFILE)
+    data["program"]["start"] = start
+    path = os.path.join(scratch, f"{start}.toml")
+    with open(path, "w") as target:
+        toml.dump(data, target)
+    os.chmod(path, 0o644)
+    return path
 
 
 class Runner:
@@ -200,20 +213,19 @@ class Runner:
     def __init__(self, who: Identity, bwrap_who: Identity, scratch):
         self.who = who
         self.bwrap_who = bwrap_who
-        self.bwrap_plan = shown_plan(bwrap_who)
-        self.plan = shown_plan(who)
+        self.profiles = {variant: started_as(scratch, start) for variant, start in (("jailer", "exec"),
+                                                                                   ("zero", "zero-exec"))}
+        exec_profile = self.profiles["jailer"]     # what bwrap and bare reproduce: the device exec'd
+        self.bwrap_plan = shown_plan(bwrap_who, exec_profile)
+        self.plan = shown_plan(who, exec_profile)
         self.scratch = scratch
         self.count = 0
-        self.seccomp_fd = seccomp_memfd()
-        self.zero_profile = os.path.join(scratch, "zero-exec.toml")
-        with open(PROFILE) as source, open(self.zero_profile, "w") as target:
-            target.write(source.read().replace("[program]\n", '[program]\nstart = "zero-exec"\n', 1))
-        os.chmod(self.zero_profile, 0o644)
+        self.seccomp_fd = seccomp_memfd(exec_profile)
 
     def spawn(self, variant, path):
         who = self.who
         if variant in ("jailer", "zero"):
-            profile = PROFILE if variant == "jailer" else self.zero_profile
+            profile = self.profiles[variant]
             argv = [*who.prefix, *who.jailer, "run", profile, "--socket-path", path]
             return subprocess.Popen(argv, env=who.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd="/"), None

@@ -4,13 +4,14 @@ device_ready.py, from spawning the command to the device's first accept4.
     .venv/bin/python benchmarks/ready_timeline.py [--runs 15] [--identity root|unprivileged] [--profile P]
 
 Needs root (tracefs; mounted on /sys/kernel/tracing if it is not). For each variant (jailer,
-bwrap, bare; started exactly as device_ready.py starts them, interleaved) it records
+zero, bwrap, bare; started exactly as device_ready.py starts them, interleaved) it records
 sched_process_exec, sched_process_fork and accept4 and prints the medians of:
 
   launch      spawn -> the launcher's first fork: jailer's interpreter start, imports, cached
               plan, sockets and cgroup; setpriv's and bwrap's start for bwrap
-  set-up      that fork -> the device's exec: the sandbox built in the child(ren)
-  device      the device's exec -> its first accept4 (it is serving): the device's own start-up
+  set-up      that fork -> the device's exec (zero-exec: the sandbox's process renaming itself
+              to the interpreter's name, jailer.zero_exec): the sandbox built in the child(ren)
+  device      the device's exec (or that rename) -> its first accept4 (it is serving): the device's own start-up
               inside the sandbox, with jailer's notified syscalls and hand-over included
   stall       (jailer) the device's exec -> jailer-monitor's exec, the window in which the
               device's notified syscalls wait for the hand-over
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import device_ready  # noqa: E402
 
 TRACEFS = "/sys/kernel/tracing"
-EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "syscalls/sys_enter_accept4")
+EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "task/task_rename", "syscalls/sys_enter_accept4")
 LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): (\w+)[:(] ?(.*)")
 PHASES = ("launch", "set-up", "device", "stall", "ready")
 
@@ -70,6 +71,8 @@ def timeline(text: str, launcher_pid: int) -> dict:
         elif event == "sched_process_exec" and "python" in fields.split("filename=")[1].split()[0]:
             if pid != launcher_pid or first_fork is None:   # bare: the launcher is the device
                 device_exec, device_pid = stamp, pid
+        elif event == "task_rename" and device_exec is None and pid != launcher_pid and "newcomm=python" in fields:
+            device_exec, device_pid = stamp, pid      # zero-exec: the sandbox's process becomes the device
         elif event == "sys_accept4" and pid == device_pid and accept is None:
             accept = stamp
     first_fork = first_fork if first_fork is not None and first_fork < device_exec else device_exec
