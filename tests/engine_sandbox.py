@@ -134,9 +134,12 @@ def run_with_status(plan: Plan, *options: str, invocation: str = "root", pass_fd
 def staged_device_profile(directory: Path) -> Path:
     """The shipped device profile, which is staged: ready once the device reports READY=1 (so
     SIGTERM finds its handler installed), with steady rules that forbid what a serving
-    device never needs (opening files, execve, socket, clone)."""
+    device never needs (opening files, socket, clone; execve too, refused from the first
+    instruction since it starts zero-exec)."""
     from jailer.profile import build_plan
 
     plan = build_plan(str(DEVICE_PROFILE))
-    assert plan.program.ready == "notify" and {"openat", "execve", "socket"} <= {r.syscall for r in plan.seccomp.steady}
+    steady = {r.syscall for r in plan.seccomp.steady}
+    refused = steady | {r.syscall for r in plan.seccomp.rules if r.action not in ("allow", "log")}
+    assert plan.program.ready == "notify" and {"openat", "socket"} <= steady and "execve" in refused
     return DEVICE_PROFILE

@@ -1,5 +1,5 @@
 """Every end-to-end test of the jailed device again, with the shipped profile's program
-started zero-exec (program.start = "zero-exec", jailer.zero_exec) instead of exec'd."""
+exec'd (program.start = "exec") instead of started zero-exec (jailer.zero_exec), as it ships."""
 
 import pytest
 
@@ -8,7 +8,7 @@ from test_e2e_jailed_device import *  # noqa: F401,F403  (the tests and their fi
 
 
 @pytest.fixture(autouse=True)
-def zero_exec_start():
-    e2e.START["mode"] = "zero-exec"
-    yield
+def exec_start():
     e2e.START["mode"] = "exec"
+    yield
+    e2e.START["mode"] = None

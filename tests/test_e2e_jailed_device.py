@@ -79,15 +79,15 @@ def scratch():
     shutil.rmtree(path, ignore_errors=True)
 
 
-# How the shipped profile starts its program here: tests/test_e2e_zero_exec.py runs every
-# test of this module again with "zero-exec" (jailer.zero_exec).
-START = {"mode": "exec"}
+# How the shipped profile starts its program here (None: as it ships, zero-exec);
+# tests/test_e2e_exec_start.py runs every test of this module again with "exec".
+START = {"mode": None}
 
 
 def profile_variant(scratch: Path, name: str, change) -> Path:
     """A copy of the shipped profile with `change(data)` applied, readable by nobody."""
     data = toml.load(PROFILE)
-    if START["mode"] != "exec":
+    if START["mode"] is not None:
         data["program"]["start"] = START["mode"]
         name = f"{name}-{START['mode']}"
     change(data)
@@ -117,7 +117,7 @@ class JailedDevice:
         self.stderr = tempfile.TemporaryFile("a+")
         cache = scratch / f"cache-{invocation}"
         environment = {"PATH": "/usr/bin:/bin", "JAILER_CACHE_DIR": str(cache), **env, **(extra_env or {})}
-        if profile == PROFILE and (invocation == "user" or START["mode"] != "exec"):
+        if profile == PROFILE and (invocation == "user" or START["mode"] is not None):
             profile = profile_variant(scratch, "shipped", lambda data: None)   # the checkout may be private
         argv = [*command, "run", "--status-fd", str(self.status.fileno()), *options, str(profile)]
         if program_args:
@@ -404,7 +404,7 @@ def test_enforced_layers_are_the_profile_s(scratch, jailed):
     assert layers["network"] == {"mode": "none"}
     assert set(layers["capabilities"].values()) == {0}
     assert layers["seccomp"]["default"] == "kill"
-    ran = PROFILE if START["mode"] == "exec" else profile_variant(scratch, "ran", lambda data: None)
+    ran = PROFILE if START["mode"] is None else profile_variant(scratch, "ran", lambda data: None)
     assert layers["seccomp"]["steady_rules"] == len(build_plan(str(ran)).seccomp.steady)
     stages = [e["event"] for e in device.events() if e["event"] in ("ready", "stage")]
     assert stages == ["ready", "stage"]                        # the steady rules apply once it runs
