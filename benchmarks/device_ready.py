@@ -19,7 +19,7 @@ each per round, as root and as uid 65534 (setpriv).
           --die-with-parent, --new-session, a read-only tmpfs root holding exactly the
           binds and symlinks `jailer show --json` lists, /proc, --clearenv plus the plan's
           environment, the listening socket passed as a descriptor, and the profile's
-          seccomp filter compiled by jailer.seccomp.compile_bpf (killing instead of
+          seccomp filter compiled by jailer.layers.seccomp.compile_bpf (killing instead of
           reporting, plus wait4 for bwrap's own pid 1, which runs under the filter too) on
           --seccomp. Not expressible in bwrap: Landlock, rlimits, cgroups, and the steady
           rule that denies execve once the device runs (jailer answers it from a seccomp
@@ -108,7 +108,7 @@ def seccomp_memfd(profile: str):
     """The profile's filter as BPF in a memfd, for bwrap: kill actions kill (bwrap has no one
     to report to), no steady rules (they need jailer's notification listener), and wait4 is
     allowed, because bwrap loads the filter in its own pid 1 too, which reaps with it."""
-    from jailer import seccomp
+    from jailer.layers import seccomp
     from jailer.plan import SeccompRule
     from jailer.profile import build_plan
 

@@ -16,7 +16,8 @@ import os
 
 import click
 
-from jailer import monitor, syscalls
+from jailer import monitor
+from jailer.layers import syscalls
 from jailer.errors import UsageError
 from jailer.inspect import profile_command
 

@@ -27,7 +27,7 @@ Processes (outer pids are the launcher's view):
 The documented order, all in single-threaded children between fork and exec:
   1. cgroup: the launcher creates <its cgroup>/<parent>/<name>.<pid> and writes the
      limits; the setup child joins it before unsharing the cgroup namespace (so that
-     namespace is rooted there), moving only itself (see jailer.cgroups.Cgroup.join);
+     namespace is rooted there), moving only itself (see jailer.layers.cgroups.Cgroup.join);
   2. namespaces: user and pid at the clone (root's supplementary groups dropped for
      it), else user first (alone); then mount, (pid,) net, ipc, uts, cgroup together;
      hostname set;
@@ -35,14 +35,14 @@ The documented order, all in single-threaded children between fork and exec:
   4. network: veth pair created by the launcher; lo/veth raised inside;
   5. mounts: "/" made MS_PRIVATE|MS_REC, pivot_root into a fresh tmpfs, binds/tmpfs/
      device binds/symlinks//proc (read-only /proc/sys), old root detached, chdir "/",
-     "/" remounted read-only (see jailer.mounts);
-  6. Landlock (jailer.landlock), with the ABI the kernel offers;
+     "/" remounted read-only (see jailer.layers.mounts);
+  6. Landlock (jailer.layers.landlock), with the ABI the kernel offers;
   7. rlimits;
   8. fds: manifest fds moved to their numbers, every other fd closed (close_range);
   9. setsid (no controlling terminal);
  10. privileges: bounding and ambient sets emptied, securebits set and locked,
      setresgid/setresuid to the plan's identity, effective/permitted/inheritable
-     emptied, all five sets verified empty, no_new_privs (see jailer.capabilities);
+     emptied, all five sets verified empty, no_new_privs (see jailer.layers.capabilities);
  11. (reaper mode: fork the program here; the reaper stays behind)
  12. seccomp, last, in the process that execs; its listener fd (reporting mode) is
      taken by the launcher with pidfd_getfd while the child waits;
@@ -59,7 +59,7 @@ service manager supervises and signals), and moves the seccomp stage from "setup
 "steady": from then on the plan's steady rules apply too (status event "stage").
 
 Notification policy (Options.notification_policy), the hook for answering the syscalls
-the filter routes to the launcher (see jailer.seccomp for which, and why CONTINUE is safe):
+the filter routes to the launcher (see jailer.layers.seccomp for which, and why CONTINUE is safe):
 an object with
 
     decide(name: str, nr: int, args: tuple[int, ...], stage: str) -> (action: str, errno: int | None)
@@ -86,8 +86,9 @@ import select
 import _signal as signal   # the C module: `signal` imports enum, ~6 ms on the start-up path
 import time
 
-from jailer import fds as fdlib
-from jailer import namespaces, status
+from jailer.layers import fds as fdlib
+from jailer import status
+from jailer.layers import namespaces
 from jailer.errors import JailerError, LayerError, UsageError
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -273,7 +274,7 @@ class _Launch:
             bpf = None
             self.listen = False
             if plan.seccomp.enabled:
-                from jailer import seccomp
+                from jailer.layers import seccomp
 
                 self.listen = seccomp.needs_listener(plan.seccomp, options.route_all_to_notify)
                 bpf = options.bpf
@@ -375,7 +376,7 @@ class _Launch:
         return code
 
     def _create_cgroup(self, cgroup_plan):
-        from jailer.cgroups import Cgroup
+        from jailer.layers.cgroups import Cgroup
 
         self.cgroup = Cgroup.create(cgroup_plan, self.plan.name)
         return self.cgroup.describe()
@@ -387,9 +388,9 @@ class _Launch:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # Everything the children run is imported before the fork (after pivot_root jailer's
         # files are gone, and importing once here is cheaper than in a copy-on-write child).
-        from jailer import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
+        from jailer.layers import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
         if self.plan.network.mode != "none":
-            from jailer import network  # noqa: F401
+            from jailer.layers import network  # noqa: F401
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # a restart execs with them blocked
         old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -432,7 +433,7 @@ class _Launch:
         in its mount namespace and binds it only if it is this inode."""
         if not self.plan.namespaces.mount:
             return {}, None, []
-        from jailer import mounts
+        from jailer.layers import mounts
 
         try:
             checked = mounts.check_sources(self.plan.filesystem)
@@ -450,7 +451,7 @@ class _Launch:
         straight into it (and into the user namespace, which must own it) as its pid 1, which
         saves the fork a child that unshared would need; when that clone is refused, a plain
         fork takes the unshare path, which tells exactly which layer failed (or skips it)."""
-        from jailer import syscalls
+        from jailer.layers import syscalls
 
         namespaces_plan = self.plan.namespaces
         if not namespaces_plan.pid or len(os.listdir("/proc/self/task")) > 1:
@@ -558,7 +559,7 @@ class _Launch:
             if user_namespace:
                 namespaces.write_id_maps(setup_pid, self.plan.identity)
             if net_namespace and self.plan.network.mode == "veth":
-                from jailer import network
+                from jailer.layers import network
 
                 self.enforcement.attempt("network", lambda: network.create_veth(self.plan.network, setup_pid),
                                          network.FIX_VETH)
@@ -582,7 +583,7 @@ class _Launch:
         fails with EBADF and this sleeps in short steps (select, no spinning), leaving the
         CPU to the child. Any other failure will not change: the child would wait forever
         for its go-ahead, so the sandbox is stopped with a LayerError."""
-        from jailer import seccomp, syscalls
+        from jailer.layers import seccomp, syscalls
 
         pidfd, number, deadline = self.grab
         fd = None
@@ -633,7 +634,7 @@ class _Launch:
             return
         if self.handshake and (notif.pid, notif.nr, notif.args[0]) == self.handshake:
             # The child's own wait for "go" after loading the filter, once: release it, do not report it.
-            from jailer import syscalls
+            from jailer.layers import syscalls
 
             self.handshake = None
             try:
@@ -906,7 +907,7 @@ class _Launch:
         if wait_status is None:
             wait_status = self.pid1_status if self.pid1_status is not None else setup_status
         if self.notifications is not None and self.notifications.killed:
-            from jailer.seccomp import SIGSYS
+            from jailer.layers.seccomp import SIGSYS
 
             wait_status = SIGSYS   # what the kernel's own kill action would have shown
         self.status.emit("exited", **status.describe_exit(wait_status))
@@ -988,7 +989,7 @@ class _Child:
     def _die_with(self, parent_pid):
         """SIGKILL this process when its parent dies (and die now if it already has). The parent
         of the sandbox's pid 1 lives outside its pid namespace, where getppid() reads 0."""
-        from jailer import syscalls
+        from jailer.layers import syscalls
 
         if self.plan.die_with_parent:
             syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -997,7 +998,7 @@ class _Child:
 
     def setup(self):
         """Join the cgroup, unshare, wait for the maps; fork pid 1 when there is a pid namespace."""
-        from jailer import capabilities
+        from jailer.layers import capabilities
 
         self.last_cap = capabilities.last_capability()   # /proc may not exist in the new root
         if self.plan.program.start == "zero-exec":
@@ -1011,7 +1012,7 @@ class _Child:
         if self.cgroup is not None:
             self.enforcement.attempt("cgroup", self._join_cgroup)
         if self.cloned:
-            from jailer import syscalls
+            from jailer.layers import syscalls
 
             self.user_namespace = bool(self.cloned & syscalls.CLONE_NEWUSER)
             if self.user_namespace:
@@ -1029,7 +1030,7 @@ class _Child:
         checked, self.bind_sources_error, self.socket_binds = go[1:]
         self._open_bind_sources(checked)   # with the invoker's ids, before taking the sandbox's
         if self.user_namespace:
-            from jailer import syscalls
+            from jailer.layers import syscalls
 
             syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
             syscalls.setfsgid(plan.identity.gid)
@@ -1053,7 +1054,7 @@ class _Child:
         the pivot_root layer is attempted (it may be best effort)."""
         if self.bind_sources_error is not None or not checked:
             return
-        from jailer import mounts
+        from jailer.layers import mounts
 
         try:
             self.bind_sources = mounts.open_sources(checked)
@@ -1088,7 +1089,7 @@ class _Child:
 
     def inside(self):
         """Everything from the network to the exec, in the documented order."""
-        from jailer import capabilities
+        from jailer.layers import capabilities
 
         plan, attempt = self.plan, self.enforcement.attempt
         os.umask(0o022)
@@ -1096,12 +1097,12 @@ class _Child:
             if plan.network.mode == "none":
                 self.enforcement.applied["network"] = {"mode": "none"}
             else:
-                from jailer import network
+                from jailer.layers import network
 
                 attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
         pivoted = False
         if "mount_namespace" in self.enforcement.applied:
-            from jailer import mounts
+            from jailer.layers import mounts
 
             attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid,
                                                             self._bind_sources(), self.socket_binds))
@@ -1112,11 +1113,11 @@ class _Child:
             raise LayerError("pivot_root", f"cannot enter the program's cwd {plan.program.cwd}: {exc.strerror}",
                              "bind the directory or change program.cwd") from None
         if plan.landlock.enabled:
-            from jailer import landlock
+            from jailer.layers import landlock
 
             attempt("landlock", lambda: landlock.restrict(plan, pivoted), landlock.FIX)
         if plan.limits.rlimits:
-            from jailer import limits
+            from jailer.layers import limits
 
             attempt("rlimits", lambda: limits.apply_rlimits(plan.limits.rlimits))
         self.sock_fd, self.exec_w = fdlib.install(self.entries, [self.sock_fd, self.exec_w])
@@ -1135,7 +1136,7 @@ class _Child:
 
     def fork_program(self):
         """Fork the program; this process stays as the sandbox's pid 1 (returns only in the program)."""
-        from jailer import syscalls
+        from jailer.layers import syscalls
 
         program = []
         pending = []
@@ -1194,7 +1195,7 @@ class _Child:
         _send(self.sock_fd, "ready", self.enforcement.applied, self.enforcement.skipped, listener_number,
               self.sock_fd)
         if self.bpf:
-            from jailer import seccomp
+            from jailer.layers import seccomp
 
             self.enforcement.attempt("seccomp", lambda: seccomp.load(self.bpf, report),
                                      "use a kernel with seccomp filters (and user notification, Linux >= 5.0)")

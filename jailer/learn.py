@@ -96,7 +96,7 @@ class Recorder:
     production); a call a kill rule would kill is let through and reported as a conflict."""
 
     def __init__(self, seccomp_plan):
-        from jailer import seccomp
+        from jailer.layers import seccomp
 
         self.counts = Counter()          # (name, selector values, stage) -> calls
         self.conflicts = Counter()       # names of syscalls the profile's kill rules would kill

@@ -17,7 +17,7 @@ prepare(profile, *, stage="steady", skip=()) -> Lockdown
     profile   a profile path, or a jailer.plan.Plan built from one.
     stage     the seccomp stage to lock down for, the caller's choice since no launcher
               watches for readiness: "setup" applies the profile's rules; "steady" its rules
-              and its steady rules, with their own actions (jailer.seccomp.compile_stage_filters):
+              and its steady rules, with their own actions (jailer.layers.seccomp.compile_stage_filters):
               nothing is routed to a listener (no SECCOMP_RET_USER_NOTIF), so a refused
               syscall is not named; the kernel's action stands (kill: SIGSYS).
     skip      layer names to leave out knowingly: any of jailer.plan.LAYERS (ORDER lists
@@ -39,7 +39,7 @@ The order, each layer when the plan asks for it and the caller does not skip it:
      written by the process itself, which the kernel allows for its own ids only: as root
      the process first takes the identity's host ids (setgroups/setresgid/setresuid). Its
      capabilities then count only in that namespace (and go in step 6);
-  2. mount, net, ipc, uts, cgroup namespaces, in one unshare (jailer.namespaces), what
+  2. mount, net, ipc, uts, cgroup namespaces, in one unshare (jailer.layers.namespaces), what
      each means for a running process:
        mount   a private copy of the mount table; nothing is hidden (no pivot_root), host
                mounts still propagate in, and with its capabilities gone it makes none,
@@ -53,14 +53,14 @@ The order, each layer when the plan asks for it and the caller does not skip it:
        cgroup  its cgroup is the root of what /proc/self/cgroup shows; it stays in it;
   3. no_new_privs, first of the rest: it lets a process without capabilities install
      Landlock and seccomp;
-  4. Landlock (jailer.landlock) with no pivot_root: the rules name the plan's binds at
+  4. Landlock (jailer.layers.landlock) with no pivot_root: the rules name the plan's binds at
      their HOST paths (source, read-only or writable as the profile gives them) and its
      device nodes, opened at the start of apply() with the caller's rights; nothing else
      of the host tree can be opened, listed, written or executed (stat still works);
-  5. rlimits (jailer.limits);
+  5. rlimits (jailer.layers.limits);
   6. capabilities: bounding and ambient sets emptied, securebits locked (the securebits
      layer), setresgid/setresuid to the identity, all sets emptied and checked
-     (jailer.capabilities);
+     (jailer.layers.capabilities);
   7. seccomp, last: the stage's filters (nothing runs between it and the return).
 A layer the profile lists in enforcement.best_effort is skipped (and reported) when the
 kernel refuses it, as under `jailer run`.
@@ -86,7 +86,8 @@ import dataclasses
 import os
 import resource
 
-from jailer import capabilities, landlock, limits, namespaces, network, seccomp, status, syscalls
+from jailer import status
+from jailer.layers import capabilities, landlock, limits, namespaces, network, seccomp, syscalls
 from jailer.errors import LayerError, UsageError
 from jailer.plan import LAYERS
 

@@ -10,7 +10,7 @@
  * The monitor does exactly what the launcher did from there on (jailer/launcher.py):
  *   - answers the program's seccomp notifications with the plan's rules, plus its steady
  *     rules once the program is ready, the more severe winning
- *     (jailer.seccomp.StagedPolicy), naming every refusal on stderr (once per syscall and
+ *     (jailer.layers.seccomp.StagedPolicy), naming every refusal on stderr (once per syscall and
  *     action) and in the status stream;
  *   - reads the program's notify socket: READY=1 makes it ready (status events "ready"
  *     and "stage", READY=1 and MAINPID to $NOTIFY_SOCKET), STATUS= lines are passed on;
@@ -280,7 +280,7 @@ static int load_state(int fd)
 	return program > 0 ? 0 : -1;
 }
 
-/* jailer.seccomp._condition_holds: 32-bit arguments compare their low 32 bits. */
+/* jailer.layers.seccomp._condition_holds: 32-bit arguments compare their low 32 bits. */
 static int holds(const struct condition *c, uint64_t value)
 {
 	uint64_t target = c->value, mask = c->mask;
@@ -317,7 +317,7 @@ static const struct rule *most_severe(int steady, int nr, const uint64_t *args)
 	return best;
 }
 
-/* jailer.seccomp.StagedPolicy.decide in the current stage: 0 continue, else -errno or KILL. */
+/* jailer.layers.seccomp.StagedPolicy.decide in the current stage: 0 continue, else -errno or KILL. */
 static int decide(int nr, const uint64_t *args, int *severity)
 {
 	const struct rule *plain = most_severe(0, nr, args), *steady = steady_stage ? most_severe(1, nr, args) : NULL;
@@ -503,7 +503,7 @@ static void remove_flat_directory(const struct made *entry)
 		warn("left the directory %s: the program made directories in it", entry->name);
 }
 
-/* jailer.cgroups.Cgroup.remove: rmdir, killing what is left, for up to 2 s. */
+/* jailer.layers.cgroups.Cgroup.remove: rmdir, killing what is left, for up to 2 s. */
 static void remove_cgroups(void)
 {
 	struct timespec start, now, pause = { 0, 5 * 1000 * 1000 };

@@ -49,7 +49,7 @@ def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(),
     its cached view), names {nr: name}; reported the (syscall, action) refusals already told on stderr; stage "setup"
     until the program is ready; guard: a signal before ready kills the sandbox (its program is
     a pid 1 that may have no handler yet)."""
-    from jailer.seccomp import KERNEL_32BIT_ARGS, SEVERITY   # the monitor's severities are these numbers
+    from jailer.layers.seccomp import KERNEL_32BIT_ARGS, SEVERITY   # the monitor's severities are these numbers
 
     def fd(number):
         return -1 if number is None else number

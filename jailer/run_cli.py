@@ -186,7 +186,7 @@ def _cache_key(path: str) -> tuple:
 
 
 # The modules whose code decides what a cache entry holds: an edited one invalidates it.
-RESOLVER_MODULES = ("plan.py", "profile.py", "runtime.py", "syscall_groups.py", "seccomp.py")
+RESOLVER_MODULES = ("plan.py", "profile.py", "runtime.py", "syscall_groups.py", "zero_exec.py", "layers/seccomp.py")
 
 
 def _resolver_stamp() -> tuple:
@@ -325,7 +325,7 @@ def resolve(profile: str, use_cache: bool = True):
     plan = build_plan(path, euid=os.geteuid())
     bpf = names = None
     if plan.seccomp.enabled:
-        from jailer import seccomp
+        from jailer.layers import seccomp
 
         bpf = seccomp.compile_bpf(plan.seccomp)
         names = seccomp.syscall_names() if seccomp.needs_listener(plan.seccomp) else None

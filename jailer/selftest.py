@@ -36,7 +36,7 @@ import uuid
 
 from jailer import escape_probe as probe
 from jailer.errors import JailerError
-from jailer.seccomp import KERNEL_32BIT_ARGS
+from jailer.layers.seccomp import KERNEL_32BIT_ARGS
 
 SANDBOX_TIMEOUT = 120
 CANARY_NAME = "readonly-canary"

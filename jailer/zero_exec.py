@@ -15,7 +15,7 @@ What an execve would have reset, and what this does instead, in this order:
   program's environment (likewise: the launcher's is gone); dumpable is set again, as an
   exec by a process that changed its ids does (ptrace and /proc/self stay the program's);
 - before the filter: nothing more; the program's fds are in place, every other one closed
-  (jailer.fds.install), as for the exec path;
+  (jailer.layers.fds.install), as for the exec path;
 - after the filter, the launcher's state: the local variables of every frame below the
   program's (the plan, the profile, the launcher's objects and caches) are cleared, jailer's
   own modules and every module outside the standard library leave sys.modules, import
@@ -101,7 +101,7 @@ class Start:
 
     def take_over_process(self) -> None:
         """Before the filter: comm, /proc/self/cmdline and environ, dumpable, as after execve."""
-        from jailer import syscalls
+        from jailer.layers import syscalls
 
         syscalls.set_process_name(os.fsencode(os.path.basename(self.interpreter)))
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)

@@ -140,8 +140,8 @@ def test_an_unprivileged_caller_cannot_give_its_socket_to_another_group():
     directory = tempfile.mkdtemp(prefix="jailer-group-")
     try:
         os.chmod(directory, 0o777)
-        python, env, _ = nobody_python("jailer.fds")
-        result = subprocess.run([*python, "-c", "import sys; from jailer.fds import create_listener; "
+        python, env, _ = nobody_python("jailer.layers.fds")
+        result = subprocess.run([*python, "-c", "import sys; from jailer.layers.fds import create_listener; "
                                  "create_listener(sys.argv[1], 65534, 65534, group=0)", f"{directory}/s"],
                                 capture_output=True, text=True, timeout=20, env=env, cwd="/")
         assert "--socket-group: cannot give" in result.stderr and "only root may name a group" in result.stderr

@@ -4,7 +4,7 @@ import pytest
 
 from engine_sandbox import INVOCATIONS, plan_for, run, run_with_status
 from jailer.plan import ArgCondition, SeccompPlan, SeccompRule
-from jailer.seccomp import decide
+from jailer.layers.seccomp import decide
 
 PTRACE = "exec python3 -c 'import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0); print(\"survived\")'"
 

@@ -9,7 +9,7 @@ import pytest
 
 from jailer import run_cli
 from jailer.errors import UsageError
-from jailer.fds import expand_argv, listen_environment
+from jailer.layers.fds import expand_argv, listen_environment
 from jailer.status import encode_json
 
 

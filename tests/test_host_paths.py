@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from jailer import fds, launcher
+from jailer import launcher
+from jailer.layers import fds
 from jailer.errors import UsageError
 from jailer.host import paths
 
@@ -263,7 +264,7 @@ def test_an_unprivileged_caller_trusts_its_own_directories_and_symlinks():
         for entry in ("", "mine", "link"):
             os.chown(os.path.join(directory, entry), 65534, 65534, follow_symlinks=False)
         python, env, _ = nobody_python("jailer.host.paths")
-        result = subprocess.run([*python, "-c", "import sys; from jailer import fds; "
+        result = subprocess.run([*python, "-c", "import sys; from jailer.layers import fds; "
                                  "fd, made = fds.create_listener(sys.argv[1], 65534, 65534); made.remove()",
                                  os.path.join(directory, "link", "s.sock")],
                                 capture_output=True, text=True, timeout=20, env=env, cwd="/")

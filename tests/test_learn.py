@@ -61,7 +61,7 @@ def test_too_many_values_leave_the_argument_free():
 
 
 def test_selector_values_narrow_32_bit_arguments():
-    from jailer.seccomp import KERNEL_32BIT_ARGS
+    from jailer.layers.seccomp import KERNEL_32BIT_ARGS
 
     args = (3, 0x5401 | 1 << 32, 0, 0, 0, 0)
     assert learn.selector_values("ioctl", args, KERNEL_32BIT_ARGS) == (0x5401,)

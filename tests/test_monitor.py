@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_sandbox import plan_for, run_with_status
-from jailer import monitor, seccomp
+from jailer import monitor
+from jailer.layers import seccomp
 from jailer.plan import ArgCondition, FdSpec, SeccompPlan, SeccompRule
 
 pytestmark = pytest.mark.skipif(not monitor.available(), reason="jailer-monitor is not built (run ./setup.sh)")

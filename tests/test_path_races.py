@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from jailer import fds, launcher, mounts, run_cli
+from jailer import launcher, run_cli
+from jailer.layers import fds, mounts
 from jailer.errors import JailerError
 from jailer.host import paths
 from jailer.plan import Bind, FdSpec, FilesystemPlan

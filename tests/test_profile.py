@@ -444,7 +444,6 @@ def allow_only(plan):
 def test_python_group_is_enough_to_start_python_and_import_the_devices(tmp_path):
     """The "@python" group, loaded as a kill-by-default filter right before exec, runs the python runtime."""
     import subprocess
-    import sys
 
     profile = write(tmp_path, '[program]\nruntime = "python"\nmodules = ["devices"]\nargv = ["-c", '
                     '"import devices, click, toml, json, selectors, socket, struct; print(\'ok\')"]\n'

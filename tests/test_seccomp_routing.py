@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_sandbox import plan_for
-from jailer import seccomp
+from jailer.layers import seccomp
 from jailer.plan import ArgCondition, SeccompPlan, SeccompRule
 
 PROT_EXEC = 4

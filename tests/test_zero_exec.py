@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import sys
 import uuid
 from pathlib import Path
 

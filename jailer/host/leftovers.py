@@ -23,7 +23,7 @@ no longer run and removes each entry that is still the very file recorded (the s
 device, inode and ctime: a file someone made there since is left alone), reached through
 jailer.host.paths' race-safe walk, then the record. A socket file a killed launcher had
 moved into place is also replaced by the next run that listens at the same path
-(jailer.fds.create_listener). Each removal is said in one line.
+(jailer.layers.fds.create_listener). Each removal is said in one line.
 """
 
 from __future__ import annotations

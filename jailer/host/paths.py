@@ -300,7 +300,7 @@ def place(private: PrivateDirectory, name: str, dirfd: int, target: str, path: s
     """Move `name` from the private directory to `target` in `dirfd` without replacing anything,
     or, with replace_socket, atomically exchanging it with a socket already there (the stale
     one of an earlier run), which is then removed from the private directory."""
-    from jailer import syscalls
+    from jailer.layers import syscalls
 
     try:
         syscalls.renameat2(private.fd, name, dirfd, target, syscalls.RENAME_NOREPLACE)

@@ -17,7 +17,7 @@ import os
 import stat
 
 from jailer.errors import JailerError, UsageError
-from jailer.fds import existing_socket, give_to_group
+from jailer.layers.fds import existing_socket, give_to_group
 from jailer.host import paths
 
 _LISTENING = 0x10000   # __SO_ACCEPTCON in /proc/net/unix's Flags

@@ -12,7 +12,7 @@ from __future__ import annotations
 import _socket
 import struct
 
-from jailer import syscalls
+from jailer.layers import syscalls
 
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C

@@ -321,7 +321,7 @@ def syscall_names() -> dict[int, str]:
 
 def load(bpf: bytes, report: bool) -> int:
     """Install the filter on this process; returns the listener fd when reporting (else -1)."""
-    from jailer import syscalls
+    from jailer.layers import syscalls
 
     listener = syscalls.seccomp_load(bpf, new_listener=report)
     return listener if report else -1
@@ -417,13 +417,13 @@ class Notifications:
         self.killed = False
 
     def receive(self):
-        from jailer import syscalls
+        from jailer.layers import syscalls
 
         return syscalls.seccomp_notif_recv(self.listener)
 
     def answer(self, notif, stage: str) -> dict | None:
         """Answer one notification; returns the status event fields for a refusal (None when continued)."""
-        from jailer import syscalls
+        from jailer.layers import syscalls
 
         nr = notif.nr
         name = self.names.get(nr, f"syscall {nr}")

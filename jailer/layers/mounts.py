@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import stat
 
-from jailer import syscalls
+from jailer.layers import syscalls
 from jailer.errors import LayerError
 
 NEW_ROOT_MOUNTPOINT = "/tmp"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from jailer import syscalls
+from jailer.layers import syscalls
 from jailer.errors import LayerError
 
 SECBIT_NOROOT = 1 << 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 
-from jailer import syscalls
+from jailer.layers import syscalls
 
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 REMOVE_FILE, MAKE_SOCK = 1 << 5, 1 << 9

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from jailer import syscalls
+from jailer.layers import syscalls
 
 # layer name -> (clone flag, NamespacesPlan attribute)
 NAMESPACE_LAYERS = {

@@ -265,7 +265,7 @@ def seccomp_notif_fail(listener: int, notif_id: int, errno: int) -> None:
 
 
 def seccomp_notif_continue(listener: int, notif_id: int) -> None:
-    """Let the notified syscall run as if the filter had allowed it (see jailer.seccomp on when that is safe)."""
+    """Let the notified syscall run as if the filter had allowed it (see jailer.layers.seccomp on when that is safe)."""
     fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, _NOTIF_RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE))
 
 

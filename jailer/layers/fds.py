@@ -395,7 +395,7 @@ def install(entries, carried: list[int]) -> list[int]:
 
 
 def close_all_but(keep: set[int]) -> None:
-    from jailer import syscalls
+    from jailer.layers import syscalls
 
     first = 0
     for fd in sorted(keep):
