@@ -278,20 +278,13 @@ def test_ext4_written_by_the_guest_is_on_the_image_and_reads_back_in_a_new_boot(
     os.chmod(image, 0o600)
     initrd = initramfs(scratch, kernel, GUEST_INIT, DRIVERS)
 
-    # --- boot 1: mke2fs, mount -t ext4, write, sync, umount -------------------------------------
-    device, sock = start_disk(jailed, scratch, image, "format")
-    qemu, console = boot(kernel, initrd, sock, "format")
-    try:
-        check_disk(console, read_only=False)
-        trimmed = console.expect("FSTRIM", STEP_TIMEOUT)
-        print(f"fstrim: {trimmed}")
-        assert trimmed.startswith("/mnt:") and "bytes trimmed" in trimmed, trimmed
-        assert fields(console.expect("SUMS", STEP_TIMEOUT)) == expected
-        console.expect("UNMOUNTED", STEP_TIMEOUT)
-        assert qemu.wait(STEP_TIMEOUT) == 0, console.transcript()
-    finally:
-        _stop_qemu(qemu)
-    finish(device)
+    # --- boot 1: mke2fs, mount -t ext4, write, fstrim, sync, umount ----------------------------------
+    def trimmed(console):
+        report = console.expect("FSTRIM", STEP_TIMEOUT)
+        print(f"fstrim: {report}")
+        assert report.startswith("/mnt:") and "bytes trimmed" in report, report
+
+    boot_on_a_new_device(jailed, scratch, image, kernel, initrd, "format", expected, before_sums=trimmed)
 
     # --- the host reads the image: a clean file system with the same files ------------------------
     checked = e2fsck(image, "-fn")
@@ -300,18 +293,26 @@ def test_ext4_written_by_the_guest_is_on_the_image_and_reads_back_in_a_new_boot(
         assert sha256(debugfs_cat(image, name)) == expected[name], name
 
     # --- boot 2, a new jailed device on the same image: the same checksums -------------------------
-    device, sock = start_disk(jailed, scratch, image, "verify")
-    qemu, console = boot(kernel, initrd, sock, "verify")
+    boot_on_a_new_device(jailed, scratch, image, kernel, initrd, "verify", expected)
+    checked = e2fsck(image, "-fn")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def boot_on_a_new_device(jailed, scratch: Path, image: Path, kernel: str, initrd: Path, step: str, expected: dict,
+                         before_sums=lambda console: None) -> None:
+    """A guest boot against a new jailed device on `image`: its disk checks, what the step adds
+    (before_sums), the checksums it reports, then a clean unmount and exit, and the device stopped."""
+    device, sock = start_disk(jailed, scratch, image, step)
+    qemu, console = boot(kernel, initrd, sock, step)
     try:
         check_disk(console, read_only=False)
+        before_sums(console)
         assert fields(console.expect("SUMS", STEP_TIMEOUT)) == expected
         console.expect("UNMOUNTED", STEP_TIMEOUT)
         assert qemu.wait(STEP_TIMEOUT) == 0, console.transcript()
     finally:
         _stop_qemu(qemu)
     finish(device)
-    checked = e2fsck(image, "-fn")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def _device_pid(device) -> int:

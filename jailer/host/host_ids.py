@@ -73,14 +73,18 @@ def _holder(dirfd: int, number: int) -> tuple[int, str, str] | None:
     return None
 
 
-def _records(dirfd: int) -> tuple[list[str], list[str]]:
-    """(the records whose launcher still runs, those of a killed launcher: their ids are free)."""
+def _records(dirfd: int) -> tuple[dict[str, tuple], list[str]]:
+    """({record: its running launcher (_holder)}, the records of a killed launcher: their ids are free)."""
     from jailer.host import paths
 
-    live, dead = [], []
+    live, dead = {}, []
     for entry in paths.list_directory(dirfd):
         if entry.isdigit():
-            (live if _holder(dirfd, int(entry)) is not None else dead).append(entry)
+            holder = _holder(dirfd, int(entry))
+            if holder is not None:
+                live[entry] = holder
+            else:
+                dead.append(entry)
     return live, dead
 
 
@@ -138,9 +142,8 @@ def allocate(mode: str, id_range, name: str):
             live, dead = _records(dirfd)
             _remove(dirfd, dead)                      # their launchers were killed: the ids are free again
             taken = set()
-            for entry in live:
-                holder = _holder(dirfd, int(entry))
-                if holder is not None and holder[:2] == (me, my_start):
+            for entry, holder in live.items():
+                if holder[:2] == (me, my_start):
                     return int(entry), None           # restarted: the id this launcher holds
                 taken.add(int(entry))
             first = zlib.crc32(name.encode()) % count if mode == "stable" else 0

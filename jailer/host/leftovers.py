@@ -113,14 +113,13 @@ def _remove_private(dirfd: int, name: str) -> bool:
         lambda fd, entry: stat.S_ISSOCK(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode))
 
 
-def record_directory(environ=None) -> str | None:
+def record_directory() -> str | None:
     """Where this user's launchers record what they make: root's in /var/lib/jailer, another
     user's in their XDG state directory (none without $XDG_STATE_HOME or $HOME)."""
     if os.geteuid() == 0:
         return RECORDS_AS_ROOT
-    environ = os.environ if environ is None else environ
-    state = environ.get("XDG_STATE_HOME") or (os.path.join(environ["HOME"], ".local", "state")
-                                              if environ.get("HOME") else None)
+    state = os.environ.get("XDG_STATE_HOME") or (os.path.join(os.environ["HOME"], ".local", "state")
+                                                 if os.environ.get("HOME") else None)
     return os.path.join(state, "jailer", "launchers") if state and os.path.isabs(state) else None
 
 
@@ -135,13 +134,9 @@ def record(made: list, cgroup_directories) -> "object | None":
     directory = record_directory()
     if directory is None:
         return None
+    dirfd = None
     try:
         dirfd = paths.open_directory(directory, make_dirs=0o700)
-    except (OSError, UsageError) as exc:
-        warn(f"cannot record what this run makes in {directory} ({getattr(exc, 'strerror', None) or exc}): "
-             "after a kill, `jailer clean` will not find its sockets")
-        return None
-    try:
         for line in sweep_records(dirfd, directory):
             warn(line)
         me = os.getpid()
@@ -153,9 +148,10 @@ def record(made: list, cgroup_directories) -> "object | None":
                 lines.append(f"made {st.st_dev} {st.st_ino} {st.st_ctime_ns} {path}")
         lines += [f"cgroup {path}" for path in cgroup_directories if "\n" not in path]
         held = paths.write_in(dirfd, str(me), "".join(line + "\n" for line in lines).encode(), 0o600)
-    except OSError as exc:
-        os.close(dirfd)
-        warn(f"cannot record what this run makes in {directory} ({exc.strerror}): "
+    except (OSError, UsageError) as exc:
+        if dirfd is not None:
+            os.close(dirfd)
+        warn(f"cannot record what this run makes in {directory} ({getattr(exc, 'strerror', None) or exc}): "
              "after a kill, `jailer clean` will not find its sockets")
         return None
     return paths.Made(dirfd, str(me), held)
