@@ -984,7 +984,7 @@ class _Child:
         self.socket_binds = []
         self.user_namespace = False
         self.last_cap = None
-        self.process_blocks = None      # zero-exec: where /proc/self/cmdline and environ live (jailer.zero_exec)
+        self.process_layout = None      # zero-exec: where /proc/self/cmdline and environ live (jailer.zero_exec)
 
     def _die_with(self, parent_pid):
         """SIGKILL this process when its parent dies (and die now if it already has). The parent
@@ -1004,7 +1004,7 @@ class _Child:
         if self.plan.program.start == "zero-exec":
             from jailer import zero_exec
 
-            self.process_blocks = zero_exec.process_blocks()
+            self.process_layout = zero_exec.process_layout()
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)   # the launcher decides what reaches the program
         self._die_with(self.launcher_pid)
@@ -1185,7 +1185,7 @@ class _Child:
         if plan.program.start == "zero-exec":
             from jailer.zero_exec import Start
 
-            zero_exec = Start(self.argv, environment, self.process_blocks)
+            zero_exec = Start(self.argv, environment, self.process_layout)
             zero_exec.take_over_process()
         report = bool(self.bpf) and self.listen
         listener_number = -1

@@ -9,11 +9,11 @@ the launcher sees the same protocol (ready, the filter's listener, the exec pipe
 
 What an execve would have reset, and what this does instead, in this order:
 
-- the process's name and /proc entries: comm becomes the interpreter's name; the memory
-  behind /proc/self/cmdline holds the program's argv (truncated to the launcher's argv
-  area when longer, padded with NULs when shorter), that behind /proc/self/environ the
-  program's environment (likewise: the launcher's is gone); dumpable is set again, as an
-  exec by a process that changed its ids does (ptrace and /proc/self stay the program's);
+- the process's name and /proc entries: comm becomes the interpreter's name;
+  /proc/self/cmdline and environ show the program's argv and environment, whole, from a
+  fresh mapping the kernel is pointed at (PR_SET_MM_MAP, which needs no capability), and
+  the launcher's argv and environment are zeroed where they were; dumpable is set again, as
+  an exec by a process that changed its ids does (ptrace and /proc/self stay the program's);
 - before the filter: nothing more; the program's fds are in place, every other one closed
   (jailer.layers.fds.install), as for the exec path;
 - after the filter, the launcher's state: the local variables of every frame below the
@@ -72,19 +72,25 @@ def unsupported_environment(environment) -> list[str]:
     return sorted(name for name in environment if name.startswith("PYTHON") and name not in FRESH_ENVIRONMENT_ONLY)
 
 
-def process_blocks() -> tuple[int, int, int, int]:
-    """(arg_start, arg_end, env_start, env_end) of this process: where /proc/self/cmdline and
-    environ are read from. Read before pivot_root (the new root may have no /proc)."""
+# The memory layout fields of /proc/PID/stat (proc(5) numbers them from 1; the text after
+# the command's closing parenthesis starts with field 3), as struct prctl_mm_map names them.
+_LAYOUT_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
+                  "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51}
+
+
+def process_layout() -> dict[str, int]:
+    """This process's memory layout as the kernel records it, /proc/self/cmdline's and
+    environ's blocks among it. Read before pivot_root (the new root may have no /proc)."""
     with open("/proc/self/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
-    return tuple(int(value) for value in fields[45:49])
+    return {name: int(fields[number - 3]) for name, number in _LAYOUT_FIELDS.items()}
 
 
 class Start:
     """The program's start in this process: its argv (as exec'd: interpreter, options, then
     "-m module" or a script, then its arguments) and environment."""
 
-    def __init__(self, argv, environment: dict, blocks):
+    def __init__(self, argv, environment: dict, layout: dict):
         self.interpreter = argv[0]
         options = list(argv[1:])
         self.site = True
@@ -97,7 +103,7 @@ class Start:
             self.module, self.script, self.args = None, options[0], options[1:]
         self.argv = list(argv)
         self.environment = dict(environment)
-        self.blocks = blocks
+        self.layout = layout
 
     def take_over_process(self) -> None:
         """Before the filter: comm, /proc/self/cmdline and environ, dumpable, as after execve."""
@@ -105,25 +111,32 @@ class Start:
 
         syscalls.set_process_name(os.fsencode(os.path.basename(self.interpreter)))
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
-        arg_start, arg_end, env_start, env_end = self.blocks
-        _overwrite(arg_start, arg_end, [os.fsencode(arg) for arg in self.argv])
-        _overwrite(env_start, env_end, [os.fsencode(f"{key}={value}") for key, value in self.environment.items()])
+        _show_in_proc(self.layout, [os.fsencode(arg) for arg in self.argv],
+                      [os.fsencode(f"{key}={value}") for key, value in self.environment.items()])
 
     def run(self, launcher_fds) -> None:
         """Become the program (never returns)."""
         _become(self.module, self.script, self.args, self.argv, self.environment, self.site, launcher_fds)
 
 
-def _overwrite(start: int, end: int, strings) -> None:
-    """Put NUL-terminated strings in a block of this process's memory that /proc shows,
-    as many as fit, the rest zeroed (the kernel reads it up to its end)."""
+def _show_in_proc(layout: dict, argv, environment) -> None:
+    """Zero the launcher's argv and environment blocks and have the kernel read cmdline and
+    environ from a new mapping holding the program's, NUL-terminated as execve lays them out
+    (the program's may be longer than the launcher's blocks). The mapping lives as long as
+    the process."""
     import ctypes
 
-    data = b"".join(string + b"\0" for string in strings)
-    if len(data) > end - start:
-        data = data[:end - start - 1] + b"\0"
-    ctypes.memset(start, 0, end - start)
-    ctypes.memmove(start, data, len(data))
+    from jailer.layers import syscalls
+
+    for start, end in ((layout["arg_start"], layout["arg_end"]), (layout["env_start"], layout["env_end"])):
+        ctypes.memset(start, 0, end - start)
+    arguments = b"".join(string + b"\0" for string in argv)
+    variables = b"".join(string + b"\0" for string in environment)
+    start = syscalls.map_anonymous(len(arguments) + len(variables) or 1)
+    ctypes.memmove(start, arguments + variables, len(arguments) + len(variables))
+    middle, end = start + len(arguments), start + len(arguments) + len(variables)
+    syscalls.set_mm_map(**{**layout, "arg_start": start, "arg_end": middle, "env_start": middle, "env_end": end,
+                           "brk": syscalls.program_break()})
 
 
 def _become(module, script, args, argv, environment, site, launcher_fds) -> None:

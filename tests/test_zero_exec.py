@@ -20,6 +20,7 @@ from test_e2e_jailed_device import INVOCATIONS, JAILER, scratch  # noqa: F401  (
 
 PROBE = Path(__file__).with_name("zero_exec_probe.py")
 MODES = ("exec", "zero-exec")
+LONG = 16384   # a variable longer than the launcher's whole environment: /proc shows all of the program's
 
 
 def probe_profile(directory: Path, marker: str, start: str, extra_allow=()) -> Path:
@@ -37,6 +38,8 @@ argv = ["{probe}"]
 start = "{start}"
 [seccomp]
 allow = [{allow}, "execve"]
+[environment]
+set = {{ LONGER_THAN_THE_LAUNCHERS = "{'x' * LONG}" }}
 """)
     path.chmod(0o644)
     return path

@@ -21,8 +21,10 @@ _MACHINE = os.uname().machine
 
 # Syscall numbers that differ between the architectures jailer supports; 424 and up are shared.
 _NUMBERS = {
-    "x86_64": {"pivot_root": 155, "seccomp": 317, "capget": 125, "capset": 126, "unshare": 272, "clone": 56},
-    "aarch64": {"pivot_root": 41, "seccomp": 277, "capget": 90, "capset": 91, "unshare": 97, "clone": 220},
+    "x86_64": {"pivot_root": 155, "seccomp": 317, "capget": 125, "capset": 126, "unshare": 272, "clone": 56,
+               "brk": 12},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "capget": 90, "capset": 91, "unshare": 97, "clone": 220,
+                "brk": 214},
 }
 _COMMON = {"close_range": 436, "pidfd_getfd": 438,
            "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
@@ -67,6 +69,8 @@ PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_GET_SECUREBITS = 27
 PR_SET_SECUREBITS = 28
+PR_SET_MM = 35
+PR_SET_MM_MAP = 14
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
@@ -157,6 +161,39 @@ def set_process_name(name: bytes) -> None:
     """The task's comm (what ps and /proc/PID/comm show), at most 15 bytes."""
     _check(_libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name[:15]), ctypes.c_ulong(0),
                        ctypes.c_ulong(0), ctypes.c_ulong(0)))
+
+
+class _MmMap(ctypes.Structure):   # struct prctl_mm_map
+    _fields_ = [*((name, ctypes.c_uint64) for name in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+        "arg_start", "arg_end", "env_start", "env_end", "auxv")), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_int32)]
+
+
+def set_mm_map(**layout: int) -> None:
+    """Point the kernel's view of this process's memory layout (what /proc/PID/cmdline, environ
+    and stat read) at new addresses, auxv and exe link unchanged; needs no capability."""
+    fields = _MmMap(**layout, auxv=0, auxv_size=0, exe_fd=-1)
+    _check(_libc.prctl(ctypes.c_int(PR_SET_MM), ctypes.c_ulong(PR_SET_MM_MAP), ctypes.byref(fields),
+                       ctypes.c_ulong(ctypes.sizeof(fields)), ctypes.c_ulong(0)))
+
+
+def program_break() -> int:
+    """The current end of the heap (brk(0) returns it and changes nothing)."""
+    return _libc.syscall(ctypes.c_long(NR["brk"]), ctypes.c_ulong(0))
+
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_anonymous(size: int) -> int:
+    """A private read-write mapping of `size` zeroed bytes; its address."""
+    address = _libc.mmap(None, size, 0x1 | 0x2, 0x02 | 0x20, -1, 0)   # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    if address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return address
 
 
 def sethostname(name: str) -> None:
