@@ -13,8 +13,10 @@ each per round, as root and as uid 65534 (setpriv).
 
   jailer  jailer run P --socket-path S, P a copy of profiles/gpio-pci-idio-16.toml with
           program.start = "exec": a second interpreter starts in the sandbox
+          (and no program.preload)
   zero    the same with program.start = "zero-exec" (as the profile ships): the sandbox's
-          process runs the device in the launcher's interpreter (jailer.zero_exec)
+          process runs the device in the launcher's interpreter (jailer.zero_exec), and
+          comes from a fork that imports program.preload while the launcher prepares
   bwrap   bwrap with the same sandbox as far as bwrap expresses it: --unshare-all,
           --die-with-parent, --new-session, a read-only tmpfs root holding exactly the
           binds and symlinks `jailer show --json` lists, /proc, --clearenv plus the plan's
@@ -200,6 +202,8 @@ def started_as(scratch, start: str) -> str:
 
     data = toml.load(PROFILE)
     data["program"]["start"] = start
+    if start != "zero-exec":
+        data["program"].pop("preload", None)   # (only a zero-exec start preloads)
     path = os.path.join(scratch, f"{start}.toml")
     with open(path, "w") as target:
         toml.dump(data, target)

@@ -8,9 +8,14 @@ zero, bwrap, bare; started exactly as device_ready.py starts them, interleaved) 
 sched_process_exec, sched_process_fork and accept4 and prints the medians of:
 
   launch      spawn -> the launcher's first fork: jailer's interpreter start, imports, cached
-              plan, sockets and cgroup; setpriv's and bwrap's start for bwrap
-  set-up      that fork -> the device's exec (zero-exec: the sandbox's process renaming itself
-              to the interpreter's name, jailer.zero_exec): the sandbox built in the child(ren)
+              plan, sockets and cgroup (zero-exec: only the cached plan, then the preloader
+              forks); setpriv's and bwrap's start for bwrap
+  preload     (zero) the preloader's fork -> its clone of the sandbox's process: the
+              program.preload imports, in parallel with the launcher's sockets, cgroups and
+              records (jailer.zero_exec.preloader)
+  set-up      the fork (zero: the clone) -> the device's exec (zero-exec: the sandbox's
+              process renaming itself to the interpreter's name, jailer.zero_exec): the
+              sandbox built in the child(ren)
   device      the device's exec (or that rename) -> its first accept4 (it is serving): the device's own start-up
               inside the sandbox, with jailer's notified syscalls and hand-over included
   stall       (jailer) the device's exec -> jailer-monitor's exec, the window in which the
@@ -33,7 +38,7 @@ import device_ready  # noqa: E402
 TRACEFS = "/sys/kernel/tracing"
 EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "task/task_rename", "syscalls/sys_enter_accept4")
 LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): (\w+)[:(] ?(.*)")
-PHASES = ("launch", "set-up", "device", "stall", "ready")
+PHASES = ("launch", "preload", "set-up", "device", "stall", "ready")
 
 
 def tracefs(path, value):
@@ -52,9 +57,10 @@ def record(events: bool):
         tracefs(f"events/{event}/enable", "1" if events else "0")
 
 
-def timeline(text: str, launcher_pid: int) -> dict:
-    """Phase durations in ms from one trace of one start (see the module docstring)."""
-    spawn = first_fork = device_exec = device_pid = monitor_exec = accept = None
+def timeline(text: str, launcher_pid: int, preloads: bool = False) -> dict:
+    """Phase durations in ms from one trace of one start (see the module docstring); preloads:
+    the launcher's first fork is the zero-exec preloader, which clones the sandbox's process."""
+    spawn = first_fork = preloader = clone = device_exec = device_pid = monitor_exec = accept = None
     for line in text.splitlines():
         match = LINE.search(line)
         if not match:
@@ -65,7 +71,9 @@ def timeline(text: str, launcher_pid: int) -> dict:
         elif spawn is None:
             continue
         elif event == "sched_process_fork" and first_fork is None and f" pid={launcher_pid} " in f" {fields} ":
-            first_fork = stamp
+            first_fork, preloader = stamp, int(fields.split("child_pid=")[1].split()[0])
+        elif event == "sched_process_fork" and preloads and clone is None and f" pid={preloader} " in f" {fields} ":
+            clone = stamp
         elif event == "sched_process_exec" and "jailer-monitor" in fields:
             monitor_exec = stamp
         elif event == "sched_process_exec" and "python" in fields.split("filename=")[1].split()[0]:
@@ -76,7 +84,9 @@ def timeline(text: str, launcher_pid: int) -> dict:
         elif event == "sys_accept4" and pid == device_pid and accept is None:
             accept = stamp
     first_fork = first_fork if first_fork is not None and first_fork < device_exec else device_exec
-    return {"launch": first_fork - spawn, "set-up": device_exec - first_fork, "device": accept - device_exec,
+    started = clone if preloads and clone is not None else first_fork
+    return {"launch": first_fork - spawn, "preload": started - first_fork if preloads else None,
+            "set-up": device_exec - started, "device": accept - device_exec,
             "stall": monitor_exec - device_exec if monitor_exec is not None else None}
 
 
@@ -91,7 +101,7 @@ def once(runner, variant, scratch) -> dict:
             ready = (time.perf_counter() - start) * 1000
             record(False)
             with open(os.path.join(TRACEFS, "trace")) as handle:
-                phases = timeline(handle.read(), proc.pid)
+                phases = timeline(handle.read(), proc.pid, preloads=variant == "zero")
     finally:
         record(False)
     return dict(phases, ready=ready)

@@ -66,6 +66,8 @@ def format_plan(plan):
     row("cwd", program.cwd)
     row("start", "zero-exec: run by the sandbox's process in the launcher's interpreter, execve refused"
         if program.start == "zero-exec" else "exec")
+    if program.preload:
+        row("preload", ", ".join(program.preload) + " (imported while the launcher prepares)")
     row("ready", plan.program.ready + (f" (within {plan.program.ready_timeout:g} s)"
                                         if plan.program.ready == "socket" else ""))
     ns = plan.namespaces

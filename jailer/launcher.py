@@ -4,6 +4,11 @@ Processes (outer pids are the launcher's view):
 
   launcher   stays outside: writes the id maps, owns the cgroup and the veth host end,
              forwards SIGTERM/SIGINT/SIGHUP, answers seccomp notifications, reports status.
+  preloader  (zero-exec under `jailer run`) a fork of the launcher made as soon as the plan
+             is known: it imports program.preload while the launcher prepares, then makes
+             the setup child as the launcher's own (CLONE_PARENT) from what the launcher
+             sends it, and exits (jailer.zero_exec.preloader). Without it, or when it
+             fails, the launcher forks the setup child itself.
   setup      the child. With a pid namespace it is cloned straight into it (and into the
              user namespace, which must own it) and is the sandbox's pid 1 from the start;
              it joins the cgroup, unshares the other namespaces and waits for its maps.
@@ -108,7 +113,7 @@ class Options:
     def __init__(self, given_fds=None, socket_path=None, status_fd=None, extra_args=(), bpf=None,
                  syscall_names=None, notification_policy=None, route_all_to_notify=False, sockets=None,
                  pidfile=None, hand_over=False, socket_group=None, restart=None, carried=None, files=None,
-                 read_only=False):
+                 read_only=False, preloader=None):
         self.given_fds = dict(given_fds or {})   # name (None: the unix-listener) -> caller's fd
         self.socket_path = socket_path           # listener for the vfio-user unix-listener fd
         self.sockets = dict(sockets or {})       # fd name -> path of a listening socket to create
@@ -129,6 +134,7 @@ class Options:
         # itself again: jailer.host.restart), and what the run before this one handed on
         self.restart = restart
         self.carried = carried
+        self.preloader = preloader               # zero-exec: jailer.zero_exec.preloader.Preloader, or None
 
 
 def run(plan, options: Options) -> int:
@@ -378,7 +384,9 @@ class _Launch:
     def _create_cgroup(self, cgroup_plan):
         from jailer.layers.cgroups import Cgroup
 
-        self.cgroup = Cgroup.create(cgroup_plan, self.plan.name)
+        preloader = self.options.preloader
+        self.cgroup = Cgroup.create(cgroup_plan, self.plan.name,
+                                    companions=[preloader.pid] if preloader is not None and preloader.pid else [])
         return self.cgroup.describe()
 
     def _fork_and_supervise(self, argv, environment, bpf) -> int:
@@ -386,28 +394,24 @@ class _Launch:
         parent_sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
         exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        # Everything the children run is imported before the fork (after pivot_root jailer's
-        # files are gone, and importing once here is cheaper than in a copy-on-write child).
-        from jailer.layers import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
-        if self.plan.network.mode != "none":
-            from jailer.layers import network  # noqa: F401
+        import_for_child(self.plan)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # a restart execs with them blocked
         old_wakeup = signal.set_wakeup_fd(wake_w)
         launcher_pid = os.getpid()
-        pid, cloned = self._start_child()
+        started = None
+        if self.options.preloader is not None:
+            started = self.options.preloader.start_sandbox(*self._child_request(child_sock, exec_w, argv, environment,
+                                                                                bpf))
+        if started is not None:
+            pid, cloned = started
+        else:
+            pid, cloned = start_child(self.plan.namespaces)
         if pid == 0:
             signal.set_wakeup_fd(-1)
             child = _Child(self.plan, self.enforcement, child_sock.detach(), exec_w, launcher_pid,
                            self.manifest.entries, argv, environment, bpf, self.listen, self.cgroup, cloned)
-            try:
-                for fd in (parent_sock.detach(), exec_r, wake_r, wake_w):
-                    os.close(fd)
-                child.setup()
-            except BaseException as exc:   # report, never unwind into the launcher's code
-                _report_failure(child.sock_fd, exc)
-            finally:
-                os._exit(SETUP_FAILED)
+            run_child(child, [parent_sock.detach(), exec_r, wake_r, wake_w])
         self.setup_pid = pid
         self.bind_sources = self._check_bind_sources()   # while the child unshares
         child_sock.close()
@@ -423,6 +427,18 @@ class _Launch:
             parent_sock.close()
             if self.listener is not None:
                 os.close(self.listener)
+
+    def _child_request(self, child_sock, exec_w, argv, environment, bpf) -> tuple[dict, list[int]]:
+        """What the sandbox's process would inherit from a fork of this launcher now, for the
+        zero-exec preloader (jailer.zero_exec.preloader), which started before most of it existed:
+        the data, and the descriptors (the set-up socket, the exec pipe, then the manifest's)."""
+        specs = list(self.plan.fds)
+        host_id = self.enforcement.applied.get("host_ids", {}).get("uid") if self.host_id_made else None
+        request = {"argv": list(argv), "environment": dict(environment), "bpf": bpf, "listen": self.listen,
+                   "applied": self.enforcement.applied, "skipped": self.enforcement.skipped, "host_id": host_id,
+                   "specs": [specs.index(spec) for spec, _ in self.manifest.entries],
+                   "cgroup": (self.cgroup.directories, self.cgroup.versions) if self.cgroup is not None else None}
+        return request, [child_sock.fileno(), exec_w, *(fd for _, fd in self.manifest.entries)]
 
     def _check_bind_sources(self) -> tuple:
         """({source: (st_dev, st_ino) or None}, error fields or None, [(source, target)] of the
@@ -445,31 +461,6 @@ class _Launch:
             checked[source] = identity
             socket_binds.append((source, target))
         return checked, None, socket_binds
-
-    def _start_child(self) -> tuple[int, int]:
-        """(pid, clone flags it was created with). With a pid namespace the child is cloned
-        straight into it (and into the user namespace, which must own it) as its pid 1, which
-        saves the fork a child that unshared would need; when that clone is refused, a plain
-        fork takes the unshare path, which tells exactly which layer failed (or skips it)."""
-        from jailer.layers import syscalls
-
-        namespaces_plan = self.plan.namespaces
-        if not namespaces_plan.pid or len(os.listdir("/proc/self/task")) > 1:
-            # a raw clone skips glibc's fork handlers (its malloc locks), which another
-            # thread of a process embedding the launcher might hold: fork there
-            return os.fork(), 0
-        flags = syscalls.CLONE_NEWPID | (syscalls.CLONE_NEWUSER if namespaces_plan.user else 0)
-        groups = None
-        if namespaces_plan.user and os.geteuid() == 0:
-            groups = os.getgroups()   # root's supplementary groups cannot be dropped inside the new userns
-            os.setgroups([])
-        try:
-            pid = syscalls.clone_process(flags)
-        except OSError:
-            pid, flags = os.fork(), 0
-        if pid != 0 and groups is not None:
-            os.setgroups(groups)
-        return pid, flags
 
     def _on_signal(self, signum, frame):
         self.pending_signals.append(signum)
@@ -961,6 +952,82 @@ def _drain(fd):
             pass
     except BlockingIOError:
         pass
+
+
+def import_for_child(plan) -> None:
+    """Import everything the sandbox's process runs before it is forked: after pivot_root
+    jailer's files are gone, and importing once in the parent is cheaper than in a
+    copy-on-write child."""
+    from jailer.layers import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
+    if plan.network.mode != "none":
+        from jailer.layers import network  # noqa: F401
+    if plan.program.start == "zero-exec":
+        from jailer import zero_exec  # noqa: F401
+    if plan.limits.cgroup is not None:
+        from jailer.layers import cgroups  # noqa: F401
+    if getattr(plan.identity, "host_ids", "shared") != "shared" and os.geteuid() == 0:
+        from jailer.host import host_ids  # noqa: F401
+
+
+def start_child(namespaces_plan, as_sibling: bool = False) -> tuple[int, int]:
+    """(pid, clone flags it was created with) of the sandbox's first process. With a pid
+    namespace the child is cloned straight into it (and into the user namespace, which must
+    own it) as its pid 1, which saves the fork a child that unshared would need; when that
+    clone is refused, a plain fork takes the unshare path, which tells exactly which layer
+    failed (or skips it). as_sibling: the child is this process's parent's (CLONE_PARENT),
+    as the zero-exec preloader makes it for the launcher."""
+    from jailer.layers import syscalls
+
+    sibling = syscalls.CLONE_PARENT if as_sibling else 0
+    if not namespaces_plan.pid or len(os.listdir("/proc/self/task")) > 1:
+        # a raw clone skips glibc's fork handlers (its malloc locks), which another
+        # thread of a process embedding the launcher might hold: fork there
+        return (syscalls.clone_process(sibling) if sibling else os.fork()), 0
+    flags = syscalls.CLONE_NEWPID | (syscalls.CLONE_NEWUSER if namespaces_plan.user else 0)
+    groups = None
+    if namespaces_plan.user and os.geteuid() == 0:
+        groups = os.getgroups()   # root's supplementary groups cannot be dropped inside the new userns
+        os.setgroups([])
+    try:
+        pid = syscalls.clone_process(flags | sibling)
+    except OSError:
+        pid, flags = (syscalls.clone_process(sibling) if sibling else os.fork()), 0
+    if pid != 0 and groups is not None:
+        os.setgroups(groups)
+    return pid, flags
+
+
+def run_child(child, close: list[int]) -> None:
+    """The sandbox's first process, from its fork or clone: close what it must not hold, set
+    up (never returns: the program is exec'd, or this process exits)."""
+    try:
+        for fd in close:
+            os.close(fd)
+        child.setup()
+    except BaseException as exc:   # report, never unwind into the caller's code
+        _report_failure(child.sock_fd, exc)
+    finally:
+        os._exit(SETUP_FAILED)
+
+
+def child_from_request(plan, request: dict, fds: list[int], launcher_pid: int) -> "_Child":
+    """The _Child a fork of the launcher would have been, from _Launch._child_request's data and fds."""
+    if request["host_id"] is not None:
+        from jailer.host import host_ids
+
+        plan = host_ids.PlanWithIdentity(plan, host_ids.Identity(plan.identity, request["host_id"]))
+    enforcement = status.Enforcement(plan.best_effort)
+    enforcement.merge(request["applied"], request["skipped"])
+    cgroup = None
+    if request["cgroup"] is not None:
+        from jailer.layers.cgroups import Cgroup
+
+        cgroup = Cgroup(*request["cgroup"])
+    specs = list(plan.fds)
+    sock_fd, exec_w, *manifest_fds = fds
+    entries = [(specs[index], fd) for index, fd in zip(request["specs"], manifest_fds, strict=True)]
+    return _Child(plan, enforcement, sock_fd, exec_w, launcher_pid, entries, request["argv"],
+                  request["environment"], request["bpf"], request["listen"], cgroup, cloned=None)
 
 
 class _Child:

@@ -58,6 +58,8 @@ class ProgramPlan:
     ready_timeout: float = 10.0     # ready = "socket": seconds the program has to listen
     start: str = "exec"             # one of START_MODES: "zero-exec" = a Python program run by the sandbox's
                                     # process in the launcher's interpreter (jailer.zero_exec), no execve
+    preload: tuple[str, ...] = ()   # zero-exec: standard-library modules imported while the launcher prepares
+                                    # (jailer.zero_exec.preloader)
 
 
 @dataclass(frozen=True)

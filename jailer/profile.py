@@ -35,7 +35,8 @@ _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%\Z")
 TOP_KEYS = ("name", "die_with_parent", "program", "namespaces", "identity", "filesystem", "landlock",
             "seccomp", "limits", "fds", "sockets", "network", "restart", "environment", "enforcement")
 EXEC_SYSCALLS = ("execve", "execveat")
-PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout", "start")
+PROGRAM_KEYS = ("runtime", "argv", "executable", "cwd", "modules", "site", "ready", "ready_timeout", "start",
+                "preload")
 SOCKET_KEYS = ("name", "path")
 NAMESPACE_KEYS = ("user", "mount", "pid", "net", "ipc", "uts", "cgroup", "hostname", "pid1")
 IDENTITY_KEYS = ("uid", "gid", "unprivileged_uid", "unprivileged_gid", "host_ids", "host_id_range")
@@ -504,8 +505,17 @@ class _PlanBuilder:
 
             for key, found, expected in zero_exec.unsupported(runtime_name, argv):
                 r.fail(key, f"found {found}, expected {expected}")
+        preload = r.get(section, "program", "preload", _string_list, [])
+        if preload and start != "zero-exec":
+            r.fail("program.preload", f"found {_describe(preload)} with start = {_describe(start)}, expected no "
+                   'preload (it imports into the sandbox\'s process before it runs the program: start = "zero-exec")')
+        for index, module in enumerate(preload if start == "zero-exec" else ()):
+            if not _MODULE.match(module):
+                r.wrong(f"program.preload[{index}]", module, 'a module name like "json" or "importlib.util"')
+            elif reason := zero_exec.not_preloadable(module):
+                r.wrong(f"program.preload[{index}]", module, reason)
         return P.ProgramPlan(argv=resolved.argv, executable=resolved.executable, runtime=runtime_name,
-                             cwd=cwd, ready=ready, start=start,
+                             cwd=cwd, ready=ready, start=start, preload=tuple(preload),
                              ready_timeout=r.get(section, "program", "ready_timeout", _seconds(0, 3600), 10.0)), \
             resolved
 

@@ -186,7 +186,8 @@ def _cache_key(path: str) -> tuple:
 
 
 # The modules whose code decides what a cache entry holds: an edited one invalidates it.
-RESOLVER_MODULES = ("plan.py", "profile.py", "runtime.py", "syscall_groups.py", "zero_exec.py", "layers/seccomp.py")
+RESOLVER_MODULES = ("plan.py", "profile.py", "runtime.py", "syscall_groups.py", "zero_exec/__init__.py",
+                    "layers/seccomp.py")
 
 
 def _resolver_stamp() -> tuple:
@@ -354,7 +355,16 @@ def main(argv) -> int:
         if carried is not None:
             carried.remove()
         raise
-    code = run_plan(plan, args, bpf, names, carried)
+    preloader = None
+    if plan.program.start == "zero-exec":   # the sandbox's process starts importing now
+        from jailer.zero_exec.preloader import Preloader
+
+        preloader = Preloader.fork(plan)
+    try:
+        code = run_plan(plan, args, bpf, names, carried, preloader)
+    finally:
+        if preloader is not None:
+            preloader.stop()
     # Done: skip the interpreter's teardown (module and heap finalization cost more than the
     # whole sandbox set-up); everything jailer made is already removed, only stdio may hold data.
     for stream in (sys.stdout, sys.stderr):
@@ -365,9 +375,10 @@ def main(argv) -> int:
     os._exit(code)
 
 
-def run_plan(plan, args: Arguments, bpf=None, names=None, carried=None) -> int:
+def run_plan(plan, args: Arguments, bpf=None, names=None, carried=None, preloader=None) -> int:
     """Run an already resolved plan with the command line's fds, status fd and arguments;
-    carried: what the run before this one handed on, when this is a restart."""
+    carried: what the run before this one handed on, when this is a restart; preloader: the
+    zero-exec sandbox process's head start (jailer.zero_exec.preloader)."""
     from jailer import launcher
 
     restart = plan.restart if args.restart and plan.restart.policy != "no" else None
@@ -375,5 +386,6 @@ def run_plan(plan, args: Arguments, bpf=None, names=None, carried=None) -> int:
                                extra_args=args.extra_args, bpf=bpf, syscall_names=(lambda: names) if names else None,
                                sockets=args.sockets, files=args.files, read_only=args.read_only,
                                pidfile=None if carried else args.pidfile, hand_over=True,
-                               socket_group=args.socket_group, restart=restart, carried=carried)
+                               socket_group=args.socket_group, restart=restart, carried=carried,
+                               preloader=preloader)
     return launcher.run(plan, options)

@@ -89,6 +89,8 @@ def profile_variant(scratch: Path, name: str, change) -> Path:
     data = toml.load(PROFILE)
     if START["mode"] is not None:
         data["program"]["start"] = START["mode"]
+        if START["mode"] != "zero-exec":
+            data["program"].pop("preload", None)   # (only a zero-exec start preloads)
         name = f"{name}-{START['mode']}"
     change(data)
     path = scratch / f"{name}.toml"

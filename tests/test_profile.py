@@ -229,7 +229,7 @@ def test_example_profiles_are_valid():
      "pid1 (did you mean 'user'?)"),
     ("[program]\nargv = [\"/bin/true\"]\nruntme = \"native\"\n[seccomp]\nallow = [\"@default\"]\n",
      "P: program.runtme: found unknown key, expected one of runtime, argv, executable, cwd, modules, site, ready, "
-     "ready_timeout, start (did you mean 'runtime'?)"),
+     "ready_timeout, start, preload (did you mean 'runtime'?)"),
     (BASE + "[namespaces]\nuser = \"yes\"\n", 'P: namespaces.user: found "yes", expected true or false'),
     (BASE + "[namespaces]\npid1 = \"reapr\"\n",
      "P: namespaces.pid1: found \"reapr\", expected one of reaper, program (did you mean 'reaper'?)"),

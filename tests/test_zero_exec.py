@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -19,12 +22,17 @@ from jailer.profile import build_plan
 from test_e2e_jailed_device import INVOCATIONS, JAILER, scratch  # noqa: F401  (fixture)
 
 PROBE = Path(__file__).with_name("zero_exec_probe.py")
+REPO = Path(__file__).resolve().parent.parent
 MODES = ("exec", "zero-exec")
 LONG = 16384   # a variable longer than the launcher's whole environment: /proc shows all of the program's
 
 
+PRELOAD = ("dataclasses",)   # zero-exec's probe starts with it imported (outside the sandbox, by the preloader)
+
+
 def probe_profile(directory: Path, marker: str, start: str, extra_allow=()) -> Path:
     """A profile for the probe, named after the marker (the launcher holds its path)."""
+    preload = ", ".join(f'"{name}"' for name in PRELOAD) if start == "zero-exec" else ""
     probe = directory / "zero_exec_probe.py"
     probe.write_bytes(PROBE.read_bytes())
     probe.chmod(0o644)
@@ -36,6 +44,7 @@ name = "zero-exec-probe"
 runtime = "python"
 argv = ["{probe}"]
 start = "{start}"
+preload = [{preload}]
 [seccomp]
 allow = [{allow}, "execve"]
 [environment]
@@ -106,6 +115,15 @@ def test_nothing_of_the_launcher_stays_reachable(invocation, reports):
 
 
 @pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_preloaded_modules_are_the_standard_librarys_and_already_imported(invocation, reports):
+    import dataclasses
+
+    zero, exec_path = reports[invocation, "zero-exec"], reports[invocation, "exec"]
+    assert zero["preloaded"] == {"dataclasses": dataclasses.__file__} and exec_path["preloaded"] == {}
+    assert zero["frozen"] > 0    # what the preloader imported is kept out of the program's collections
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
 def test_execve_is_refused_from_the_first_instruction(invocation, readable_dir):
     zero = run_probe(invocation, readable_dir, "zero-exec", "execve")
     assert zero.returncode == 128 + 31, zero.stderr        # SIGSYS: the profile's default action, kill
@@ -129,3 +147,75 @@ def test_profiles_that_cannot_start_zero_exec_are_refused_with_the_key(tmp_path)
                     '[environment]\nPYTHONHASHSEED = "0"\n')
     with pytest.raises(ProfileError, match="environment.PYTHONHASHSEED"):
         build_plan(str(path))
+
+
+def test_only_the_standard_library_is_preloaded_and_only_for_zero_exec(tmp_path):
+    path = tmp_path / "p.toml"
+    cases = {('"exec"', '"json"'): 'program.preload: found an array with start = "exec", expected no preload',
+             ('"zero-exec"', '"json", "click"'): 'program.preload[1]: found "click", expected a module of the '
+                                                 'standard library',
+             ('"zero-exec"', '"antigravity"'): 'program.preload[0]: found "antigravity", expected a module of the '
+                                               'standard library whose import only defines things',
+             ('"zero-exec"', '"json..tool"'): 'program.preload[0]: found "json..tool", expected a module name'}
+    for (start, preload), message in cases.items():
+        path.write_text(f'[program]\nruntime = "python"\nargv = ["-m", "json.tool"]\nstart = {start}\n'
+                        f'preload = [{preload}]\n')
+        with pytest.raises(ProfileError) as caught:
+            build_plan(str(path))
+        assert f"{path}: {message}" in str(caught.value), str(caught.value)
+    path.write_text('[program]\nruntime = "python"\nargv = ["-m", "json.tool"]\nstart = "zero-exec"\n'
+                    'preload = ["json", "importlib.util", "email.mime.text"]\n')
+    assert build_plan(str(path)).program.preload == ("json", "importlib.util", "email.mime.text")
+
+
+def zero_exec_plan(directory: Path):
+    return build_plan(str(probe_profile(directory, f"launcher-only-{uuid.uuid4().hex}", "zero-exec")))
+
+
+def exited(pid: int, within: float = 10.0):
+    """The wait status of child `pid` once it ends (None if it is still running after `within` s)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    return None
+
+
+def test_the_preloader_ignores_forwarded_signals_and_ends_with_its_launcher(readable_dir):
+    from jailer.zero_exec.preloader import Preloader
+
+    preloader = Preloader.fork(zero_exec_plan(readable_dir))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # the launcher forwards these itself
+        os.kill(preloader.pid, signum)
+    assert exited(preloader.pid, within=0.5) is None
+    preloader.sock.close()     # the launcher's end closes (as when it ends) without asking for a sandbox
+    assert os.waitstatus_to_exitcode(exited(preloader.pid)) == 0
+
+
+def test_without_its_preloader_the_launcher_starts_the_sandbox_itself(readable_dir):
+    """A preloader that is gone (killed, or refused a fork) costs only time: the launcher forks
+    the sandbox's process itself, and the program sees nothing of either."""
+    if os.geteuid() != 0:
+        pytest.skip("runs the launcher in this invocation, as root")
+    marker = f"launcher-only-{uuid.uuid4().hex}"
+    profile = probe_profile(readable_dir, marker, "zero-exec")
+    script = (   # (all in a function, as `jailer run` has it: a module's globals are not the launcher's to clear)
+        "import sys\n"
+        "def main():\n"
+        "    import os, signal\n"
+        "    from jailer import launcher\n"
+        "    from jailer.profile import build_plan\n"
+        "    from jailer.zero_exec.preloader import Preloader\n"
+        "    plan = build_plan(sys.argv[1])\n"
+        "    preloader = Preloader.fork(plan)\n"
+        "    os.kill(preloader.pid, signal.SIGKILL)\n"
+        "    return launcher.run(plan, launcher.Options(extra_args=[sys.argv[2]], preloader=preloader))\n"
+        "sys.exit(main())\n")
+    result = subprocess.run([sys.executable, "-c", script, str(profile), marker[::-1]], capture_output=True,
+                            text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["jailer_objects"] == 0 and report["marker_strings"] == 0 and report["jailer_modules"] == []
+    assert report["fds"] == [0, 1, 2, 3] and report["ids"][2:4] == ["1", "2"]

@@ -2,12 +2,15 @@
 under `jailer run` in both start modes, which must agree (jailer.zero_exec lists what the
 exec path resets). Its argv: the reverse of MARKER (a string only the launcher held) [execve]."""
 
-import ctypes
-import gc
-import json
-import os
-import signal
 import sys
+
+PRELOADED = sorted(name for name in ("dataclasses", "logging") if name in sys.modules)   # before any import here
+
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
 
 
 def reachable_strings_with(reversed_marker: str) -> int:
@@ -39,6 +42,9 @@ def main():
     if sys.argv[2:] == ["execve"]:
         os.execv(sys.executable, [sys.executable, "-S", "-c", "pass"])
     libc = ctypes.CDLL(None, use_errno=True)
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()   # frozen objects are listed by no gc function: what is counted below must be all that lives
+    gc.collect()
     status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
     report = {
         "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
@@ -65,6 +71,8 @@ def main():
         "ids": [os.getuid(), os.getgid(), status["NoNewPrivs"], status["Seccomp"], status["CapEff"],
                 status["CapBnd"]],
         "dont_write_bytecode": sys.dont_write_bytecode,
+        "preloaded": {name: sys.modules[name].__file__ for name in PRELOADED},
+        "frozen": frozen,
     }
     print(json.dumps(report), flush=True)
 

@@ -82,7 +82,7 @@ class Cgroup:
         self.versions = versions         # controller -> 1 or 2
 
     @classmethod
-    def create(cls, plan_cgroup, name: str) -> "Cgroup":
+    def create(cls, plan_cgroup, name: str, companions=()) -> "Cgroup":
         parent_parts = [p for p in plan_cgroup.parent.split("/") if p]
         for part in parent_parts + [name]:
             if not part or not _SAFE_CHARACTERS.issuperset(part) or part in (".", ".."):
@@ -113,7 +113,7 @@ class Cgroup:
                                      f"mount the cgroup v1 {controller} hierarchy or enable it in cgroup v2")
                 directory = f"{base}/{leaf}"
                 if versions[controller] == 2:   # every v2 controller, into the one directory they share
-                    _enable_v2(base, parent_parts, controller)
+                    _enable_v2(base, parent_parts, controller, companions)
                 if directory not in directories.values():
                     from jailer.host import leftovers
 
@@ -205,8 +205,9 @@ def _kill_remaining(directory: str) -> None:
 LAUNCHER_LEAF = "jailer-launchers"
 
 
-def _enable_v2(base: str, parent_parts: list[str], controller: str) -> None:
-    """Enable `controller` in subtree_control from the launcher's cgroup down to the parent."""
+def _enable_v2(base: str, parent_parts: list[str], controller: str, companions=()) -> None:
+    """Enable `controller` in subtree_control from the launcher's cgroup down to the parent;
+    companions: the launcher's own children that move with it (the zero-exec preloader)."""
     path = base
     for part in [None] + parent_parts:
         if part is not None:
@@ -220,7 +221,7 @@ def _enable_v2(base: str, parent_parts: list[str], controller: str) -> None:
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
-            if path == base and _leave_for_leaf(base):
+            if path == base and _leave_for_leaf(base, companions):
                 _write(f"{path}/cgroup.subtree_control", f"+{controller}")
                 continue
             raise LayerError("cgroup", f"cannot enable the {controller} controller below {path}: it holds "
@@ -230,13 +231,18 @@ def _enable_v2(base: str, parent_parts: list[str], controller: str) -> None:
                              "enforcement.best_effort") from None
 
 
-def _leave_for_leaf(base: str) -> bool:
-    """Move this process from `base` into its launcher leaf; True if `base` then holds no
-    process of its own (others in it, as in a login session's cgroup, keep it busy)."""
+def _leave_for_leaf(base: str, companions=()) -> bool:
+    """Move this process and its companions from `base` into its launcher leaf; True if `base`
+    then holds no process of its own (others in it, as in a login session's cgroup, keep it busy)."""
     leaf = f"{base}/{LAUNCHER_LEAF}"
     try:
         os.makedirs(leaf, exist_ok=True)
         _write(f"{leaf}/cgroup.procs", os.getpid())
+        for pid in companions:
+            try:
+                _write(f"{leaf}/cgroup.procs", pid)
+            except ProcessLookupError:
+                pass   # (it has ended)
         with open(f"{base}/cgroup.procs") as f:
             return not f.read().split()
     except OSError:

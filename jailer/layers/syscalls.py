@@ -34,6 +34,7 @@ if _MACHINE not in _NUMBERS:
 NR = {**_NUMBERS[_MACHINE], **_COMMON}
 
 # clone(2) namespace flags
+CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -166,7 +167,8 @@ def set_process_name(name: bytes) -> None:
 class _MmMap(ctypes.Structure):   # struct prctl_mm_map
     _fields_ = [*((name, ctypes.c_uint64) for name in (
         "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
-        "arg_start", "arg_end", "env_start", "env_end", "auxv")), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_int32)]
+        "arg_start", "arg_end", "env_start", "env_end", "auxv")),
+        ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_int32)]
 
 
 def set_mm_map(**layout: int) -> None:

@@ -21,7 +21,11 @@ What an execve would have reset, and what this does instead, in this order:
   own modules and every module outside the standard library leave sys.modules, import
   hooks and caches are reset, atexit handlers dropped, the garbage collector re-enabled
   with its default thresholds and run, and what survives (the standard library's modules)
-  frozen, so that the program's collections do not walk the bigger heap;
+  frozen, so that the program's collections do not walk the bigger heap. The preloader
+  (jailer.zero_exec.preloader) froze what existed once it had imported the standard
+  library, so this collection walks only what came after; what it froze of the launcher
+  (the few modules imported before its fork) is unreachable once the frames are cleared
+  and is never collected: it stays as memory, like freed memory, not as objects;
 - the signal dispositions: every handled signal back to SIG_DFL (ignored ones stay
   ignored, as across execve), then what CPython's start-up sets (SIGPIPE and SIGXFSZ
   ignored, SIGINT raising KeyboardInterrupt); no wake-up fd;
@@ -65,6 +69,21 @@ def unsupported(runtime: str, argv) -> list[tuple[str, str, str]]:
                          '["-m", "module", ...] or ["/path/to/script.py", ...] with program.start = "zero-exec" '
                          "(interpreter options cannot apply to a running interpreter)"))
     return problems
+
+
+# Standard-library modules whose import does more than define things: they print, open a
+# browser or a window, or start a program.
+_IMPORT_SIDE_EFFECTS = ("this", "antigravity", "idlelib", "turtledemo", "__hello__", "__phello__", "__main__")
+
+
+def not_preloadable(module: str) -> str | None:
+    """Why program.preload may not name `module` (what was expected), or None when it may."""
+    top = module.split(".")[0]
+    if top not in sys.stdlib_module_names or top in _IMPORT_SIDE_EFFECTS:
+        return ("a module of the standard library whose import only defines things (preloading runs before "
+                "the sandbox exists, with the launcher's rights, so it imports only what jailer trusts as its own "
+                "code: the program imports everything else itself, inside the sandbox)")
+    return None
 
 
 def unsupported_environment(environment) -> list[str]:
@@ -170,7 +189,7 @@ def _forget_callers() -> None:
         frame = frame.f_back
 
 
-def _standard_library() -> tuple[str, ...]:
+def standard_library() -> tuple[str, ...]:
     stdlib = os.path.dirname(os.__file__)
     dynload = next((p for p in sys.path if os.path.basename(p) == "lib-dynload"), os.path.join(stdlib, "lib-dynload"))
     zipped = os.path.join(sys.base_prefix, "lib", f"python{sys.version_info[0]}{sys.version_info[1]}.zip")
@@ -192,7 +211,7 @@ def _reset_interpreter(module, script, args, argv, environment, site) -> None:
     import importlib
     import types
 
-    zipped, stdlib, dynload = _standard_library()
+    zipped, stdlib, dynload = standard_library()
     for name, module in list(sys.modules.items()):
         if name == "__main__" or not _in_standard_library(module, stdlib):
             del sys.modules[name]
@@ -240,7 +259,6 @@ def _reset_interpreter(module, script, args, argv, environment, site) -> None:
         import site as site_module
 
         site_module.main()
-    gc.unfreeze()
     gc.set_threshold(700, 10, 10)
     gc.enable()
     gc.collect()

@@ -1,0 +1,181 @@
+"""The zero-exec preloader: the sandbox's process comes from a fork made as soon as the plan
+is known, which imports what the program needs while the launcher prepares.
+
+A zero-exec program runs in a fork of the launcher, so whatever that fork has imported the
+program does not import again. `jailer run` forks this process right after resolving the
+plan (jailer.run_cli). While the launcher allocates host ids and makes the sockets, cgroups
+and launch record, this process imports, on the other CPU:
+
+- the profile's program.preload modules. Only the standard library is allowed
+  (jailer.profile refuses anything else), because these imports run before the sandbox
+  exists, with the launcher's rights. They are imported as the program would import them:
+  from the standard library's directories only, with the program's environment;
+- runpy, which starts the program, and the jailer modules the sandbox's set-up uses.
+
+When the launcher is ready to start the sandbox, it sends this process what a child of its
+own would have inherited: the descriptors (SCM_RIGHTS) and the rest as marshalled data.
+This process then clones the sandbox's process as the launcher's own child (CLONE_PARENT,
+so the launcher reaps and supervises it as before), reports its pid, and exits. Until then
+it ignores the signals the launcher forwards; when the launcher ends first, its end of the
+socket closes and this process exits as soon as it has imported.
+
+A failure here costs only time: if this process is gone, or it cannot start the sandbox,
+the launcher starts it itself (jailer.launcher).
+"""
+
+from __future__ import annotations
+
+import _signal as signal   # the C modules: `signal` and `socket` import enum (and selectors)
+import _socket as socket
+import gc
+import marshal
+import os
+import sys
+
+_MAX_FDS = 253   # SCM_MAX_FD
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # (jailer.launcher.FORWARDED_SIGNALS)
+
+
+class Preloader:
+    """The launcher's handle on the preloading process."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def fork(cls, plan) -> "Preloader | None":
+        """Fork the preloading process (which never returns here); None when the system refuses
+        (the launcher then starts the sandbox itself)."""
+        try:
+            launcher_sock, own_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except OSError:
+            return None
+        launcher_pid = os.getpid()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)   # until it ignores them (_serve)
+        try:
+            pid = os.fork()
+        except OSError:
+            launcher_sock.close()
+            own_sock.close()
+            return None
+        finally:
+            if os.getpid() == launcher_pid:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if pid == 0:
+            launcher_sock.close()
+            code = 1
+            try:
+                code = _serve(own_sock, plan, launcher_pid)
+            finally:
+                os._exit(code)
+        own_sock.close()
+        return cls(pid, launcher_sock)
+
+    def start_sandbox(self, request: dict, fds: list[int]) -> tuple[int, int] | None:
+        """(pid, clone flags) of the sandbox's process, a child of this launcher, started by the
+        preloader from `request` and `fds` (see _serve); None when the preloader could not,
+        and then it is gone and the launcher starts the sandbox itself."""
+        if self.sock is None:
+            return None
+        try:
+            self.sock.sendmsg([marshal.dumps(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))],
+                              socket.MSG_NOSIGNAL)
+            reply = self.sock.recv(4096)
+            started = marshal.loads(reply) if reply else None
+        except (OSError, ValueError, EOFError, TypeError):
+            started = None
+        if not (isinstance(started, tuple) and len(started) == 2):
+            self.stop()
+            return None
+        self.sock.close()
+        os.waitpid(self.pid, 0)   # (it exits right after its reply)
+        self.sock = self.pid = None
+        return started
+
+    def stop(self) -> None:
+        """End and reap the preloading process, unused."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = None
+
+
+def _fd_array(fds: list[int]) -> bytes:
+    return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)   # (array imports collections: 3 ms)
+
+
+def _serve(sock: socket.socket, plan, launcher_pid: int) -> int:
+    """The preloading process: import, wait for the launcher's request, start the sandbox's process."""
+    for signum in _FORWARDED:
+        signal.signal(signum, signal.SIG_IGN)   # the launcher decides what reaches the program
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)   # (blocked from before the fork until now)
+    preload(plan.program.preload, plan.environment)
+    gc.freeze()   # the standard library stays: the reset's collection (jailer.zero_exec) need not walk it
+    from jailer import launcher
+
+    launcher.import_for_child(plan)
+    message, fds = _receive_request(sock)
+    if message is None:
+        return 0
+    try:
+        child = launcher.child_from_request(plan, message, fds, launcher_pid)
+        pid, cloned = launcher.start_child(child.plan.namespaces, as_sibling=True)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 1
+    if pid == 0:
+        child.cloned = cloned
+        launcher.run_child(child, [sock.detach()])
+    try:
+        sock.send(marshal.dumps((pid, cloned)))
+    except OSError:   # the launcher is gone: so is the sandbox it would have supervised
+        os.kill(pid, signal.SIGKILL)
+        return 1
+    return 0
+
+
+def _receive_request(sock: socket.socket):
+    try:
+        data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * 4))
+    except OSError:
+        return None, []
+    fds = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4))
+    try:
+        return (marshal.loads(data) if data else None), fds
+    except (ValueError, EOFError, TypeError):
+        return None, fds
+
+
+def preload(modules, environment) -> None:
+    """Import `modules` from the standard library as the program would (its environment, the
+    standard library's directories only, no import hooks of jailer's); one that fails is
+    left for the program to import (or fail to) itself."""
+    import importlib
+
+    from jailer.zero_exec import standard_library
+
+    saved = sys.path[:], sys.meta_path[:], dict(os.environ)
+    sys.path[:] = list(standard_library())
+    sys.meta_path[:] = [finder for finder in sys.meta_path
+                        if getattr(finder, "__name__", None) in ("BuiltinImporter", "FrozenImporter", "PathFinder")]
+    os.environ.clear()
+    os.environ.update(environment)
+    try:
+        for name in ("runpy", *modules):
+            try:
+                importlib.import_module(name)
+            except Exception:   # (the program meets the same error when it imports it)
+                continue
+    finally:
+        sys.path[:], sys.meta_path[:] = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
