@@ -118,6 +118,7 @@ def test_sigkill_at_any_moment_of_start_up_leaves_nothing_once_a_run_ends_cleanl
         device.proc.wait()
         killed.append(device.proc.pid)
     time.sleep(0.2)                                  # the killed sandboxes' last processes exit
+    assert _running_with(sock, within=2.0) == []     # zero-exec's preloader too: it exits once it has imported
     last = jailed("root", scratch, "--socket-path", sock)
     last.connect(sock).close()
     hierarchies = {os.path.dirname(d) for d in _cgroups(last)}
@@ -125,6 +126,26 @@ def test_sigkill_at_any_moment_of_start_up_leaves_nothing_once_a_run_ends_cleanl
     names = {entry for parent in hierarchies for entry in os.listdir(parent)}
     assert not [name for name in names if name.rpartition(".")[2] in map(str, killed + [last.proc.pid])]
     assert not os.path.exists(sock) and not list(scratch.glob(".jailer-*"))
+
+
+def _running_with(text: str, within: float) -> list[int]:
+    """Pids of live processes whose command line holds `text`, once none does or `within` s passed."""
+    deadline = time.monotonic() + within
+    while True:
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if text.encode() in cmdline and state != b"Z" and int(entry) != os.getpid():
+                found.append(int(entry))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 # --- sockets at paths no later run uses: the launchers' records, `jailer clean` ---------
