@@ -109,6 +109,7 @@ def test_nothing_of_the_launcher_stays_reachable(invocation, reports):
     assert zero["jailer_modules"] == [] and zero["foreign_modules"] == []
     assert zero["jailer_objects"] == 0 and zero["launcher_frames"] == 0
     assert zero["marker_strings"] == 0          # the profile's path, the launcher's environment
+    assert zero["uncollected"] == {"jailer_objects": 0, "marker_strings": 0}   # not even as garbage
     assert not any(entry.startswith("JAILER_TEST_MARKER") for entry in zero["proc_environ"])
     assert zero["fds"] == [0, 1, 2, 3]          # stdio and the listing's own
     assert zero["ids"][2:] == ["1", "2", "0000000000000000", "0000000000000000"]

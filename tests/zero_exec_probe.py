@@ -44,6 +44,8 @@ def main():
     libc = ctypes.CDLL(None, use_errno=True)
     frozen = gc.get_freeze_count()
     gc.unfreeze()   # frozen objects are listed by no gc function: what is counted below must be all that lives
+    uncollected = {"jailer_objects": sum(1 for o in gc.get_objects() if type(o).__module__.startswith("jailer")),
+                   "marker_strings": reachable_strings_with(sys.argv[1])}   # (before a collection: garbage too)
     gc.collect()
     status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
     report = {
@@ -73,6 +75,7 @@ def main():
         "dont_write_bytecode": sys.dont_write_bytecode,
         "preloaded": {name: sys.modules[name].__file__ for name in PRELOADED},
         "frozen": frozen,
+        "uncollected": uncollected,
     }
     print(json.dumps(report), flush=True)
 
