@@ -78,11 +78,17 @@ _IMPORT_SIDE_EFFECTS = ("this", "antigravity", "idlelib", "turtledemo", "__hello
 
 def not_preloadable(module: str) -> str | None:
     """Why program.preload may not name `module` (what was expected), or None when it may."""
-    top = module.split(".")[0]
+    top, *rest = module.split(".")
     if top not in sys.stdlib_module_names or top in _IMPORT_SIDE_EFFECTS:
         return ("a module of the standard library whose import only defines things (preloading runs before "
                 "the sandbox exists, with the launcher's rights, so it imports only what jailer trusts as its own "
                 "code: the program imports everything else itself, inside the sandbox)")
+    stdlib = standard_library()[1]
+    if rest and os.path.isdir(stdlib):   # a submodule: a file of a standard-library package, found without importing
+        path = os.path.join(stdlib, top, *rest)
+        if not (os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py"))):
+            return (f"a module of the standard library ({os.path.join(stdlib, top, *rest[:-1])} has no "
+                    f"{rest[-1]}.py and no package {rest[-1]})")
     return None
 
 
