@@ -24,8 +24,10 @@ What an execve would have reset, and what this does instead, in this order:
   frozen, so that the program's collections do not walk the bigger heap. The preloader
   (jailer.zero_exec.preloader) froze what existed once it had imported the standard
   library, so this collection walks only what came after; what it froze of the launcher
-  (the few modules imported before its fork) is unreachable once the frames are cleared
-  and is never collected: it stays as memory, like freed memory, not as objects;
+  and is unreachable once the frames are cleared (the functions and dicts of the few jailer
+  modules imported before its fork) is never collected. A program that unfreezes can list
+  those, but no object of a jailer type and no string of the launcher's (the profile's
+  path, its environment) is among them (tests/test_zero_exec.py counts both);
 - the signal dispositions: every handled signal back to SIG_DFL (ignored ones stay
   ignored, as across execve), then what CPython's start-up sets (SIGPIPE and SIGXFSZ
   ignored, SIGINT raising KeyboardInterrupt); no wake-up fd;
@@ -195,6 +197,12 @@ def _forget_callers() -> None:
         frame = frame.f_back
 
 
+def interpreters_own_finders() -> list:
+    """sys.meta_path as CPython starts it: without jailer's import hook (or anyone's)."""
+    return [finder for finder in sys.meta_path
+            if getattr(finder, "__name__", None) in ("BuiltinImporter", "FrozenImporter", "PathFinder")]
+
+
 def standard_library() -> tuple[str, ...]:
     stdlib = os.path.dirname(os.__file__)
     dynload = next((p for p in sys.path if os.path.basename(p) == "lib-dynload"), os.path.join(stdlib, "lib-dynload"))
@@ -224,8 +232,7 @@ def _reset_interpreter(module, script, args, argv, environment, site) -> None:
     main = types.ModuleType("__main__")
     main.__builtins__ = sys.modules["builtins"]
     sys.modules["__main__"] = main
-    sys.meta_path[:] = [finder for finder in sys.meta_path
-                        if getattr(finder, "__name__", None) in ("BuiltinImporter", "FrozenImporter", "PathFinder")]
+    sys.meta_path[:] = interpreters_own_finders()
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
     atexit._clear()

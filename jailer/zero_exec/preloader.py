@@ -161,12 +161,11 @@ def preload(modules, environment) -> None:
     left for the program to import (or fail to) itself."""
     import importlib
 
-    from jailer.zero_exec import standard_library
+    from jailer.zero_exec import interpreters_own_finders, standard_library
 
     saved = sys.path[:], sys.meta_path[:], dict(os.environ)
     sys.path[:] = list(standard_library())
-    sys.meta_path[:] = [finder for finder in sys.meta_path
-                        if getattr(finder, "__name__", None) in ("BuiltinImporter", "FrozenImporter", "PathFinder")]
+    sys.meta_path[:] = interpreters_own_finders()
     os.environ.clear()
     os.environ.update(environment)
     try:
