@@ -157,6 +157,8 @@ def test_only_the_standard_library_is_preloaded_and_only_for_zero_exec(tmp_path)
                                                  'standard library',
              ('"zero-exec"', '"antigravity"'): 'program.preload[0]: found "antigravity", expected a module of the '
                                                'standard library whose import only defines things',
+             ('"zero-exec"', '"venv.__main__"'): 'program.preload[0]: found "venv.__main__", expected a module '
+                                                 "that is not a package's __main__",
              ('"zero-exec"', '"json..tool"'): 'program.preload[0]: found "json..tool", expected a module name',
              ('"zero-exec"', '"json.decodr"'): 'program.preload[0]: found "json.decodr", expected a module of the '
                                                f'standard library ({os.path.dirname(os.__file__)}/json has no '

@@ -81,6 +81,9 @@ _IMPORT_SIDE_EFFECTS = ("this", "antigravity", "idlelib", "turtledemo", "__hello
 def not_preloadable(module: str) -> str | None:
     """Why program.preload may not name `module` (what was expected), or None when it may."""
     top, *rest = module.split(".")
+    if "__main__" in rest:    # a package's __main__ runs it on import (venv.__main__ would create a venv)
+        return ("a module that is not a package's __main__ (importing one runs the package's program, "
+                "before the sandbox exists, with the launcher's rights)")
     if top not in sys.stdlib_module_names or top in _IMPORT_SIDE_EFFECTS:
         return ("a module of the standard library whose import only defines things (preloading runs before "
                 "the sandbox exists, with the launcher's rights, so it imports only what jailer trusts as its own "
