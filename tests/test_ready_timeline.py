@@ -1,4 +1,5 @@
-"""benchmarks/ready_timeline.py's reading of a kernel trace (lines as tracefs writes them)."""
+"""benchmarks/ready_timeline.py's reading of a kernel trace (lines as tracefs writes them), and
+device_ready.py's paired ratios."""
 
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+from device_ready import paired_ratio  # noqa: E402
 from ready_timeline import timeline  # noqa: E402
 
 JAILER_TRACE = """\
@@ -55,3 +57,15 @@ def test_bare_device_is_its_own_launcher():
     phases = timeline(BARE_TRACE, 300)
     assert phases["launch"] == pytest.approx(1.0) and phases["set-up"] == 0
     assert phases["device"] == pytest.approx(89.0) and phases["stall"] is None
+
+
+def test_paired_ratios_cancel_the_drift_between_rounds():
+    """The machine slows down threefold over the rounds, both variants with it: the ratio of
+    the medians still reads 1.25, and the per-round ratios all do, so the interval is tight."""
+    bwrap = [80.0 * (1 + i / 10) for i in range(21)]
+    zero = [1.25 * b for b in bwrap]
+    assert paired_ratio(zero, bwrap) == pytest.approx((1.25, 1.25, 1.25))
+    noisy = [z * (1.1 if i % 2 else 0.95) for i, z in enumerate(zero)]
+    middle, low, high = paired_ratio(noisy, bwrap)
+    assert low <= middle <= high and low >= 1.25 * 0.95 - 1e-9 and high <= 1.25 * 1.1 + 1e-9
+    assert paired_ratio(noisy, bwrap) == (middle, low, high)    # the same samples, the same interval
