@@ -10,10 +10,11 @@ sched_process_exec, sched_process_fork and accept4 and prints the medians of:
   launch      spawn -> the launcher's first fork: jailer's interpreter start, imports, cached
               plan, sockets and cgroup (zero-exec: only the cached plan, then the preloader
               forks); setpriv's and bwrap's start for bwrap
-  preload     (zero) the preloader's fork -> its clone of the sandbox's process: the
-              program.preload imports, in parallel with the launcher's sockets, cgroups and
-              records (jailer.zero_exec.preloader)
-  set-up      the fork (zero: the clone) -> the device's exec (zero-exec: the sandbox's
+  preload     (zero) the preloader's start (the sandbox's process, made by the launcher's
+              first fork) -> its first unshare: the program.preload imports, in parallel
+              with the launcher's sockets, cgroups and records, then jailer's set-up
+              modules and the launcher's request (jailer.zero_exec.preloader)
+  set-up      the fork (zero: that unshare) -> the device's exec (zero-exec: the sandbox's
               process renaming itself to the interpreter's name, jailer.zero_exec): the
               sandbox built in the child(ren)
   device      the device's exec (or that rename) -> its first accept4 (it is serving): the device's own start-up
@@ -36,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import device_ready  # noqa: E402
 
 TRACEFS = "/sys/kernel/tracing"
-EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "task/task_rename", "syscalls/sys_enter_accept4")
+EVENTS = ("sched/sched_process_exec", "sched/sched_process_fork", "task/task_rename", "syscalls/sys_enter_accept4",
+          "syscalls/sys_enter_unshare")
 LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): (\w+)[:(] ?(.*)")
 PHASES = ("launch", "preload", "set-up", "device", "stall", "ready")
 
@@ -59,8 +61,9 @@ def record(events: bool):
 
 def timeline(text: str, launcher_pid: int, preloads: bool = False) -> dict:
     """Phase durations in ms from one trace of one start (see the module docstring); preloads:
-    the launcher's first fork is the zero-exec preloader, which clones the sandbox's process."""
-    spawn = first_fork = preloader = clone = device_exec = device_pid = monitor_exec = accept = None
+    the launcher's first fork is the zero-exec preloader, the sandbox's process, whose set-up
+    begins with its first unshare."""
+    spawn = first_fork = preloader = unshared = device_exec = device_pid = monitor_exec = accept = None
     for line in text.splitlines():
         match = LINE.search(line)
         if not match:
@@ -72,8 +75,8 @@ def timeline(text: str, launcher_pid: int, preloads: bool = False) -> dict:
             continue
         elif event == "sched_process_fork" and first_fork is None and f" pid={launcher_pid} " in f" {fields} ":
             first_fork, preloader = stamp, int(fields.split("child_pid=")[1].split()[0])
-        elif event == "sched_process_fork" and preloads and clone is None and f" pid={preloader} " in f" {fields} ":
-            clone = stamp
+        elif event == "sys_unshare" and preloads and unshared is None and pid == preloader:
+            unshared = stamp
         elif event == "sched_process_exec" and "jailer-monitor" in fields:
             monitor_exec = stamp
         elif event == "sched_process_exec" and "python" in fields.split("filename=")[1].split()[0]:
@@ -84,7 +87,7 @@ def timeline(text: str, launcher_pid: int, preloads: bool = False) -> dict:
         elif event == "sys_accept4" and pid == device_pid and accept is None:
             accept = stamp
     first_fork = first_fork if first_fork is not None and first_fork < device_exec else device_exec
-    started = clone if preloads and clone is not None else first_fork
+    started = unshared if preloads and unshared is not None else first_fork
     return {"launch": first_fork - spawn, "preload": started - first_fork if preloads else None,
             "set-up": device_exec - started, "device": accept - device_exec,
             "stall": monitor_exec - device_exec if monitor_exec is not None else None}

@@ -4,14 +4,14 @@ Processes (outer pids are the launcher's view):
 
   launcher   stays outside: writes the id maps, owns the cgroup and the veth host end,
              forwards SIGTERM/SIGINT/SIGHUP, answers seccomp notifications, reports status.
-  preloader  (zero-exec under `jailer run`) a fork of the launcher made as soon as the plan
-             is known: it imports program.preload while the launcher prepares, then makes
-             the setup child as the launcher's own (CLONE_PARENT) from what the launcher
-             sends it, and exits (jailer.zero_exec.preloader). Without it, or when it
-             fails, the launcher forks the setup child itself.
   setup      the child. With a pid namespace it is cloned straight into it (and into the
              user namespace, which must own it) and is the sandbox's pid 1 from the start;
              it joins the cgroup, unshares the other namespaces and waits for its maps.
+             Under `jailer run` of a zero-exec plan it is made as soon as the plan is
+             known and imports program.preload while the launcher prepares, then takes
+             what a later child would have inherited from the launcher's request (the
+             preloader, jailer.zero_exec.preloader); without it, or when it fails, the
+             launcher makes the child once it is ready.
              When that clone is refused (or without a pid namespace) it is a plain fork
              that unshares everything itself, which names the failing layer (or skips a
              best-effort one); it then forks pid 1 and waits for it (a process cannot
@@ -406,7 +406,7 @@ class _Launch:
         if started is not None:
             pid, cloned = started
         else:
-            pid, cloned = start_child(self.plan.namespaces)
+            pid, cloned = namespaces.start_child(self.plan.namespaces)
         if pid == 0:
             signal.set_wakeup_fd(-1)
             child = _Child(self.plan, self.enforcement, child_sock.detach(), exec_w, launcher_pid,
@@ -967,34 +967,6 @@ def import_for_child(plan) -> None:
         from jailer.layers import cgroups  # noqa: F401
     if getattr(plan.identity, "host_ids", "shared") != "shared" and os.geteuid() == 0:
         from jailer.host import host_ids  # noqa: F401
-
-
-def start_child(namespaces_plan, as_sibling: bool = False) -> tuple[int, int]:
-    """(pid, clone flags it was created with) of the sandbox's first process. With a pid
-    namespace the child is cloned straight into it (and into the user namespace, which must
-    own it) as its pid 1, which saves the fork a child that unshared would need; when that
-    clone is refused, a plain fork takes the unshare path, which tells exactly which layer
-    failed (or skips it). as_sibling: the child is this process's parent's (CLONE_PARENT),
-    as the zero-exec preloader makes it for the launcher."""
-    from jailer.layers import syscalls
-
-    sibling = syscalls.CLONE_PARENT if as_sibling else 0
-    if not namespaces_plan.pid or len(os.listdir("/proc/self/task")) > 1:
-        # a raw clone skips glibc's fork handlers (its malloc locks), which another
-        # thread of a process embedding the launcher might hold: fork there
-        return (syscalls.clone_process(sibling) if sibling else os.fork()), 0
-    flags = syscalls.CLONE_NEWPID | (syscalls.CLONE_NEWUSER if namespaces_plan.user else 0)
-    groups = None
-    if namespaces_plan.user and os.geteuid() == 0:
-        groups = os.getgroups()   # root's supplementary groups cannot be dropped inside the new userns
-        os.setgroups([])
-    try:
-        pid = syscalls.clone_process(flags | sibling)
-    except OSError:
-        pid, flags = (syscalls.clone_process(sibling) if sibling else os.fork()), 0
-    if pid != 0 and groups is not None:
-        os.setgroups(groups)
-    return pid, flags
 
 
 def run_child(child, close: list[int]) -> None:

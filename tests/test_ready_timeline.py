@@ -39,16 +39,18 @@ ZERO_TRACE = """\
           jailer-400     [000] .....  3000.001000: sched_process_exec: filename=/r/.venv/bin/jailer pid=400 old_pid=400
           jailer-400     [001] .....  3000.017000: sched_process_fork: comm=jailer pid=400 child_comm=jailer child_pid=401
           jailer-400     [001] .....  3000.035000: sched_process_fork: comm=jailer pid=400 child_comm=jailer child_pid=499
-          jailer-401     [000] .....  3000.070000: sched_process_fork: comm=jailer pid=401 child_comm=jailer child_pid=402
-          jailer-402     [000] .....  3000.078000: task_rename: pid=402 oldcomm=jailer newcomm=python oom_score_adj=0
+          jailer-499     [000] .....  3000.036000: sys_unshare(unshare_flags: 0x20000)
+          jailer-401     [000] .....  3000.070000: sys_unshare(unshare_flags: 0x6c020000)
+          jailer-401     [000] .....  3000.071000: sys_unshare(unshare_flags: 0x20000)
+          jailer-401     [000] .....  3000.078000: task_rename: pid=401 oldcomm=jailer newcomm=python oom_score_adj=0
   jailer-monitor-400     [001] .....  3000.081000: sched_process_exec: filename=/r/jailer/jailer-monitor pid=400 old_pid=400
-          python-402     [000] .....  3000.108000: sys_accept4(fd: 3, upeer_sockaddr: 0x1, upeer_addrlen: 0x2, flags: 0x80000)
+          python-401     [000] .....  3000.108000: sys_accept4(fd: 3, upeer_sockaddr: 0x1, upeer_addrlen: 0x2, flags: 0x80000)
 """
 
 
 def test_zero_exec_phases_split_the_preloader_from_the_set_up():
-    """The launcher's first fork is the preloader (401), whose clone (402) becomes the device;
-    another fork of the launcher's own (499) is not the sandbox's."""
+    """The launcher's first fork is the preloader (401), which becomes the device; its first
+    unshare starts the set-up. Another fork of the launcher's own (499) is not the sandbox's."""
     phases = timeline(ZERO_TRACE, 400, preloads=True)
     assert phases == pytest.approx({"launch": 17.0, "preload": 53.0, "set-up": 8.0, "device": 30.0, "stall": 3.0})
 

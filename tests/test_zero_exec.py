@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -198,6 +199,36 @@ def test_the_preloader_ignores_forwarded_signals_and_ends_with_its_launcher(read
     assert exited(preloader.pid, within=0.5) is None
     preloader.sock.close()     # the launcher's end closes (as when it ends) without asking for a sandbox
     assert os.waitstatus_to_exitcode(exited(preloader.pid)) == 0
+
+
+def test_the_preloader_is_the_sandboxs_process(readable_dir):
+    """The process that imported while the launcher prepared is the one that runs the program:
+    no second clone (of a process that has imported everything) on the way to the device."""
+    if os.geteuid() != 0:
+        pytest.skip("runs the launcher in this invocation, as root")
+    marker = f"preloader-{uuid.uuid4().hex}"
+    profile = probe_profile(readable_dir, marker, "zero-exec")
+    profile.write_text(profile.read_text() + '[namespaces]\npid1 = "program"\n')   # no reaper: the program is pid 1
+    script = (
+        "import sys\n"
+        "def main():\n"
+        "    import os\n"
+        "    from jailer import launcher\n"
+        "    from jailer.profile import build_plan\n"
+        "    from jailer.zero_exec.preloader import Preloader\n"
+        "    plan = build_plan(sys.argv[1])\n"
+        "    preloader = Preloader.fork(plan)\n"
+        "    os.write(2, f'preloader {preloader.pid}\\n'.encode())\n"
+        "    return launcher.run(plan, launcher.Options(extra_args=[sys.argv[2]], preloader=preloader, status_fd=2))\n"
+        "sys.exit(main())\n")
+    result = subprocess.run([sys.executable, "-c", script, str(profile), marker[::-1]], capture_output=True,
+                            text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    preloader = int(re.search(r"^preloader (\d+)$", result.stderr, re.M).group(1))
+    started = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"event":"started"')]
+    assert [event["pid"] for event in started] == [preloader]
+    report = json.loads(result.stdout)
+    assert list(report["preloaded"]) == list(PRELOAD) and report["jailer_objects"] == 0
 
 
 def test_without_its_preloader_the_launcher_starts_the_sandbox_itself(readable_dir):

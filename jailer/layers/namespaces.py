@@ -109,3 +109,27 @@ def outside_id(inside: int, id_map) -> int:
         if entry.inside <= inside < entry.inside + entry.count:
             return entry.outside + inside - entry.inside
     return inside
+
+
+def start_child(namespaces_plan) -> tuple[int, int]:
+    """(pid, clone flags it was created with) of the sandbox's first process. With a pid
+    namespace the child is cloned straight into it (and into the user namespace, which must
+    own it) as its pid 1, which saves the fork a child that unshared would need; when that
+    clone is refused, a plain fork takes the unshare path, which tells exactly which layer
+    failed (or skips it)."""
+    if not namespaces_plan.pid or len(os.listdir("/proc/self/task")) > 1:
+        # a raw clone skips glibc's fork handlers (its malloc locks), which another
+        # thread of a process embedding the launcher might hold: fork there
+        return os.fork(), 0
+    flags = syscalls.CLONE_NEWPID | (syscalls.CLONE_NEWUSER if namespaces_plan.user else 0)
+    groups = None
+    if namespaces_plan.user and os.geteuid() == 0:
+        groups = os.getgroups()   # root's supplementary groups cannot be dropped inside the new userns
+        os.setgroups([])
+    try:
+        pid = syscalls.clone_process(flags)
+    except OSError:
+        pid, flags = os.fork(), 0
+    if pid != 0 and groups is not None:
+        os.setgroups(groups)
+    return pid, flags

@@ -1,26 +1,31 @@
-"""The zero-exec preloader: the sandbox's process comes from a fork made as soon as the plan
-is known, which imports what the program needs while the launcher prepares.
+"""The zero-exec preloader: the sandbox's process is created as soon as the plan is known,
+and imports what the program needs while the launcher prepares.
 
-A zero-exec program runs in a fork of the launcher, so whatever that fork has imported the
-program does not import again. `jailer run` forks this process right after resolving the
-plan (jailer.run_cli). While the launcher allocates host ids and makes the sockets, cgroups
-and launch record, this process imports, on the other CPU:
+A zero-exec program runs in the sandbox's first process, in the interpreter it inherited
+from the launcher, so whatever that process has imported the program does not import
+again. `jailer run` creates it right after resolving the plan (jailer.run_cli), exactly as
+the launcher would create the sandbox's first process later: cloned straight into the new
+user and pid namespaces as their pid 1 (jailer.layers.namespaces.start_child), not yet
+mapped to any id. While the launcher allocates host ids and makes the sockets, cgroups and
+launch record, this process imports, on the other CPU:
 
 - the profile's program.preload modules. Only the standard library is allowed
   (jailer.profile refuses anything else), because these imports run before the sandbox
-  exists, with the launcher's rights. They are imported as the program would import them:
-  from the standard library's directories only, with the program's environment;
+  is built, with the launcher's access to files. They are imported as the program would
+  import them: from the standard library's directories only, with the program's
+  environment;
 - runpy, which starts the program, and the jailer modules the sandbox's set-up uses.
 
 When the launcher is ready to start the sandbox, it sends this process what a child of its
 own would have inherited: the descriptors (SCM_RIGHTS) and the rest as marshalled data.
-This process then clones the sandbox's process as the launcher's own child (CLONE_PARENT,
-so the launcher reaps and supervises it as before), reports its pid, and exits. Until then
-it ignores the signals the launcher forwards; when the launcher ends first, its end of the
-socket closes and this process exits as soon as it has imported.
+This process acknowledges it and goes on as the launcher's setup child (jailer.launcher):
+it joins the cgroup, unshares the other namespaces, waits for its id maps, builds the
+sandbox and runs the program. Until then it ignores the signals the launcher forwards;
+when the launcher ends first, its end of the socket closes and this process exits as soon
+as it has imported.
 
-A failure here costs only time: if this process is gone, or it cannot start the sandbox,
-the launcher starts it itself (jailer.launcher).
+A failure here costs only time: if this process is gone, or it cannot take the request,
+the launcher starts the sandbox's process itself (jailer.launcher).
 """
 
 from __future__ import annotations
@@ -34,19 +39,23 @@ import sys
 
 _MAX_FDS = 253   # SCM_MAX_FD
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # (jailer.launcher.FORWARDED_SIGNALS)
+_TAKEN = b"taken"   # the preloading process's answer: it is the sandbox's process from now on
 
 
 class Preloader:
     """The launcher's handle on the preloading process."""
 
-    def __init__(self, pid: int, sock: socket.socket):
+    def __init__(self, pid: int, cloned: int, sock: socket.socket):
         self.pid = pid
+        self.cloned = cloned    # the namespaces it was cloned into (jailer.layers.namespaces.start_child)
         self.sock = sock
 
     @classmethod
     def fork(cls, plan) -> "Preloader | None":
-        """Fork the preloading process (which never returns here); None when the system refuses
-        (the launcher then starts the sandbox itself)."""
+        """Create the preloading process (which never returns here); None when the system
+        refuses (the launcher then starts the sandbox's process itself)."""
+        from jailer.layers import namespaces
+
         try:
             launcher_sock, own_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         except OSError:
@@ -54,7 +63,7 @@ class Preloader:
         launcher_pid = os.getpid()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)   # until it ignores them (_serve)
         try:
-            pid = os.fork()
+            pid, cloned = namespaces.start_child(plan.namespaces)
         except OSError:
             launcher_sock.close()
             own_sock.close()
@@ -66,31 +75,30 @@ class Preloader:
             launcher_sock.close()
             code = 1
             try:
-                code = _serve(own_sock, plan, launcher_pid)
+                code = _serve(own_sock, plan, launcher_pid, cloned)
             finally:
                 os._exit(code)
         own_sock.close()
-        return cls(pid, launcher_sock)
+        return cls(pid, cloned, launcher_sock)
 
     def start_sandbox(self, request: dict, fds: list[int]) -> tuple[int, int] | None:
-        """(pid, clone flags) of the sandbox's process, a child of this launcher, started by the
-        preloader from `request` and `fds` (see _serve); None when the preloader could not,
-        and then it is gone and the launcher starts the sandbox itself."""
+        """(pid, clone flags) of the sandbox's first process, which is this preloading process
+        once it has taken `request` and `fds` (see _serve); None when it could not, and then
+        it is gone and the launcher starts the sandbox's process itself."""
         if self.sock is None:
             return None
         try:
             self.sock.sendmsg([marshal.dumps(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))],
                               socket.MSG_NOSIGNAL)
-            reply = self.sock.recv(4096)
-            started = marshal.loads(reply) if reply else None
-        except (OSError, ValueError, EOFError, TypeError):
-            started = None
-        if not (isinstance(started, tuple) and len(started) == 2):
+            taken = self.sock.recv(16) == _TAKEN
+        except OSError:
+            taken = False
+        if not taken:
             self.stop()
             return None
         self.sock.close()
-        os.waitpid(self.pid, 0)   # (it exits right after its reply)
-        self.sock = self.pid = None
+        started = self.pid, self.cloned
+        self.sock = self.pid = None   # the sandbox's process now: the launcher supervises it
         return started
 
     def stop(self) -> None:
@@ -111,8 +119,8 @@ def _fd_array(fds: list[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)   # (array imports collections: 3 ms)
 
 
-def _serve(sock: socket.socket, plan, launcher_pid: int) -> int:
-    """The preloading process: import, wait for the launcher's request, start the sandbox's process."""
+def _serve(sock: socket.socket, plan, launcher_pid: int, cloned: int) -> int | None:
+    """The preloading process: import, wait for the launcher's request, go on as the setup child."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_IGN)   # the launcher decides what reaches the program
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)   # (blocked from before the fork until now)
@@ -126,18 +134,11 @@ def _serve(sock: socket.socket, plan, launcher_pid: int) -> int:
         return 0
     try:
         child = launcher.child_from_request(plan, message, fds, launcher_pid)
-        pid, cloned = launcher.start_child(child.plan.namespaces, as_sibling=True)
+        sock.send(_TAKEN)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return 1
-    if pid == 0:
-        child.cloned = cloned
-        launcher.run_child(child, [sock.detach()])
-    try:
-        sock.send(marshal.dumps((pid, cloned)))
-    except OSError:   # the launcher is gone: so is the sandbox it would have supervised
-        os.kill(pid, signal.SIGKILL)
-        return 1
-    return 0
+    child.cloned = cloned
+    launcher.run_child(child, [sock.detach()])   # (never returns)
 
 
 def _receive_request(sock: socket.socket):
