@@ -201,6 +201,33 @@ def test_the_preloader_ignores_forwarded_signals_and_ends_with_its_launcher(read
     assert os.waitstatus_to_exitcode(exited(preloader.pid)) == 0
 
 
+def run_with_preloader(profile: Path, marker: str, kill_preloader: bool):
+    """Run `profile` through launcher.run in a fresh interpreter with a preloader, as `jailer
+    run` does (all in a function: a module's globals are not the launcher's to clear); the
+    preloader's pid is printed first on stderr, then the status events."""
+    script = (
+        "import sys\n"
+        "def main():\n"
+        "    import os, signal\n"
+        "    from jailer import launcher\n"
+        "    from jailer.profile import build_plan\n"
+        "    from jailer.zero_exec.preloader import Preloader\n"
+        "    plan = build_plan(sys.argv[1])\n"
+        "    preloader = Preloader.fork(plan)\n"
+        "    os.write(2, f'preloader {preloader.pid}\\n'.encode())\n"
+        "    if sys.argv[3] == 'kill':\n"
+        "        os.kill(preloader.pid, signal.SIGKILL)\n"
+        "    return launcher.run(plan, launcher.Options(extra_args=[sys.argv[2]], preloader=preloader, status_fd=2))\n"
+        "sys.exit(main())\n")
+    result = subprocess.run([sys.executable, "-c", script, str(profile), marker[::-1], "kill" if kill_preloader else ""],
+                            capture_output=True, text=True, timeout=60, cwd="/",
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    preloader = int(re.search(r"^preloader (\d+)$", result.stderr, re.M).group(1))
+    started = [json.loads(line)["pid"] for line in result.stderr.splitlines() if line.startswith('{"event":"started"')]
+    return preloader, started, json.loads(result.stdout)
+
+
 def test_the_preloader_is_the_sandboxs_process(readable_dir):
     """The process that imported while the launcher prepared is the one that runs the program:
     no second clone (of a process that has imported everything) on the way to the device."""
@@ -209,25 +236,8 @@ def test_the_preloader_is_the_sandboxs_process(readable_dir):
     marker = f"preloader-{uuid.uuid4().hex}"
     profile = probe_profile(readable_dir, marker, "zero-exec")
     profile.write_text(profile.read_text() + '[namespaces]\npid1 = "program"\n')   # no reaper: the program is pid 1
-    script = (
-        "import sys\n"
-        "def main():\n"
-        "    import os\n"
-        "    from jailer import launcher\n"
-        "    from jailer.profile import build_plan\n"
-        "    from jailer.zero_exec.preloader import Preloader\n"
-        "    plan = build_plan(sys.argv[1])\n"
-        "    preloader = Preloader.fork(plan)\n"
-        "    os.write(2, f'preloader {preloader.pid}\\n'.encode())\n"
-        "    return launcher.run(plan, launcher.Options(extra_args=[sys.argv[2]], preloader=preloader, status_fd=2))\n"
-        "sys.exit(main())\n")
-    result = subprocess.run([sys.executable, "-c", script, str(profile), marker[::-1]], capture_output=True,
-                            text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    preloader = int(re.search(r"^preloader (\d+)$", result.stderr, re.M).group(1))
-    started = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"event":"started"')]
-    assert [event["pid"] for event in started] == [preloader]
-    report = json.loads(result.stdout)
+    preloader, started, report = run_with_preloader(profile, marker, kill_preloader=False)
+    assert started == [preloader]
     assert list(report["preloaded"]) == list(PRELOAD) and report["jailer_objects"] == 0
 
 
@@ -237,22 +247,8 @@ def test_without_its_preloader_the_launcher_starts_the_sandbox_itself(readable_d
     if os.geteuid() != 0:
         pytest.skip("runs the launcher in this invocation, as root")
     marker = f"launcher-only-{uuid.uuid4().hex}"
-    profile = probe_profile(readable_dir, marker, "zero-exec")
-    script = (   # (all in a function, as `jailer run` has it: a module's globals are not the launcher's to clear)
-        "import sys\n"
-        "def main():\n"
-        "    import os, signal\n"
-        "    from jailer import launcher\n"
-        "    from jailer.profile import build_plan\n"
-        "    from jailer.zero_exec.preloader import Preloader\n"
-        "    plan = build_plan(sys.argv[1])\n"
-        "    preloader = Preloader.fork(plan)\n"
-        "    os.kill(preloader.pid, signal.SIGKILL)\n"
-        "    return launcher.run(plan, launcher.Options(extra_args=[sys.argv[2]], preloader=preloader))\n"
-        "sys.exit(main())\n")
-    result = subprocess.run([sys.executable, "-c", script, str(profile), marker[::-1]], capture_output=True,
-                            text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    preloader, started, report = run_with_preloader(probe_profile(readable_dir, marker, "zero-exec"), marker,
+                                                    kill_preloader=True)
+    assert len(started) == 1 and started != [preloader]
     assert report["jailer_objects"] == 0 and report["marker_strings"] == 0 and report["jailer_modules"] == []
     assert report["fds"] == [0, 1, 2, 3] and report["ids"][2:4] == ["1", "2"]
