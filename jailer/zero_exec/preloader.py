@@ -143,7 +143,8 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, cloned: int) -> int | N
 
 def _receive_request(sock: socket.socket):
     try:
-        data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * 4))
+        size = sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)   # (the request's length:
+        data, ancillary, _, _ = sock.recvmsg(max(size, 1), socket.CMSG_SPACE(_MAX_FDS * 4))   # no bigger buffer)
     except OSError:
         return None, []
     fds = []
