@@ -7,15 +7,15 @@ Processes (outer pids are the launcher's view):
   setup      the child. With a pid namespace it is cloned straight into it (and into the
              user namespace, which must own it) and is the sandbox's pid 1 from the start;
              it joins the cgroup, unshares the other namespaces and waits for its maps.
+             When that clone is refused (or without a pid namespace) it is a plain fork
+             that unshares everything itself, which names the failing layer (or skips a
+             best-effort one); it then forks pid 1 and waits for it (a process cannot
+             enter a new pid namespace itself), staying outside as a fourth process.
              Under `jailer run` of a zero-exec plan it is made as soon as the plan is
              known and imports program.preload while the launcher prepares, then takes
              what a later child would have inherited from the launcher's request (the
              preloader, jailer.zero_exec.preloader); without it, or when it fails, the
              launcher makes the child once it is ready.
-             When that clone is refused (or without a pid namespace) it is a plain fork
-             that unshares everything itself, which names the failing layer (or skips a
-             best-effort one); it then forks pid 1 and waits for it (a process cannot
-             enter a new pid namespace itself), staying outside as a fourth process.
   pid 1      inside every namespace: builds the sandbox, then either execs the program
              (pid1 = "program") or forks it and stays as a tiny reaper (pid1 = "reaper",
              the default) that reaps orphans, forwards SIGTERM/SIGINT/SIGHUP to the
