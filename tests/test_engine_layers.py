@@ -69,6 +69,15 @@ def test_namespace_refused_for_an_unprivileged_caller_without_a_user_namespace()
     assert result.stderr.startswith("jailer: cannot apply layer 'mount_namespace'")
 
 
+def test_a_proc_without_its_own_pid_namespace_is_refused_with_the_way_out():
+    plan = plan_for("root", "echo should-not-run", namespaces=NamespacesPlan(pid=False))
+    result = run(plan)
+    assert result.returncode == 3 and "should-not-run" not in result.stdout
+    assert result.stderr.startswith("jailer: cannot apply layer 'pivot_root': proc /proc: Operation not "
+                                    "permitted")
+    assert "keep namespaces.pid = true" in result.stderr and "filesystem.proc = false" in result.stderr
+
+
 def test_cgroup_is_removed_when_a_later_layer_refuses_to_start():
     limits = LimitsPlan(cgroup=CgroupPlan(pids_max=16))
     plan = plan_for("root", "true", limits=limits)

@@ -26,6 +26,8 @@ NEW_ROOT_MOUNTPOINT = "/tmp"
 OLD_ROOT = "/.oldroot"
 READ_ONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
 _FIX = "check the paths in the profile's [filesystem] section (`jailer show` prints the resolved plan)"
+_FIX_PROC = ("keep namespaces.pid = true (from a new user namespace, /proc can be mounted only for a pid namespace "
+             "that namespace owns), or set filesystem.proc = false")
 
 
 class _SocketDirectory:
@@ -184,7 +186,8 @@ def _mount_entry(target, kind, item, sources, uid, gid, tree) -> None:
             source = item.source if kind == "bind" else item
             _bind(sources[source], target, kind == "bind" and item.writable, kind == "device", tree)
     except OSError as exc:
-        raise LayerError("pivot_root", f"{kind} {target}: {exc.strerror}", _FIX) from None
+        fix = _FIX_PROC if kind == "proc" else _FIX
+        raise LayerError("pivot_root", f"{kind} {target}: {exc.strerror}", fix) from None
 
 
 def _bind(source_fd: int, target: str, writable: bool, device: bool, tree) -> None:
