@@ -12,8 +12,9 @@ sched_process_exec, sched_process_fork and accept4 and prints the medians of:
               forks); setpriv's and bwrap's start for bwrap
   preload     (zero) the preloader's start (the sandbox's process, made by the launcher's
               first fork) -> its first unshare: the program.preload imports, in parallel
-              with the launcher's sockets, cgroups and records, then jailer's set-up
-              modules and the launcher's request (jailer.zero_exec.preloader)
+              with the launcher's sockets, cgroups and records and the builder's namespaces
+              and root, then jailer's set-up modules, the launcher's request, the cgroup
+              join and entering the built namespaces (jailer.zero_exec.preloader)
   set-up      the fork (zero: that unshare) -> the device's exec (zero-exec: the sandbox's
               process renaming itself to the interpreter's name, jailer.zero_exec): the
               sandbox built in the child(ren)

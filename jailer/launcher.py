@@ -16,6 +16,14 @@ Processes (outer pids are the launcher's view):
              what a later child would have inherited from the launcher's request (the
              preloader, jailer.zero_exec.preloader); without it, or when it fails, the
              launcher makes the child once it is ready.
+  builder    (with the preloader, a mount namespace and no veth) a fork of the launcher
+             that enters the preloader's user and pid namespaces and forks into them a
+             process (pid 2 there, for its few milliseconds) that does steps 2-5 below
+             for the mount, net, ipc and uts namespaces while the preloader still
+             imports; the launcher keeps fds of those namespaces, the builder ends, and
+             the preloader enters them with setns when it takes the request (so the
+             program of a reaper is pid 3). When the builder fails, the preloader does
+             steps 2-5 itself.
   pid 1      inside every namespace: builds the sandbox, then either execs the program
              (pid1 = "program") or forks it and stays as a tiny reaper (pid1 = "reaper",
              the default) that reaps orphans, forwards SIGTERM/SIGINT/SIGHUP to the
@@ -99,6 +107,8 @@ from jailer.errors import JailerError, LayerError, UsageError
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SETUP_FAILED = 125
 _GRAB_TIMEOUT = 5.0
+_BUILD_TIMEOUT = 5.0   # seconds the namespaces built beside the preloader may take (else it builds them)
+_NS_FILES = {"mount_namespace": "mnt", "net_namespace": "net", "ipc_namespace": "ipc", "uts_namespace": "uts"}
 HAND_OVER_AFTER = 0.1   # seconds a program without start-up notifications runs before the monitor takes over
 _GRAB_PAUSES = (0.00005, 0.0001, 0.0002, 0.0005)   # seconds between pidfd_getfd attempts, then poll's 1 ms
 _GRAB_FIX = ("pidfd_getfd needs ptrace access to the sandbox: run the launcher with CAP_SYS_PTRACE (or, "
@@ -182,6 +192,7 @@ class _Launch:
         self.ready_failure = None       # why the program never became ready (it was killed for it)
         self.cgroup = None
         self.setup_pid = None
+        self.maps_written = None        # the pid whose id maps are written (the zero-exec preloader's, early)
         self.program_pid = None         # outer pid of the program
         self.error = None               # _error_fields of the first failure
         self.program_status = None
@@ -400,9 +411,13 @@ class _Launch:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         launcher_pid = os.getpid()
         started = None
+        self.bind_sources = None
         if self.options.preloader is not None:
+            built = self._build_beside(self.options.preloader)
             started = self.options.preloader.start_sandbox(*self._child_request(child_sock, exec_w, argv, environment,
-                                                                                bpf))
+                                                                                bpf, built))
+            for _, fd in built or ():
+                os.close(fd)   # (the preloader holds them now, or they are not needed)
         if started is not None:
             pid, cloned = started
         else:
@@ -413,7 +428,8 @@ class _Launch:
                            self.manifest.entries, argv, environment, bpf, self.listen, self.cgroup, cloned)
             run_child(child, [parent_sock.detach(), exec_r, wake_r, wake_w])
         self.setup_pid = pid
-        self.bind_sources = self._check_bind_sources()   # while the child unshares
+        if self.bind_sources is None:
+            self.bind_sources = self._check_bind_sources()   # while the child unshares
         child_sock.close()
         os.close(exec_w)
         try:
@@ -428,17 +444,81 @@ class _Launch:
             if self.listener is not None:
                 os.close(self.listener)
 
-    def _child_request(self, child_sock, exec_w, argv, environment, bpf) -> tuple[dict, list[int]]:
+    def _child_request(self, child_sock, exec_w, argv, environment, bpf, built) -> tuple[dict, list[int]]:
         """What the sandbox's process would inherit from a fork of this launcher now, for the
         zero-exec preloader (jailer.zero_exec.preloader), which started before most of it existed:
-        the data, and the descriptors (the set-up socket, the exec pipe, then the manifest's)."""
+        the data, and the descriptors (the set-up socket, the exec pipe, the manifest's, then
+        the namespaces built beside it, when they were: see _build_beside)."""
         specs = list(self.plan.fds)
         host_id = self.enforcement.applied.get("host_ids", {}).get("uid") if self.host_id_made else None
+        layers, namespace_fds = zip(*built) if built else ((), ())
         request = {"argv": list(argv), "environment": dict(environment), "bpf": bpf, "listen": self.listen,
                    "applied": self.enforcement.applied, "skipped": self.enforcement.skipped, "host_id": host_id,
-                   "specs": [specs.index(spec) for spec, _ in self.manifest.entries],
+                   "specs": [specs.index(spec) for spec, _ in self.manifest.entries], "built": list(layers),
                    "cgroup": (self.cgroup.directories, self.cgroup.versions) if self.cgroup is not None else None}
-        return request, [child_sock.fileno(), exec_w, *(fd for _, fd in self.manifest.entries)]
+        return request, [child_sock.fileno(), exec_w, *(fd for _, fd in self.manifest.entries), *namespace_fds]
+
+    def _build_beside(self, preloader) -> list[tuple[str, int]] | None:
+        """Build the sandbox's mount, net, ipc and uts namespaces and its root while the zero-exec
+        preloader still imports, so that it only enters them (setns) when it takes the request:
+        its id maps are written now, and a builder process, forked into its user and pid
+        namespaces (so the /proc it mounts is the sandbox's), unshares, mounts and pivots as
+        the setup child would (_run_builder). [(layer, fd of the namespace)], or None when the
+        plan does not allow it or anything failed: the preloader then does it all itself,
+        which reports the failure."""
+        from jailer.layers import syscalls
+
+        plan = self.plan
+        both = syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWPID
+        if not (preloader.pid and preloader.cloned & both == both and plan.namespaces.mount
+                and plan.network.mode != "veth"):
+            return None
+        self.bind_sources = self._check_bind_sources()
+        if self.bind_sources[1] is not None:
+            return None
+        try:
+            namespaces.write_id_maps(preloader.pid, plan.identity)
+        except JailerError:
+            return None
+        self.maps_written = preloader.pid
+        try:
+            user_fd = os.open(f"/proc/{preloader.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            pid_fd = os.open(f"/proc/{preloader.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
+        launcher_pid = os.getpid()
+        builder = os.fork()
+        if builder == 0:
+            code = 1
+            try:
+                code = _run_builder(plan, theirs.fileno(), user_fd, pid_fd, self.bind_sources, launcher_pid)
+            finally:
+                os._exit(code)
+        theirs.close()
+        os.close(user_fd)
+        os.close(pid_fd)
+        built = None
+        try:
+            if select.select([ours], (), (), _BUILD_TIMEOUT)[0]:
+                data, ancillary, _, _ = ours.recvmsg(65536, _socket.CMSG_SPACE(12))
+                sender = next((int.from_bytes(payload[:4], "little", signed=True) for level, kind, payload
+                               in ancillary if level == _socket.SOL_SOCKET and kind == _socket.SCM_CREDENTIALS), None)
+                message = marshal.loads(data) if data else None
+                if message and message[0] == "built" and sender:
+                    _, applied, skipped = message
+                    built = [(layer, os.open(f"/proc/{sender}/ns/{_NS_FILES[layer]}", os.O_RDONLY | os.O_CLOEXEC))
+                             for layer in _NS_FILES if layer in applied]
+                    self.enforcement.merge(applied, skipped)
+        except (OSError, ValueError, EOFError, TypeError):
+            built = None
+        finally:
+            ours.close()   # (the builder's processes end when they read its end of file)
+            if built is None:
+                os.kill(builder, signal.SIGKILL)
+            os.waitpid(builder, 0)
+        return built
 
     def _check_bind_sources(self) -> tuple:
         """({source: (st_dev, st_ino) or None}, error fields or None, [(source, target)] of the
@@ -547,7 +627,7 @@ class _Launch:
 
     def _write_maps_and_release(self, sock, setup_pid, user_namespace, net_namespace):
         try:
-            if user_namespace:
+            if user_namespace and self.maps_written != setup_pid:
                 namespaces.write_id_maps(setup_pid, self.plan.identity)
             if net_namespace and self.plan.network.mode == "veth":
                 from jailer.layers import network
@@ -969,6 +1049,50 @@ def import_for_child(plan) -> None:
         from jailer.host import host_ids  # noqa: F401
 
 
+def _run_builder(plan, sock_fd: int, user_fd: int, pid_fd: int, bind_sources: tuple, launcher_pid: int) -> int:
+    """The builder (see _Launch._build_beside), a fork of the launcher: it enters the zero-exec
+    preloader's user and pid namespaces and forks into them a process that unshares the
+    mount, net, ipc and uts namespaces, binds, mounts /proc and pivots exactly as the setup
+    child would, reports "built" with what it applied, and ends when the launcher has opened
+    its namespaces (its end of the socket closes)."""
+    from jailer.layers import syscalls
+
+    fdlib.close_all_but({2, sock_fd, user_fd, pid_fd})
+    syscalls.setns(user_fd, syscalls.CLONE_NEWUSER)
+    syscalls.setns(pid_fd, syscalls.CLONE_NEWPID)   # (for its children)
+    os.close(user_fd)
+    os.close(pid_fd)
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)   # (after setns, which changed the credentials)
+    if os.getppid() != launcher_pid:
+        return 1
+    pid = os.fork()
+    if pid != 0:
+        os.close(sock_fd)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    enforcement = status.Enforcement(plan.best_effort)
+    enforcement.applied.update(user_namespace=True, pid_namespace=True)
+    entered = namespaces.enter_namespaces(plan.namespaces, enforcement, exclude=("cgroup_namespace",))
+    checked, _, socket_binds = bind_sources   # (no error: _build_beside checked that)
+    from jailer.layers import mounts
+
+    sources = mounts.open_sources(checked) if checked else {}
+    syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
+    syscalls.setfsgid(plan.identity.gid)
+    if "net_namespace" in entered:
+        if plan.network.mode == "none":
+            enforcement.applied["network"] = {"mode": "none"}
+        else:
+            from jailer.layers import network
+
+            enforcement.attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
+    enforcement.attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid,
+                                                                plan.identity.gid, sources, socket_binds))
+    _send(sock_fd, "built", enforcement.applied, enforcement.skipped)
+    os.read(sock_fd, 1)
+    return 0
+
+
 def run_child(child, close: list[int]) -> None:
     """The sandbox's first process, from its fork or clone: close what it must not hold, set
     up (never returns: the program is exec'd, or this process exits)."""
@@ -996,10 +1120,13 @@ def child_from_request(plan, request: dict, fds: list[int], launcher_pid: int) -
 
         cgroup = Cgroup(*request["cgroup"])
     specs = list(plan.fds)
-    sock_fd, exec_w, *manifest_fds = fds
+    sock_fd, exec_w, *rest = fds
+    manifest_fds, namespace_fds = rest[:len(request["specs"])], rest[len(request["specs"]):]
     entries = [(specs[index], fd) for index, fd in zip(request["specs"], manifest_fds, strict=True)]
-    return _Child(plan, enforcement, sock_fd, exec_w, launcher_pid, entries, request["argv"],
-                  request["environment"], request["bpf"], request["listen"], cgroup, cloned=None)
+    child = _Child(plan, enforcement, sock_fd, exec_w, launcher_pid, entries, request["argv"],
+                   request["environment"], request["bpf"], request["listen"], cgroup, cloned=None)
+    child.built = list(zip(request["built"], namespace_fds, strict=True))
+    return child
 
 
 class _Child:
@@ -1024,6 +1151,7 @@ class _Child:
         self.user_namespace = False
         self.last_cap = None
         self.process_layout = None      # zero-exec: where /proc/self/cmdline and environ live (jailer.zero_exec)
+        self.built = []                 # [(layer, fd)]: namespaces built beside the preloader (_build_beside)
 
     def _die_with(self, parent_pid):
         """SIGKILL this process when its parent dies (and die now if it already has). The parent
@@ -1061,13 +1189,17 @@ class _Child:
             if os.geteuid() == 0 and plan.namespaces.user:
                 os.setgroups([])   # the last moment root's supplementary groups can be dropped
             self.user_namespace = namespaces.enter_user_namespace(plan.namespaces, self.enforcement)
-        entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)
-        _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
-        go = _receive(self.sock_fd)
-        if not go or go[0] != "go":
-            os._exit(SETUP_FAILED)
-        checked, self.bind_sources_error, self.socket_binds = go[1:]
-        self._open_bind_sources(checked)   # with the invoker's ids, before taking the sandbox's
+        if self.built:
+            self._enter_built()
+            entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)   # (the cgroup one)
+        else:
+            entered = namespaces.enter_namespaces(plan.namespaces, self.enforcement)
+            _send(self.sock_fd, "unshared", self.user_namespace, "net_namespace" in entered)
+            go = _receive(self.sock_fd)
+            if not go or go[0] != "go":
+                os._exit(SETUP_FAILED)
+            checked, self.bind_sources_error, self.socket_binds = go[1:]
+            self._open_bind_sources(checked)   # with the invoker's ids, before taking the sandbox's
         if self.user_namespace:
             from jailer.layers import syscalls
 
@@ -1087,6 +1219,19 @@ class _Child:
         _, wait_status = os.waitpid(pid1, 0)
         _send(self.sock_fd, "status", "program" if plan.namespaces.pid1 == "program" else "pid1", wait_status)
         os._exit(0)
+
+    def _enter_built(self):
+        """Enter the namespaces built beside this process, root pivoted (_run_builder): setns
+        into the mount namespace makes its root this process's root and cwd."""
+        from jailer.layers import syscalls
+
+        for layer, fd in self.built:
+            try:
+                syscalls.setns(fd, namespaces.NAMESPACE_LAYERS[layer][0])
+            except OSError as exc:
+                raise LayerError(layer, f"cannot enter the namespace built for the sandbox: {exc.strerror}",
+                                 namespaces.FIX_OTHER) from None
+            os.close(fd)
 
     def _open_bind_sources(self, checked: dict):
         """Open what the launcher checked, in this mount namespace; an error is raised where
@@ -1132,20 +1277,19 @@ class _Child:
 
         plan, attempt = self.plan, self.enforcement.attempt
         os.umask(0o022)
-        if "net_namespace" in self.enforcement.applied:
+        if "net_namespace" in self.enforcement.applied and not self.built:
             if plan.network.mode == "none":
                 self.enforcement.applied["network"] = {"mode": "none"}
             else:
                 from jailer.layers import network
 
                 attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
-        pivoted = False
-        if "mount_namespace" in self.enforcement.applied:
+        if "mount_namespace" in self.enforcement.applied and not self.built:
             from jailer.layers import mounts
 
             attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid,
                                                             self._bind_sources(), self.socket_binds))
-            pivoted = "pivot_root" in self.enforcement.applied
+        pivoted = "pivot_root" in self.enforcement.applied
         try:
             os.chdir(plan.program.cwd)
         except OSError as exc:

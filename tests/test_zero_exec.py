@@ -31,15 +31,19 @@ LONG = 16384   # a variable longer than the launcher's whole environment: /proc 
 PRELOAD = ("dataclasses",)   # zero-exec's probe starts with it imported (outside the sandbox, by the preloader)
 
 
+def readable(path: Path, text: str) -> Path:
+    """`path` holding `text`, readable by the unprivileged invocation too."""
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
 def probe_profile(directory: Path, marker: str, start: str, extra_allow=()) -> Path:
     """A profile for the probe, named after the marker (the launcher holds its path)."""
     preload = ", ".join(f'"{name}"' for name in PRELOAD) if start == "zero-exec" else ""
-    probe = directory / "zero_exec_probe.py"
-    probe.write_bytes(PROBE.read_bytes())
-    probe.chmod(0o644)
-    path = directory / f"probe-{start}-{marker}.toml"
+    probe = readable(directory / "zero_exec_probe.py", PROBE.read_text())
     allow = ", ".join(f'"{name}"' for name in ("@default", "@python", "@file-read", "@process-info", "prctl", *extra_allow))
-    path.write_text(f"""
+    return readable(directory / f"probe-{start}-{marker}.toml", f"""
 name = "zero-exec-probe"
 [program]
 runtime = "python"
@@ -51,8 +55,6 @@ allow = [{allow}, "execve"]
 [environment]
 set = {{ LONGER_THAN_THE_LAUNCHERS = "{'x' * LONG}" }}
 """)
-    path.chmod(0o644)
-    return path
 
 
 def run_probe(invocation, directory: Path, start: str, *args, marker=None):
@@ -199,6 +201,53 @@ def test_the_preloader_ignores_forwarded_signals_and_ends_with_its_launcher(read
     assert exited(preloader.pid, within=0.5) is None
     preloader.sock.close()     # the launcher's end closes (as when it ends) without asking for a sandbox
     assert os.waitstatus_to_exitcode(exited(preloader.pid)) == 0
+
+
+VIEW = """import os
+print(sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), os.uname().nodename, sorted(os.listdir("/")))
+"""
+
+
+def view_profile(directory: Path, extra: str = "") -> Path:
+    """A zero-exec program that prints the pids its /proc shows, its host name and its root."""
+    program = readable(directory / "view.py", VIEW)
+    return readable(directory / f"view-{uuid.uuid4().hex}.toml", f"""
+name = "view"
+[program]
+runtime = "python"
+argv = ["{program}"]
+start = "zero-exec"
+preload = ["json"]
+[namespaces]
+hostname = "built-beside"
+[seccomp]
+allow = ["@default", "@python", "@file-read", "@process-info"]
+{extra}""")
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_the_namespaces_built_beside_the_preloader_are_the_sandboxs_own(invocation, readable_dir):
+    """The builder that mounts the root while the preloader imports lives in the sandbox's pid
+    namespace (pid 2, gone by the time the program runs), so the /proc it mounted shows the
+    sandbox's pids only: the reaper (1) and the program; host name and root are the profile's."""
+    command, env = JAILER.command(invocation)
+    result = subprocess.run([*command, "run", "--no-cache", str(view_profile(readable_dir))], capture_output=True,
+                            text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("[1, 3] built-beside "), result.stdout
+    assert "'proc'" in result.stdout and "'etc'" not in result.stdout and "'home'" not in result.stdout
+
+
+def test_when_the_builder_fails_the_preloader_builds_and_reports_the_error_once(readable_dir):
+    """A root the builder cannot make (a bind into /proc) costs only time: the preloader tries
+    itself and the one error is the setup child's, as without the builder."""
+    profile = view_profile(readable_dir, f'[[filesystem.bind]]\nsource = "{readable_dir}"\ntarget = "/proc/x"\n')
+    command, env = JAILER.command("root")
+    result = subprocess.run([*command, "run", "--no-cache", str(profile)], capture_output=True, text=True,
+                            timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 3 and result.stdout == ""
+    assert result.stderr.count("jailer:") == 1, result.stderr
+    assert result.stderr.startswith("jailer: cannot apply layer 'pivot_root': bind /proc/x: No such file or directory")
 
 
 def run_with_preloader(profile: Path, marker: str, kill_preloader: bool):

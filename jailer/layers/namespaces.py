@@ -36,11 +36,12 @@ def enter_user_namespace(namespaces, enforcement) -> bool:
     return "user_namespace" in enforcement.applied
 
 
-def enter_namespaces(namespaces, enforcement) -> set[str]:
-    """Unshare every other requested namespace at once, or one by one to find which fails;
-    returns every namespace layer the process is in (those it was cloned into included)."""
+def enter_namespaces(namespaces, enforcement, exclude=()) -> set[str]:
+    """Unshare every other requested namespace (but those in `exclude`) at once, or one by one
+    to find which fails; returns every namespace layer the process is in (those it was cloned
+    into or entered included)."""
     wanted = {layer: flag for layer, (flag, attr) in NAMESPACE_LAYERS.items()
-              if getattr(namespaces, attr) and layer not in enforcement.applied}
+              if getattr(namespaces, attr) and layer not in enforcement.applied and layer not in exclude}
     if not wanted:
         return {layer for layer in NAMESPACE_LAYERS if layer in enforcement.applied}
     combined = 0

@@ -128,6 +128,10 @@ def unshare(flags: int) -> None:
     _syscall("unshare", ctypes.c_int(flags))
 
 
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
+
+
 def mount(source, target, fstype, flags=0, data=None) -> None:
     _check(_libc.mount(_path(source), _path(target), _path(fstype), ctypes.c_ulong(flags), _path(data)))
 

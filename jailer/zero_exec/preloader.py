@@ -19,8 +19,9 @@ launch record, this process imports, on the other CPU:
 When the launcher is ready to start the sandbox, it sends this process what a child of its
 own would have inherited: the descriptors (SCM_RIGHTS) and the rest as marshalled data.
 This process acknowledges it and goes on as the launcher's setup child (jailer.launcher):
-it joins the cgroup, unshares the other namespaces, waits for its id maps, builds the
-sandbox and runs the program. Until then it ignores the signals the launcher forwards;
+it joins the cgroup, enters the mount, net, ipc and uts namespaces the launcher's builder
+made and pivoted meanwhile (or, without them, unshares those itself, waits for its id
+maps and builds the root), unshares the cgroup namespace, and runs the program. Until then it ignores the signals the launcher forwards;
 when the launcher ends first, its end of the socket closes and this process exits as soon
 as it has imported.
 
