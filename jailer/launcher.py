@@ -1055,7 +1055,7 @@ def _run_builder(plan, sock_fd: int, user_fd: int, pid_fd: int, bind_sources: tu
     mount, net, ipc and uts namespaces, binds, mounts /proc and pivots exactly as the setup
     child would, reports "built" with what it applied, and ends when the launcher has opened
     its namespaces (its end of the socket closes)."""
-    from jailer.layers import syscalls
+    from jailer.layers import mounts, syscalls
 
     fdlib.close_all_but({2, sock_fd, user_fd, pid_fd})
     syscalls.setns(user_fd, syscalls.CLONE_NEWUSER)
@@ -1074,8 +1074,6 @@ def _run_builder(plan, sock_fd: int, user_fd: int, pid_fd: int, bind_sources: tu
     enforcement.applied.update(user_namespace=True, pid_namespace=True)
     entered = namespaces.enter_namespaces(plan.namespaces, enforcement, exclude=("cgroup_namespace",))
     checked, _, socket_binds = bind_sources   # (no error: _build_beside checked that)
-    from jailer.layers import mounts
-
     sources = mounts.open_sources(checked) if checked else {}
     syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
     syscalls.setfsgid(plan.identity.gid)
