@@ -1071,24 +1071,34 @@ def _run_builder(plan, sock_fd: int, user_fd: int, pid_fd: int, bind_sources: tu
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     enforcement = status.Enforcement(plan.best_effort)
-    enforcement.applied.update(user_namespace=True, pid_namespace=True)
-    entered = namespaces.enter_namespaces(plan.namespaces, enforcement, exclude=("cgroup_namespace",))
+    namespaces.enter_namespaces(plan.namespaces, enforcement, exclude=("pid_namespace", "cgroup_namespace"))
     checked, _, socket_binds = bind_sources   # (no error: _build_beside checked that)
     sources = mounts.open_sources(checked) if checked else {}
     syscalls.setfsuid(plan.identity.uid)   # what the set-up creates belongs to the sandbox's ids
     syscalls.setfsgid(plan.identity.gid)
-    if "net_namespace" in entered:
+    os.umask(0o022)   # (as the setup child's, whose program keeps it)
+    _network_and_root(plan, enforcement, lambda: sources, socket_binds)
+    _send(sock_fd, "built", enforcement.applied, enforcement.skipped)
+    os.read(sock_fd, 1)
+    return 0
+
+
+def _network_and_root(plan, enforcement, sources, socket_binds) -> None:
+    """Steps 4 (inside) and 5 of the documented order, in the namespaces entered: the network
+    raised, the root built and pivoted into. sources(): the opened bind sources (it raises
+    the launcher's check's error, which the pivot_root layer reports)."""
+    if "net_namespace" in enforcement.applied:
         if plan.network.mode == "none":
             enforcement.applied["network"] = {"mode": "none"}
         else:
             from jailer.layers import network
 
             enforcement.attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
-    enforcement.attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid,
-                                                                plan.identity.gid, sources, socket_binds))
-    _send(sock_fd, "built", enforcement.applied, enforcement.skipped)
-    os.read(sock_fd, 1)
-    return 0
+    if "mount_namespace" in enforcement.applied:
+        from jailer.layers import mounts
+
+        enforcement.attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid,
+                                                                    plan.identity.gid, sources(), socket_binds))
 
 
 def run_child(child, close: list[int]) -> None:
@@ -1275,18 +1285,8 @@ class _Child:
 
         plan, attempt = self.plan, self.enforcement.attempt
         os.umask(0o022)
-        if "net_namespace" in self.enforcement.applied and not self.built:
-            if plan.network.mode == "none":
-                self.enforcement.applied["network"] = {"mode": "none"}
-            else:
-                from jailer.layers import network
-
-                attempt("network", lambda: network.setup_inside(plan.network), network.FIX_VETH)
-        if "mount_namespace" in self.enforcement.applied and not self.built:
-            from jailer.layers import mounts
-
-            attempt("pivot_root", lambda: mounts.build_root(plan.filesystem, plan.identity.uid, plan.identity.gid,
-                                                            self._bind_sources(), self.socket_binds))
+        if not self.built:
+            _network_and_root(plan, self.enforcement, self._bind_sources, self.socket_binds)
         pivoted = "pivot_root" in self.enforcement.applied
         try:
             os.chdir(plan.program.cwd)
