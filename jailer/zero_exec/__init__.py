@@ -25,7 +25,7 @@ What an execve would have reset, and what this does instead, in this order:
   (jailer.zero_exec.preloader) froze what existed once it had imported the standard
   library, so this collection walks only what came after; what it froze of the launcher
   and is unreachable once the frames are cleared (the functions and dicts of the few jailer
-  modules imported before its fork) is never collected. A program that unfreezes can list
+  modules imported before the preloader was made) is never collected. A program that unfreezes can list
   those, but no object of a jailer type and no string of the launcher's (the profile's
   path, its environment) is among them (tests/test_zero_exec.py counts both);
 - the signal dispositions: every handled signal back to SIG_DFL (ignored ones stay
