@@ -215,6 +215,8 @@ class _Launch:
         self.setup_pidfd = None
         self.monitor_can_take_over = None   # decided once the program's pid is known
         self.prepared_state = None      # (what it depends on, the monitor's state text)
+        self.monitor_rules = None       # jailer.monitor.rule_lines, rendered before the program starts
+        self.syscall_names = None       # {nr: name}, for the notifications and the monitor
         self.stop_requested = False     # a stop signal was passed on: the program is not restarted
         self.restart_after = None       # seconds to wait before the program is started again
         self.restart_state = None       # memfd of what a restart gets (jailer.host.restart), once made
@@ -415,7 +417,8 @@ class _Launch:
         if self.options.preloader is not None:
             built = self._build_beside(self.options.preloader)
             started = self.options.preloader.start_sandbox(*self._child_request(child_sock, exec_w, argv, environment,
-                                                                                bpf, built))
+                                                                                bpf, built),
+                                                           meanwhile=self._prepare_monitor)
             for _, fd in built or ():
                 os.close(fd)   # (the preloader holds them now, or they are not needed)
         if started is not None:
@@ -686,7 +689,7 @@ class _Launch:
         os.close(pidfd)
         self.grab = None
         self.listener = fd
-        names = self.options.syscall_names() if self.options.syscall_names else seccomp.syscall_names()
+        names = self._syscall_names()
         policy = self.options.notification_policy or seccomp.StagedPolicy(self.plan.seccomp,
                                                                           self.options.route_all_to_notify)
         self.notifications = seccomp.Notifications(fd, policy, names, self._kill_sandbox)
@@ -890,6 +893,33 @@ class _Launch:
 
         return any("\n" in arg for arg in command_line())
 
+    def _syscall_names(self) -> dict:
+        if self.syscall_names is None:
+            from jailer.layers import seccomp
+
+            self.syscall_names = self.options.syscall_names() if self.options.syscall_names else seccomp.syscall_names()
+        return self.syscall_names
+
+    def _prepare_monitor(self):
+        """What the hand-over needs that only the plan decides (the monitor's module, its
+        restart module and the rules part of its state, most of it), made while the zero-exec
+        preloader takes the request: the launcher would only wait, and the program waits at
+        its first notified syscall until the monitor runs."""
+        from jailer import monitor
+
+        if not (self.options.hand_over and monitor.available()):
+            return
+        if self.options.restart is not None and self.options.restart.policy != "no":
+            from jailer.host import restart  # noqa: F401
+        self._monitor_rules()
+
+    def _monitor_rules(self) -> list[str]:
+        if self.monitor_rules is None:
+            from jailer import monitor
+
+            self.monitor_rules = monitor.rule_lines(self.plan.seccomp, self._syscall_names() if self.listen else None)
+        return self.monitor_rules
+
     def _prepare_hand_over(self):
         """Render the monitor's state while the program is being exec'd, when the launcher waits
         anyway: from its exec on, the program stalls at its first notified syscall until the
@@ -904,12 +934,11 @@ class _Launch:
         changing = (self.stage, frozenset(self.reported))
         if self.prepared_state is not None and self.prepared_state[0] == changing:
             return self.prepared_state
-        names = self.notifications.names if self.notifications is not None else None
         return changing, monitor.state(
             program_pid=self.program_pid, pidfd=self.setup_pidfd, listener=self.listener, notify_fd=self.notify_fd,
             status_fd=self.status.fd, cgroup_dirs=sorted(set(self.cgroup.directories.values())) if self.cgroup else (),
-            made=self._made(), seccomp=self.plan.seccomp, names=names,
-            reported=self.reported, stage=self.stage, guard=self._program_is_pid1_until_ready())
+            made=self._made(), rules=self._monitor_rules(), reported=self.reported, stage=self.stage,
+            guard=self._program_is_pid1_until_ready())
 
     def _made(self) -> list:
         """The sockets, directories and pid file jailer made, which whoever outlives the program removes."""
@@ -1382,13 +1411,14 @@ class _Child:
                                      "use a kernel with seccomp filters (and user notification, Linux >= 5.0)")
             if "seccomp" in self.enforcement.skipped:
                 _send(self.sock_fd, "skipped", "seccomp", self.enforcement.skipped["seccomp"])
-            elif report:
+                report = False
+            elif report and zero_exec is None:
                 try:
                     os.read(self.sock_fd, 1)   # wait until the launcher holds the listener
                 except OSError:
                     pass
-        if zero_exec is not None:
-            zero_exec.run([self.sock_fd, self.exec_w, *([listener_number] if report else [])])
+        if zero_exec is not None:   # (it waits for "go" itself, after the reset, before it closes the listener)
+            zero_exec.run(self.exec_w, self.sock_fd, listener_number if report else None)
         try:
             os.execve(plan.program.executable, self.argv, environment)
         except OSError as exc:

@@ -42,41 +42,53 @@ def built() -> bool:
         return False
 
 
-def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(), made=(), seccomp=None,
-          names=None, reported=(), stage="steady", guard=False) -> str:
+def state(*, program_pid, pidfd, listener, notify_fd, status_fd, cgroup_dirs=(), made=(), rules=(),
+          reported=(), stage="steady", guard=False) -> str:
     """The monitor's state file. made: what to remove at the end (jailer.host.paths.Made,
-    jailer.host.sockets.ProgramSocket; their descriptors must be inherited); seccomp is the plan's SeccompPlan (or
-    its cached view), names {nr: name}; reported the (syscall, action) refusals already told on stderr; stage "setup"
-    until the program is ready; guard: a signal before ready kills the sandbox (its program is
-    a pid 1 that may have no handler yet)."""
-    from jailer.layers.seccomp import KERNEL_32BIT_ARGS, SEVERITY   # the monitor's severities are these numbers
+    jailer.host.sockets.ProgramSocket; their descriptors must be inherited); rules: rule_lines()
+    of the plan's filter; reported the (syscall, action) refusals already told on stderr; stage
+    "setup" until the program is ready; guard: a signal before ready kills the sandbox (its
+    program is a pid 1 that may have no handler yet)."""
+    from jailer.layers.seccomp import SEVERITY   # the monitor's severities are these numbers
 
     def fd(number):
         return -1 if number is None else number
 
     lines = [f"pid {program_pid}", f"pidfd {pidfd}", f"listener {fd(listener)}", f"notify {fd(notify_fd)}",
-             f"status {fd(status_fd)}", f"stage {stage}", f"guard {int(guard)}",
-             f"staging {int(bool(seccomp is not None and seccomp.steady))}"]
+             f"status {fd(status_fd)}", f"stage {stage}", f"guard {int(guard)}"]
     lines += [f"cgroup {directory}" for directory in cgroup_dirs]
     lines += [line for entry in made for line in entry.monitor_lines()]
-    if seccomp is not None and names:
-        numbers = {name: nr for nr, name in names.items()}
-        lines += [f"name {nr} {name}" for nr, name in sorted(names.items())]
-        errno = -1 if seccomp.default_errno is None else seccomp.default_errno
-        lines.append(f"default {SEVERITY[seccomp.default_action]} {errno}")
-        for kind, rules in (("plain", seccomp.rules), ("steady", seccomp.steady)):
-            for rule in rules:
-                if rule.syscall not in numbers:
-                    continue   # not on this architecture: never notified
-                conditions = "".join(
-                    f" {c.index} {c.op} {c.value} {c.mask or 0} {int(c.index in KERNEL_32BIT_ARGS.get(rule.syscall, ()))}"
-                    for c in rule.args)
-                errno = -1 if rule.errno is None else rule.errno
-                lines.append(f"rule {kind} {numbers[rule.syscall]} {SEVERITY[rule.action]} {errno} "
-                             f"{len(rule.args)}{conditions}")
-        lines += [f"staged {numbers[name]}" for name in sorted({r.syscall for r in seccomp.steady}) if name in numbers]
-        lines += [f"reported {SEVERITY[action]} {name}" for name, action in sorted(reported)]
+    lines += rules
+    lines += [f"reported {SEVERITY[action]} {name}" for name, action in sorted(reported)]
     return "\n".join(lines) + "\n"
+
+
+def rule_lines(seccomp, names) -> list[str]:
+    """The part of the state that only the plan decides: the syscall names, the filter's
+    rules and which of them are staged (seccomp is the plan's SeccompPlan or its cached view,
+    names {nr: name}). The launcher renders it before the program starts (it is most of the
+    state)."""
+    from jailer.layers.seccomp import KERNEL_32BIT_ARGS, SEVERITY
+
+    lines = [f"staging {int(bool(seccomp is not None and seccomp.steady))}"]
+    if seccomp is None or not names:
+        return lines
+    numbers = {name: nr for nr, name in names.items()}
+    lines += [f"name {nr} {name}" for nr, name in sorted(names.items())]
+    errno = -1 if seccomp.default_errno is None else seccomp.default_errno
+    lines.append(f"default {SEVERITY[seccomp.default_action]} {errno}")
+    for kind, rules in (("plain", seccomp.rules), ("steady", seccomp.steady)):
+        for rule in rules:
+            if rule.syscall not in numbers:
+                continue   # not on this architecture: never notified
+            conditions = "".join(
+                f" {c.index} {c.op} {c.value} {c.mask or 0} {int(c.index in KERNEL_32BIT_ARGS.get(rule.syscall, ()))}"
+                for c in rule.args)
+            errno = -1 if rule.errno is None else rule.errno
+            lines.append(f"rule {kind} {numbers[rule.syscall]} {SEVERITY[rule.action]} {errno} "
+                         f"{len(rule.args)}{conditions}")
+    lines += [f"staged {numbers[name]}" for name in sorted({r.syscall for r in seccomp.steady}) if name in numbers]
+    return lines
 
 
 def state_fd(text: str) -> int:

@@ -24,8 +24,8 @@ ACTIONS = ("allow", "log", "errno", "kill_thread", "kill")
 
 
 def monitor_decides(plan, name, args, stage):
-    text = monitor.state(program_pid=1, pidfd=-1, listener=None, notify_fd=None, status_fd=None, seccomp=plan,
-                         names=NAMES, stage=stage)
+    text = monitor.state(program_pid=1, pidfd=-1, listener=None, notify_fd=None, status_fd=None,
+                         rules=monitor.rule_lines(plan, NAMES), stage=stage)
     fd = monitor.state_fd(text)
     try:
         nr = next(nr for nr, known in NAMES.items() if known == name)

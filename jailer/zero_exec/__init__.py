@@ -36,8 +36,10 @@ What an execve would have reset, and what this does instead, in this order:
   profile asks for site), os.environ (and the C environment) replaced by the program's,
   sys.dont_write_bytecode from $PYTHONDONTWRITEBYTECODE, a fresh __main__, default hooks,
   recursion limit and switch interval;
-- the launcher's descriptors: its end of the set-up socket, the exec pipe (closing it tells
-  the launcher the program started) and the filter's listener (the launcher holds its own);
+- the launcher's descriptors: the exec pipe first (closing it tells the launcher the program
+  started, so it hands over to jailer-monitor while this resets), then, once the launcher
+  holds the filter's listener (its "go", awaited after the reset rather than before it, as
+  the exec path must), this process's copy of the listener and its end of the set-up socket;
 - the exit: as CPython's (SystemExit codes and messages, a traceback and status 1, death by
   SIGINT after an unhandled KeyboardInterrupt), after non-daemon threads and atexit handlers.
 
@@ -144,9 +146,11 @@ class Start:
         _show_in_proc(self.layout, [os.fsencode(arg) for arg in self.argv],
                       [os.fsencode(f"{key}={value}") for key, value in self.environment.items()])
 
-    def run(self, launcher_fds) -> None:
-        """Become the program (never returns)."""
-        _become(self.module, self.script, self.args, self.argv, self.environment, self.site, launcher_fds)
+    def run(self, exec_pipe: int, sock_fd: int, listener: int | None) -> None:
+        """Become the program (never returns). listener: the filter's, when the launcher takes
+        it (this process then waits for its "go" on sock_fd before closing it)."""
+        _become(self.module, self.script, self.args, self.argv, self.environment, self.site, exec_pipe, sock_fd,
+                listener)
 
 
 def _show_in_proc(layout: dict, argv, environment) -> None:
@@ -169,17 +173,21 @@ def _show_in_proc(layout: dict, argv, environment) -> None:
                            "brk": syscalls.program_break()})
 
 
-def _become(module, script, args, argv, environment, site, launcher_fds) -> None:
-    """Close the launcher's fds (the exec pipe closing tells it the program started, so it
-    hands over to jailer-monitor while this resets), forget the launcher, reset what an exec
-    would have, run the program."""
-    for fd in launcher_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def _become(module, script, args, argv, environment, site, exec_pipe, sock_fd, listener) -> None:
+    """Close the exec pipe (that tells the launcher the program started, so it hands over to
+    jailer-monitor while this resets), forget the launcher, reset what an exec would have,
+    wait until the launcher holds the listener (it took it while this reset), close the
+    launcher's fds, run the program."""
+    os.close(exec_pipe)
     _forget_callers()
     _reset_interpreter(module, script, args, argv, environment, site)
+    if listener is not None:
+        try:
+            os.read(sock_fd, 1)   # "go": the launcher holds the listener, this copy may close
+        except OSError:
+            pass
+        os.close(listener)
+    os.close(sock_fd)
     os._exit(_run_as_main(module, script))
 
 

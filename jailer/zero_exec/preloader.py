@@ -82,15 +82,18 @@ class Preloader:
         own_sock.close()
         return cls(pid, cloned, launcher_sock)
 
-    def start_sandbox(self, request: dict, fds: list[int]) -> tuple[int, int] | None:
+    def start_sandbox(self, request: dict, fds: list[int], meanwhile=None) -> tuple[int, int] | None:
         """(pid, clone flags) of the sandbox's first process, which is this preloading process
         once it has taken `request` and `fds` (see _serve); None when it could not, and then
-        it is gone and the launcher starts the sandbox's process itself."""
+        it is gone and the launcher starts the sandbox's process itself. meanwhile() is called
+        once the request is sent (the preloader may still be importing)."""
         if self.sock is None:
             return None
         try:
             self.sock.sendmsg([marshal.dumps(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))],
                               socket.MSG_NOSIGNAL)
+            if meanwhile is not None:
+                meanwhile()
             taken = self.sock.recv(16) == _TAKEN
         except OSError:
             taken = False
