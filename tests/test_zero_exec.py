@@ -102,7 +102,7 @@ def test_the_program_sees_what_the_exec_path_gives_it(invocation, reports):
     exec_path, zero = reports[invocation, "exec"], reports[invocation, "zero-exec"]
     for key in ("fds", "signals", "environ", "proc_environ", "cmdline", "comm", "dumpable", "argv", "path", "cwd",
                 "jailer_modules", "foreign_modules", "jailer_objects", "marker_strings", "gc", "atexit", "hooks",
-                "meta_path", "main", "ids", "dont_write_bytecode"):
+                "meta_path", "main", "ids", "dont_write_bytecode", "cpus"):
         assert zero[key] == exec_path[key], key
 
 
@@ -116,6 +116,8 @@ def test_nothing_of_the_launcher_stays_reachable(invocation, reports):
     assert not any(entry.startswith("JAILER_TEST_MARKER") for entry in zero["proc_environ"])
     assert zero["fds"] == [0, 1, 2, 3]          # stdio and the listing's own
     assert zero["ids"][2:] == ["1", "2", "0000000000000000", "0000000000000000"]
+    own = dict(line.split(":\t", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":\t" in line)
+    assert zero["cpus"] == own["Cpus_allowed_list"]   # the preloader's start on the launcher's CPU is undone
 
 
 @pytest.mark.parametrize("invocation", INVOCATIONS)

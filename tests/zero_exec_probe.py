@@ -73,6 +73,7 @@ def main():
         "ids": [os.getuid(), os.getgid(), status["NoNewPrivs"], status["Seccomp"], status["CapEff"],
                 status["CapBnd"]],
         "dont_write_bytecode": sys.dont_write_bytecode,
+        "cpus": status["Cpus_allowed_list"],
         "preloaded": {name: sys.modules[name].__file__ for name in PRELOADED},
         "frozen": frozen,
         "uncollected": uncollected,

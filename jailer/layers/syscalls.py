@@ -124,6 +124,11 @@ def clone_process(flags: int) -> int:
     return result
 
 
+def current_cpu() -> int:
+    """The CPU this thread runs on now (sched_getcpu(3)); -1 when unknown."""
+    return _libc.sched_getcpu()
+
+
 def unshare(flags: int) -> None:
     _syscall("unshare", ctypes.c_int(flags))
 
