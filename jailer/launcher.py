@@ -698,6 +698,11 @@ class _Launch:
         poller.register(fd, select.POLLIN)
         _send(sock.fileno(), "go")
         self._prepare_hand_over()
+        if self.plan.program.start == "zero-exec":
+            # Nothing is exec'd: once its filter is loaded the program runs (jailer.zero_exec), so
+            # jailer-monitor can take over now, while the program resets, rather than once the
+            # exec pipe closes; the program would wait for it at its first notified syscall.
+            self._exec_done()
 
     def _notification(self):
         if self.notify_fd is not None:

@@ -209,10 +209,20 @@ static int load_state(int fd)
 	while (fgets(line, sizeof line, file)) {
 		char key[16], word[64];
 		long a, b;
+		size_t key_length;
 		line[strcspn(line, "\n")] = 0;
-		if (sscanf(line, "%15s", key) != 1)
+		key_length = strcspn(line, " ");
+		if (key_length == 0 || key_length >= sizeof key)
 			continue;
-		if (!strcmp(key, "pid") && sscanf(line, "%*s %ld", &a) == 1) program = a;
+		memcpy(key, line, key_length);   /* (no sscanf here: the state has a line per syscall name, */
+		key[key_length] = 0;             /* and the program waits for the monitor to have read them) */
+		if (!strcmp(key, "name")) {
+			char *number = line + key_length, *end;
+			long nr = strtol(number, &end, 10);
+			if (end != number && *end == ' ' && nr >= 0 && nr < NR_LIMIT && strlen(end + 1) < sizeof word
+			    && end[1] && !strchr(end + 1, ' '))
+				names[nr] = strdup(end + 1);
+		} else if (!strcmp(key, "pid") && sscanf(line, "%*s %ld", &a) == 1) program = a;
 		else if (!strcmp(key, "pidfd") && sscanf(line, "%*s %ld", &a) == 1) pidfd = a;
 		else if (!strcmp(key, "listener") && sscanf(line, "%*s %ld", &a) == 1) listener = a;
 		else if (!strcmp(key, "notify") && sscanf(line, "%*s %ld", &a) == 1) notify_fd = a;
@@ -234,8 +244,6 @@ static int load_state(int fd)
 			default_errno = b;
 		} else if (!strcmp(key, "staged") && sscanf(line, "%*s %ld", &a) == 1 && a >= 0 && a < NR_LIMIT) {
 			staged[a] = 1;
-		} else if (!strcmp(key, "name") && sscanf(line, "%*s %ld %63s", &a, word) == 2 && a >= 0 && a < NR_LIMIT) {
-			names[a] = strdup(word);
 		} else if (!strcmp(key, "reported") && sscanf(line, "%*s %ld %63s", &a, word) == 2) {
 			for (int nr = 0; nr < NR_LIMIT; nr++)
 				if (names[nr] && !strcmp(names[nr], word) && a >= 0 && a <= KILL)
