@@ -60,6 +60,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROFILE = os.path.join(REPO, "profiles", "gpio-pci-idio-16.toml")
 READY_TIMEOUT = 20.0
 SETTLE = 0.3            # seconds after ready before the memory is read
+QUIESCE = 0.2           # seconds after a stop before the next start: the kernel tears a sandbox's
+                        # namespaces down after its last process ends (a net namespace in a workqueue)
 TARGET_READY = 1.15     # jailer's time to ready at most 1.15x bwrap's
 TARGET_ZERO_EXEC_READY = 1.0   # zero-exec: at most bwrap's
 TARGET_MEMORY = 1.2     # jailer's resident memory at most 1.2x bwrap's
@@ -277,12 +279,18 @@ class Runner:
 
 
 def measure(who, bwrap_who, runs, warmup, scratch):
+    """Rounds of one start of each variant, in an order shuffled per round (seeded), each start
+    after the previous one's teardown has settled: no variant inherits another's."""
+    import random
+
     runner = Runner(who, bwrap_who, scratch)
     ready = {variant: [] for variant in VARIANTS}
     memory = {variant: [] for variant in VARIANTS}
+    order = random.Random(20261204)
     for index in range(warmup + runs):
-        for variant in VARIANTS:
+        for variant in order.sample(VARIANTS, len(VARIANTS)):
             seconds, processes = runner.once(variant)
+            time.sleep(QUIESCE)
             if index >= warmup:
                 ready[variant].append(seconds * 1000)
                 memory[variant].append(processes)
