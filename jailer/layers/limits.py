@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import resource
-
 from jailer.errors import LayerError
+from jailer.layers import syscalls
 
 # Linux resource numbers (the same on every architecture jailer supports; Python lacks RLIMIT_LOCKS).
 RLIMITS = {
@@ -14,7 +13,7 @@ RLIMITS = {
 
 
 def _value(number: int) -> int:
-    return resource.RLIM_INFINITY if number == -1 else number
+    return syscalls.RLIM_INFINITY if number == -1 else number
 
 
 def apply_rlimits(rlimits) -> dict:
@@ -24,9 +23,9 @@ def apply_rlimits(rlimits) -> dict:
             raise LayerError("rlimits", f"unknown resource limit '{limit.name}'",
                              f"use one of {', '.join(sorted(RLIMITS))}")
         try:
-            resource.setrlimit(RLIMITS[limit.name], (_value(limit.soft), _value(limit.hard)))
-        except (OSError, ValueError) as exc:
-            raise LayerError("rlimits", f"setrlimit {limit.name}={limit.soft}:{limit.hard}: {exc}",
+            syscalls.setrlimit(RLIMITS[limit.name], _value(limit.soft), _value(limit.hard))
+        except OSError as exc:
+            raise LayerError("rlimits", f"setrlimit {limit.name}={limit.soft}:{limit.hard}: {exc.strerror}",
                              "a hard limit can only be raised with CAP_SYS_RESOURCE on the host: lower it in the "
                              "profile, or run as root") from None
         applied[limit.name] = [limit.soft, limit.hard]

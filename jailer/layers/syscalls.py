@@ -124,6 +124,19 @@ def clone_process(flags: int) -> int:
     return result
 
 
+RLIM_INFINITY = 2**64 - 1
+
+
+class _Rlimit(ctypes.Structure):   # struct rlimit (64-bit rlim_t on every architecture jailer supports)
+    _fields_ = [("soft", ctypes.c_uint64), ("hard", ctypes.c_uint64)]
+
+
+def setrlimit(resource: int, soft: int, hard: int) -> None:
+    """prlimit(2) on this process: what resource.setrlimit does, without loading that C
+    module on the sandbox's start-up path."""
+    _check(_libc.prlimit(ctypes.c_int(0), ctypes.c_int(resource), ctypes.byref(_Rlimit(soft, hard)), None))
+
+
 def current_cpu() -> int:
     """The CPU this thread runs on now (sched_getcpu(3)); -1 when unknown."""
     return _libc.sched_getcpu()
