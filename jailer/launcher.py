@@ -407,7 +407,7 @@ class _Launch:
         parent_sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
         exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        import_for_child(self.plan)
+        import_for_child(self.plan, os.geteuid() == 0)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)   # a restart execs with them blocked
         old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -1068,10 +1068,11 @@ def _drain(fd):
         pass
 
 
-def import_for_child(plan) -> None:
+def import_for_child(plan, root: bool) -> None:
     """Import everything the sandbox's process runs before it is forked: after pivot_root
     jailer's files are gone, and importing once in the parent is cheaper than in a
-    copy-on-write child."""
+    copy-on-write child. root: the launcher runs as root (the zero-exec preloader cannot
+    tell by its own ids: it has none yet in its new user namespace)."""
     from jailer.layers import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
     if plan.network.mode != "none":
         from jailer.layers import network  # noqa: F401
@@ -1079,7 +1080,7 @@ def import_for_child(plan) -> None:
         from jailer import zero_exec  # noqa: F401
     if plan.limits.cgroup is not None:
         from jailer.layers import cgroups  # noqa: F401
-    if getattr(plan.identity, "host_ids", "shared") != "shared" and os.geteuid() == 0:
+    if getattr(plan.identity, "host_ids", "shared") != "shared" and root:
         from jailer.host import host_ids  # noqa: F401
 
 

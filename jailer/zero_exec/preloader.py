@@ -62,7 +62,7 @@ class Preloader:
             launcher_sock, own_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         except OSError:
             return None
-        launcher_pid = os.getpid()
+        launcher_pid, root = os.getpid(), os.geteuid() == 0
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)   # until it ignores them (_serve)
         cpus = _keep_this_cpu()
         try:
@@ -80,7 +80,7 @@ class Preloader:
             launcher_sock.close()
             code = 1
             try:
-                code = _serve(own_sock, plan, launcher_pid, cloned)
+                code = _serve(own_sock, plan, launcher_pid, root, cloned)
             finally:
                 os._exit(code)
         own_sock.close()
@@ -166,7 +166,7 @@ def _fd_array(fds: list[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)   # (array imports collections: 3 ms)
 
 
-def _serve(sock: socket.socket, plan, launcher_pid: int, cloned: int) -> int | None:
+def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int) -> int | None:
     """The preloading process: import, wait for the launcher's request, go on as the setup child."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_IGN)   # the launcher decides what reaches the program
@@ -175,7 +175,7 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, cloned: int) -> int | N
     gc.freeze()   # the standard library stays: the reset's collection (jailer.zero_exec) need not walk it
     from jailer import launcher
 
-    launcher.import_for_child(plan)
+    launcher.import_for_child(plan, root)
     message, fds = _receive_request(sock)
     if message is None:
         return 0
