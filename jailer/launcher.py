@@ -252,10 +252,11 @@ class _Launch:
         if os.geteuid() != 0 or mode == "shared":
             return plan
         from jailer.host import host_ids
+        from jailer.host.identity import Identity, PlanWithIdentity
 
         number, self.host_id_made = host_ids.allocate(mode, tuple(identity.host_id_range), plan.name)
         self.enforcement.applied["host_ids"] = {"mode": mode, "uid": number, "gid": number}
-        return host_ids.PlanWithIdentity(plan, host_ids.Identity(identity, number))
+        return PlanWithIdentity(plan, Identity(identity, number))
 
     def _run(self, plan, options, owner) -> int:
         socket_path, fd_sockets, program_paths = _split_sockets(plan, options)
@@ -1081,7 +1082,7 @@ def import_for_child(plan, root: bool) -> None:
     if plan.limits.cgroup is not None:
         from jailer.layers import cgroups  # noqa: F401
     if getattr(plan.identity, "host_ids", "shared") != "shared" and root:
-        from jailer.host import host_ids  # noqa: F401
+        from jailer.host import identity  # noqa: F401
 
 
 def _run_builder(plan, sock_fd: int, user_fd: int, pid_fd: int, bind_sources: tuple, launcher_pid: int) -> int:
@@ -1152,9 +1153,9 @@ def run_child(child, close: list[int]) -> None:
 def child_from_request(plan, request: dict, fds: list[int], launcher_pid: int) -> "_Child":
     """The _Child a fork of the launcher would have been, from _Launch._child_request's data and fds."""
     if request["host_id"] is not None:
-        from jailer.host import host_ids
+        from jailer.host.identity import Identity, PlanWithIdentity
 
-        plan = host_ids.PlanWithIdentity(plan, host_ids.Identity(plan.identity, request["host_id"]))
+        plan = PlanWithIdentity(plan, Identity(plan.identity, request["host_id"]))
     enforcement = status.Enforcement(plan.best_effort)
     enforcement.merge(request["applied"], request["skipped"])
     cgroup = None
