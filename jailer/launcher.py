@@ -891,9 +891,14 @@ class _Launch:
                 and monitor.available() and not self._restart_command_has_newline())
         return self.monitor_can_take_over
 
+    def _restart_plan(self):
+        """The profile's [restart] when this run applies it, else None."""
+        restart_plan = self.options.restart
+        return None if restart_plan is None or restart_plan.policy == "no" else restart_plan
+
     def _restart_command_has_newline(self) -> bool:
         """The monitor reads the command it restarts one argument per line."""
-        if self.options.restart is None or self.options.restart.policy == "no":
+        if self._restart_plan() is None:
             return False
         from jailer.host.restart import command_line
 
@@ -915,7 +920,7 @@ class _Launch:
 
         if not (self.options.hand_over and monitor.available()):
             return
-        if self.options.restart is not None and self.options.restart.policy != "no":
+        if self._restart_plan() is not None:
             from jailer.host import restart  # noqa: F401
         self._monitor_rules()
 
@@ -980,8 +985,8 @@ class _Launch:
         """(the monitor's restart lines, the descriptors a restart needs) when the plan restarts:
         the monitor decides as _plan_restart does and execs this `jailer run` again with the
         state a memfd holds (jailer.host.restart), descriptors first."""
-        restart_plan = self.options.restart
-        if restart_plan is None or restart_plan.policy == "no":
+        restart_plan = self._restart_plan()
+        if restart_plan is None:
             return "", []
         from jailer.host.restart import command_line
 
