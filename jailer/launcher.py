@@ -915,10 +915,9 @@ class _Launch:
         """What the hand-over needs that only the plan decides (the monitor's module, its
         restart module and the rules part of its state, most of it), made while the zero-exec
         preloader takes the request: the launcher would only wait, and the program waits at
-        its first notified syscall until the monitor runs."""
-        from jailer import monitor
-
-        if not (self.options.hand_over and monitor.available()):
+        its first notified syscall until the monitor runs. (Whether the monitor is available is
+        checked once, when it may take over.)"""
+        if not self.options.hand_over:
             return
         if self._restart_plan() is not None:
             from jailer.host import restart  # noqa: F401
