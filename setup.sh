@@ -34,6 +34,12 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check wheel
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 
+# Bytecode for jailer and the bundled devices, written here because nothing else writes it:
+# the sandbox binds the modules read-only and runs the program with PYTHONDONTWRITEBYTECODE,
+# and an editable install compiles nothing, so a device would compile its modules from
+# source on every start (the IDIO-16: ready in 69 ms instead of 49).
+.venv/bin/python -m compileall -q jailer devices
+
 # jailer-monitor: the native process the launcher becomes once its program is ready (a
 # resident Python launcher costs ~8 MiB per device, this under 1 MiB); see jailer/monitor.py.
 # Static: no dynamic loader to run while the program waits on its first notified syscall.

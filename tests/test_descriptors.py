@@ -333,6 +333,19 @@ def test_the_readme_set_up_makes_the_bundled_descriptor_discoverable():
         assert os.path.exists(path), path
 
 
+def test_the_readme_set_up_writes_the_bytecode_the_sandbox_cannot():
+    """setup.sh byte-compiles jailer and the bundled devices: the sandbox binds them
+    read-only and sets PYTHONDONTWRITEBYTECODE, so without it a device compiles every module
+    from source on every start (a new module here needs ./setup.sh run again)."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parent.parent
+    sources = [path for package in ("jailer", "devices") for path in (repo / package).rglob("*.py")]
+    missing = [str(path.relative_to(repo)) for path in sources
+               if not os.path.exists(importlib.util.cache_from_source(str(path)))]
+    assert len(sources) > 50 and missing == [], f"no bytecode (run ./setup.sh): {missing}"
+
+
 def test_installed_descriptor_starts_the_jailed_device_as_a_management_tool_would(tmp_path):
     written = subprocess.run([sys.executable, "-m", "jailer", "descriptors", "--install", str(tmp_path / "vfio-user")],
                              capture_output=True, text=True, timeout=60)
