@@ -5,8 +5,9 @@ notifications, watch the notify socket for READY=1 and STATUS=, forward signals,
 up when the program ends. A Python process doing that stays ~8 MiB resident beside every
 device and takes ~50 us per notified syscall (a Python program's start-up notifies a
 hundred or more openat calls when the steady stage denies openat); the native monitor
-does the same in ~1 MiB and a few us. The launcher execs it (at once when the program
-starts up under a notifying filter, else after launcher.HAND_OVER_AFTER) in its own process, so the pid a
+does the same in 160 kB (900 kB against glibc: setup.py) and a few us. The launcher
+execs it (at once when the program starts up under a notifying filter, else after
+launcher.HAND_OVER_AFTER) in its own process, so the pid a
 service manager or --pidfile knows stays right, the program stays its child and the
 program's parent-death signal does not fire. The state goes over in a memfd (format in
 monitor.c); signals are blocked across the exec, so one that arrives meanwhile waits for
