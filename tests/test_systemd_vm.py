@@ -17,7 +17,7 @@ import json
 import shlex
 
 import pytest
-from vm.debian import Guest, VMUnavailable
+from vm.debian import Guest, VMUnavailable, skip_or_fail
 
 CHECKOUT = "/opt/jailer"
 JAILER = f"{CHECKOUT}/.venv/bin/jailer"
@@ -48,7 +48,7 @@ def guest():
     try:
         booted.boot()
     except VMUnavailable as reason:
-        pytest.skip(str(reason))
+        skip_or_fail(reason)
     yield booted
     booted.close()
 

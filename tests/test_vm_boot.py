@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from vm.debian import Guest, VMUnavailable
+from vm.debian import Guest, VMUnavailable, skip_or_fail
 
 VENV = "/opt/jailer/.venv"
 
@@ -23,7 +23,7 @@ def guest():
     try:
         booted.boot()
     except VMUnavailable as reason:
-        pytest.skip(str(reason))
+        skip_or_fail(reason)
     print(f"\nguest agent ready {booted.ready_seconds:.1f} s after QEMU started, "
           f"{time.monotonic() - started:.1f} s after the fixture did")
     yield booted

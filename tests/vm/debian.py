@@ -64,7 +64,7 @@ BOOT_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "
 BUILD_TOOLS = {"debootstrap": "debootstrap", "unshare": "util-linux", "chroot": "coreutils",
                "mkfs.ext4": "e2fsprogs"}
 CHECKOUT_ENTRIES = ("jailer", "devices", "profiles", "tests", "man", "share", "docs", "README.md",
-                    "pyproject.toml", "setup.sh")
+                    "pyproject.toml", "setup.py", "setup.sh")
 NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis",
                                     "jailer-monitor", "jailer-monitor.new")
 INSTALL_DIRECTORY = "opt/jailer"
@@ -96,6 +96,17 @@ SHUTDOWN_TIMEOUT = 60
 class VMUnavailable(Exception):
     """This host cannot build or boot the guest (not root, a tool, the kernel or the network
     missing): a reason for a test to skip."""
+
+
+def skip_or_fail(reason: VMUnavailable) -> None:
+    """Skip the guest's tests where it cannot be had; in CI ($CI set) fail them instead: the
+    real-guest tests must run there, and a guest image that setup.sh can no longer build is a
+    failure of the project's, not of the host's."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"the guest is unavailable in CI: {reason}")
+    pytest.skip(str(reason))
 
 
 class GuestError(Exception):
@@ -156,9 +167,9 @@ def _redacted(text: str) -> str:
 
 def image_key(kernel_version: str) -> str:
     """A hash of everything that goes into the image: this builder (its package list, units and
-    agent), the project's setup.sh and pyproject.toml, and the kernel whose modules it holds."""
+    agent), the project's setup.sh, setup.py and pyproject.toml, and the kernel whose modules it holds."""
     digest = hashlib.sha256()
-    for part in (Path(__file__).read_bytes(), (PROJECT / "setup.sh").read_bytes(),
+    for part in (Path(__file__).read_bytes(), (PROJECT / "setup.sh").read_bytes(), (PROJECT / "setup.py").read_bytes(),
                  (PROJECT / "pyproject.toml").read_bytes(), kernel_version.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
@@ -355,7 +366,7 @@ SYNC_SCRIPT = r"""#!/bin/sh
 # Replace the project copy baked into the image by the checkout under test (.venv and the
 # metadata pip wrote stay), then build jailer-monitor with setup.sh's own commands. setup.sh is
 # part of the image's key, so the monitor it built here is that build's output for the same
-# monitor.c: kept when the checkout's monitor.c is the same (gcc -static takes ~15 s under TCG).
+# monitor.c: kept when the checkout's monitor.c is the same (a static build takes ~15 s under TCG).
 set -eu
 checkout=/mnt/jailer-checkout/checkout
 baked=$(mktemp -d)
@@ -368,8 +379,8 @@ cp -a "$checkout"/. .
 if cmp -s "$baked/monitor.c" jailer/monitor.c; then
     cp -a "$baked/jailer-monitor" jailer/jailer-monitor
 else
-    build=$(grep -E '^(gcc|mv) .*jailer-monitor' setup.sh) ||
-        { echo "setup.sh has no gcc or mv line for jailer-monitor" >&2; exit 1; }
+    build=$(grep -E '^[^#]*build_monitor.*jailer-monitor' setup.sh) ||
+        { echo "setup.sh has no build_monitor line for jailer-monitor" >&2; exit 1; }
     sh -eu -c "$build"
 fi
 rm -rf "$baked"
