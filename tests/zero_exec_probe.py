@@ -26,6 +26,17 @@ def reachable_strings_with(reversed_marker: str) -> int:
     return found
 
 
+def of_a_jailer_class(o) -> bool:
+    """An instance of a class jailer defines, but for the C library's functions and handles that
+    jailer.layers.syscalls loads before the preloader freezes the heap (they hold an address
+    each, nothing of the launcher's: what ctypes' CDLL would leave, as ctypes objects)."""
+    kind = type(o)
+    if kind.__module__ == "jailer.layers.syscalls" and kind.__name__ in ("_CFunction", "_CFunctionHoldingGil",
+                                                                           "_Library"):
+        return False
+    return kind.__module__.startswith("jailer")
+
+
 def launcher_frames() -> int:
     """Frames below this one that still hold locals, in jailer's code (but for the two that start
     the program, which hold its module or script, argv and environment)."""
@@ -44,7 +55,7 @@ def main():
     libc = ctypes.CDLL(None, use_errno=True)
     frozen = gc.get_freeze_count()
     gc.unfreeze()   # frozen objects are listed by no gc function: what is counted below must be all that lives
-    uncollected = {"jailer_objects": sum(1 for o in gc.get_objects() if type(o).__module__.startswith("jailer")),
+    uncollected = {"jailer_objects": sum(1 for o in gc.get_objects() if of_a_jailer_class(o)),
                    "marker_strings": reachable_strings_with(sys.argv[1])}   # (before a collection: garbage too)
     gc.collect()
     status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
@@ -62,7 +73,7 @@ def main():
         "cwd": os.getcwd(),
         "jailer_modules": sorted(n for n in sys.modules if n == "jailer" or n.startswith("jailer.")),
         "foreign_modules": sorted(n for n in ("toml", "click", "pyseccomp", "prctl") if n in sys.modules),
-        "jailer_objects": sum(1 for o in gc.get_objects() if type(o).__module__.startswith("jailer")),
+        "jailer_objects": sum(1 for o in gc.get_objects() if of_a_jailer_class(o)),
         "marker_strings": reachable_strings_with(sys.argv[1]),
         "launcher_frames": launcher_frames(),
         "gc": [gc.isenabled(), list(gc.get_threshold())],

@@ -1,22 +1,101 @@
-"""The only place jailer calls the kernel through ctypes.
+"""The only place jailer calls the kernel (and the C library) through ctypes.
 
 Python 3.11 has no os.unshare and no wrappers for pivot_root, mount_setattr, seccomp,
 Landlock, pidfd_getfd or capabilities, so each is a thin function here that raises
 OSError(errno) like the os module does; the rest of the engine goes through them.
+
+The calls go through ctypes' own C module, _ctypes, with the few C types they need defined
+here: `import ctypes` runs a module body that builds some forty types and loads libc twice,
+1.3 ms against 0.4 on the start-up chain of every sandbox (the zero-exec preloader is
+cloned with these calls, so the program's start waits for them).
 """
 
 from __future__ import annotations
 
-import ctypes
+import _ctypes
 import fcntl
 import os
 import struct
 import _signal as signal   # the C module: `signal` imports enum, ~6 ms on the start-up path
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc_holding_gil = ctypes.PyDLL("libc.so.6", use_errno=True)   # for clone: no GIL release around it
-_libc_holding_gil.syscall.restype = ctypes.c_long
+from _ctypes import POINTER, Structure, byref, get_errno, sizeof
+
+
+class c_int(_ctypes._SimpleCData):
+    _type_ = "i"
+
+
+class c_uint(_ctypes._SimpleCData):
+    _type_ = "I"
+
+
+class c_long(_ctypes._SimpleCData):
+    _type_ = "l"
+
+
+class c_ulong(_ctypes._SimpleCData):
+    _type_ = "L"
+
+
+class c_uint8(_ctypes._SimpleCData):
+    _type_ = "B"
+
+
+class c_uint16(_ctypes._SimpleCData):
+    _type_ = "H"
+
+
+class c_uint64(_ctypes._SimpleCData):
+    _type_ = "Q"
+
+
+class c_char(_ctypes._SimpleCData):
+    _type_ = "c"
+
+
+class c_char_p(_ctypes._SimpleCData):
+    _type_ = "z"
+
+
+class c_void_p(_ctypes._SimpleCData):
+    _type_ = "P"
+
+
+class _PyObject(_ctypes._SimpleCData):
+    _type_ = "O"
+
+
+c_int32, c_uint32, c_size_t = c_int, c_uint, c_ulong
+
+
+class _CFunction(_ctypes.CFuncPtr):
+    """A C library function: int result, errno kept for get_errno(), the GIL released."""
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = c_int
+
+
+class _CFunctionHoldingGil(_CFunction):
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO | _ctypes.FUNCFLAG_PYTHONAPI
+
+
+class _Library:
+    """A loaded library's functions by attribute, as ctypes.CDLL gives them."""
+
+    def __init__(self, name: str | None, function_type=_CFunction):
+        self._handle = _ctypes.dlopen(name, os.RTLD_NOW)
+        self._function_type = function_type
+
+    def __getattr__(self, name: str):
+        function = self._function_type(_ctypes.dlsym(self._handle, name))
+        setattr(self, name, function)
+        return function
+
+
+_libc = _Library("libc.so.6")
+_libc.syscall.restype = c_long
+_libc_holding_gil = _Library("libc.so.6", _CFunctionHoldingGil)   # for clone: no GIL release around it
+_libc_holding_gil.syscall.restype = c_long
+_python = _Library(None, _CFunctionHoldingGil)   # the interpreter's own C API
 _MACHINE = os.uname().machine
 
 # Syscall numbers that differ between the architectures jailer supports; 424 and up are shared.
@@ -92,7 +171,7 @@ LANDLOCK_RULE_PATH_BENEATH = 1
 
 def _check(result):
     if result == -1:
-        err = ctypes.get_errno()
+        err = get_errno()
         raise OSError(err, os.strerror(err))
     return result
 
@@ -110,14 +189,14 @@ def clone_process(flags: int) -> int:
     and no new stack, wrapped in CPython's own before/after-fork steps as os.fork does; returns
     0 in the child and the child's pid in the parent. With CLONE_NEWPID the child is the new
     namespace's pid 1, which unshare() cannot make the calling process."""
-    api = ctypes.pythonapi
+    api = _python
     api.PyOS_BeforeFork()
-    result = _libc_holding_gil.syscall(ctypes.c_long(NR["clone"]), ctypes.c_ulong(flags | signal.SIGCHLD),
+    result = _libc_holding_gil.syscall(c_long(NR["clone"]), c_ulong(flags | signal.SIGCHLD),
                                        None, None, None, None)
     if result == 0:
         api.PyOS_AfterFork_Child()
         return 0
-    error = ctypes.get_errno()
+    error = get_errno()
     api.PyOS_AfterFork_Parent()
     if result == -1:
         raise OSError(error, os.strerror(error))
@@ -127,14 +206,14 @@ def clone_process(flags: int) -> int:
 RLIM_INFINITY = 2**64 - 1
 
 
-class _Rlimit(ctypes.Structure):   # struct rlimit (64-bit rlim_t on every architecture jailer supports)
-    _fields_ = [("soft", ctypes.c_uint64), ("hard", ctypes.c_uint64)]
+class _Rlimit(Structure):   # struct rlimit (64-bit rlim_t on every architecture jailer supports)
+    _fields_ = [("soft", c_uint64), ("hard", c_uint64)]
 
 
 def setrlimit(resource: int, soft: int, hard: int) -> None:
     """prlimit(2) on this process: what resource.setrlimit does, without loading that C
     module on the sandbox's start-up path."""
-    _check(_libc.prlimit(ctypes.c_int(0), ctypes.c_int(resource), ctypes.byref(_Rlimit(soft, hard)), None))
+    _check(_libc.prlimit(c_int(0), c_int(resource), byref(_Rlimit(soft, hard)), None))
 
 
 def current_cpu() -> int:
@@ -143,85 +222,107 @@ def current_cpu() -> int:
 
 
 def unshare(flags: int) -> None:
-    _syscall("unshare", ctypes.c_int(flags))
+    _syscall("unshare", c_int(flags))
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
+    _check(_libc.setns(c_int(fd), c_int(nstype)))
 
 
 def mount(source, target, fstype, flags=0, data=None) -> None:
-    _check(_libc.mount(_path(source), _path(target), _path(fstype), ctypes.c_ulong(flags), _path(data)))
+    _check(_libc.mount(_path(source), _path(target), _path(fstype), c_ulong(flags), _path(data)))
 
 
 def umount2(target, flags=0) -> None:
-    _check(_libc.umount2(_path(target), ctypes.c_int(flags)))
+    _check(_libc.umount2(_path(target), c_int(flags)))
 
 
 def pivot_root(new_root, put_old) -> None:
     _syscall("pivot_root", _path(new_root), _path(put_old))
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+class _MountAttr(Structure):
+    _fields_ = [("attr_set", c_uint64), ("attr_clr", c_uint64),
+                ("propagation", c_uint64), ("userns_fd", c_uint64)]
 
 
 def mount_setattr(path, attr_set: int, recursive: bool) -> None:
     """Set mount attributes (never clears any): the kernel keeps locked flags as they are."""
     attr = _MountAttr(attr_set, 0, 0, 0)
-    _syscall("mount_setattr", ctypes.c_int(AT_FDCWD), _path(path),
-             ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    _syscall("mount_setattr", c_int(AT_FDCWD), _path(path),
+             c_uint(AT_RECURSIVE if recursive else 0), byref(attr), c_size_t(sizeof(attr)))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+    return _check(_libc.prctl(c_int(option), c_ulong(arg2), c_ulong(arg3),
+                              c_ulong(arg4), c_ulong(arg5)))
 
 
 def set_process_name(name: bytes) -> None:
     """The task's comm (what ps and /proc/PID/comm show), at most 15 bytes."""
-    _check(_libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name[:15]), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0)))
+    _check(_libc.prctl(c_int(PR_SET_NAME), c_char_p(name[:15]), c_ulong(0),
+                       c_ulong(0), c_ulong(0)))
 
 
-class _MmMap(ctypes.Structure):   # struct prctl_mm_map
-    _fields_ = [*((name, ctypes.c_uint64) for name in (
+class _MmMap(Structure):   # struct prctl_mm_map
+    _fields_ = [*((name, c_uint64) for name in (
         "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
         "arg_start", "arg_end", "env_start", "env_end", "auxv")),
-        ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_int32)]
+        ("auxv_size", c_uint32), ("exe_fd", c_int32)]
 
 
 def set_mm_map(**layout: int) -> None:
     """Point the kernel's view of this process's memory layout (what /proc/PID/cmdline, environ
     and stat read) at new addresses, auxv and exe link unchanged; needs no capability."""
     fields = _MmMap(**layout, auxv=0, auxv_size=0, exe_fd=-1)
-    _check(_libc.prctl(ctypes.c_int(PR_SET_MM), ctypes.c_ulong(PR_SET_MM_MAP), ctypes.byref(fields),
-                       ctypes.c_ulong(ctypes.sizeof(fields)), ctypes.c_ulong(0)))
+    _check(_libc.prctl(c_int(PR_SET_MM), c_ulong(PR_SET_MM_MAP), byref(fields),
+                       c_ulong(sizeof(fields)), c_ulong(0)))
 
 
 def program_break() -> int:
     """The current end of the heap (brk(0) returns it and changes nothing)."""
-    return _libc.syscall(ctypes.c_long(NR["brk"]), ctypes.c_ulong(0))
+    return _libc.syscall(c_long(NR["brk"]), c_ulong(0))
 
 
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_MAP_FAILED = ctypes.c_void_p(-1).value
+_libc.mmap.restype = c_void_p
+_libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, c_long]
+_MAP_FAILED = c_void_p(-1).value
 
 
 def map_anonymous(size: int) -> int:
     """A private read-write mapping of `size` zeroed bytes; its address."""
     address = _libc.mmap(None, size, 0x1 | 0x2, 0x02 | 0x20, -1, 0)   # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
     if address == _MAP_FAILED:
-        err = ctypes.get_errno()
+        err = get_errno()
         raise OSError(err, os.strerror(err))
     return address
 
 
+_libc.memmove.argtypes = (c_void_p, c_char_p, c_size_t)
+_libc.memset.argtypes = (c_void_p, c_int, c_size_t)
+
+
+def write_memory(address: int, data: bytes) -> None:
+    """Copy `data` to `address` in this process (a mapping of its own it knows to be writable)."""
+    _libc.memmove(address, data, len(data))
+
+
+def zero_memory(address: int, size: int) -> None:
+    _libc.memset(address, 0, size)
+
+
+_python.PyFrame_LocalsToFast.argtypes = (_PyObject, c_int)
+
+
+def store_frame_locals(frame) -> None:
+    """Write a frame's f_locals back into its fast locals, clearing those deleted there
+    (PyFrame_LocalsToFast with clear=1): how a caller's variables can be dropped in 3.11-3.12."""
+    _python.PyFrame_LocalsToFast(frame, 1)
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
-    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+    _check(_libc.sethostname(raw, c_size_t(len(raw))))
 
 
 # renameat2(2)
@@ -230,24 +331,24 @@ RENAME_EXCHANGE = 2
 
 
 def renameat2(old_dirfd: int, old_name: str, new_dirfd: int, new_name: str, flags: int) -> None:
-    _check(_libc.renameat2(ctypes.c_int(old_dirfd), _path(old_name), ctypes.c_int(new_dirfd), _path(new_name),
-                           ctypes.c_uint(flags)))
+    _check(_libc.renameat2(c_int(old_dirfd), _path(old_name), c_int(new_dirfd), _path(new_name),
+                           c_uint(flags)))
 
 
 def setfsuid(uid: int) -> None:
-    _libc.setfsuid(ctypes.c_uint(uid))
+    _libc.setfsuid(c_uint(uid))
 
 
 def setfsgid(gid: int) -> None:
-    _libc.setfsgid(ctypes.c_uint(gid))
+    _libc.setfsgid(c_uint(gid))
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _CapHeader(Structure):
+    _fields_ = [("version", c_uint32), ("pid", c_int)]
 
 
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+class _CapData(Structure):
+    _fields_ = [("effective", c_uint32), ("permitted", c_uint32), ("inheritable", c_uint32)]
 
 
 _CAPABILITY_VERSION_3 = 0x20080522
@@ -257,7 +358,7 @@ def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread as 64-bit masks."""
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _syscall("capget", ctypes.byref(header), data)
+    _syscall("capget", byref(header), data)
     return tuple(getattr(data[0], f) | getattr(data[1], f) << 32 for f in ("effective", "permitted", "inheritable"))
 
 
@@ -265,24 +366,24 @@ def capset_clear() -> None:
     """Empty the effective, permitted and inheritable sets of this thread."""
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _syscall("capset", ctypes.byref(header), data)
+    _syscall("capset", byref(header), data)
 
 
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+class _SockFilter(Structure):
+    _fields_ = [("code", c_uint16), ("jt", c_uint8), ("jf", c_uint8), ("k", c_uint32)]
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+class _SockFprog(Structure):
+    _fields_ = [("len", c_uint16), ("filter", POINTER(_SockFilter))]
 
 
 def seccomp_load(bpf: bytes, new_listener: bool) -> int:
     """Install a classic BPF program; returns the notification listener fd (or 0 without one)."""
-    count = len(bpf) // ctypes.sizeof(_SockFilter)
+    count = len(bpf) // sizeof(_SockFilter)
     program = (_SockFilter * count).from_buffer_copy(bpf)
     fprog = _SockFprog(count, program)
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if new_listener else 0
-    return _syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(fprog))
+    return _syscall("seccomp", c_uint(SECCOMP_SET_MODE_FILTER), c_uint(flags), byref(fprog))
 
 
 # The notification path runs once per routed syscall of the program (hundreds during a
@@ -330,47 +431,47 @@ def seccomp_notif_continue(listener: int, notif_id: int) -> None:
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
-    _syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
+    _syscall("close_range", c_uint(first), c_uint(last), c_uint(flags))
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
-    return _syscall("pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
+    return _syscall("pidfd_getfd", c_int(pidfd), c_int(target_fd), c_uint(0))
 
 
 def landlock_abi() -> int:
     """The Landlock ABI version this kernel offers (OSError when Landlock is off)."""
-    return _syscall("landlock_create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint(LANDLOCK_CREATE_RULESET_VERSION))
+    return _syscall("landlock_create_ruleset", None, c_size_t(0), c_uint(LANDLOCK_CREATE_RULESET_VERSION))
 
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+class _RulesetAttr(Structure):
+    _fields_ = [("handled_access_fs", c_uint64), ("handled_access_net", c_uint64),
+                ("scoped", c_uint64)]
 
 
-class _PathBeneathAttr(ctypes.Structure):
+class _PathBeneathAttr(Structure):
     _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+    _fields_ = [("allowed_access", c_uint64), ("parent_fd", c_int32)]
 
 
 def landlock_create_ruleset(handled_fs: int, handled_net: int, scoped: int) -> int:
     """Older kernels accept the longer struct as long as the fields they do not know are zero."""
     attr = _RulesetAttr(handled_fs, handled_net, scoped)
-    return _syscall("landlock_create_ruleset", ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
-                    ctypes.c_uint(0))
+    return _syscall("landlock_create_ruleset", byref(attr), c_size_t(sizeof(attr)),
+                    c_uint(0))
 
 
 def landlock_add_path_rule(ruleset_fd: int, allowed: int, parent_fd: int) -> None:
     attr = _PathBeneathAttr(allowed, parent_fd)
-    _syscall("landlock_add_rule", ctypes.c_int(ruleset_fd), ctypes.c_uint(LANDLOCK_RULE_PATH_BENEATH),
-             ctypes.byref(attr), ctypes.c_uint(0))
+    _syscall("landlock_add_rule", c_int(ruleset_fd), c_uint(LANDLOCK_RULE_PATH_BENEATH),
+             byref(attr), c_uint(0))
 
 
 def landlock_restrict_self(ruleset_fd: int) -> None:
-    _syscall("landlock_restrict_self", ctypes.c_int(ruleset_fd), ctypes.c_uint(0))
+    _syscall("landlock_restrict_self", c_int(ruleset_fd), c_uint(0))
 
 
 def ioctl_ifreq(fd: int, request: int, ifreq: bytearray) -> None:
     """ioctl(fd, request, struct ifreq) on a 40-byte buffer that the kernel may fill in."""
-    buffer = (ctypes.c_char * len(ifreq)).from_buffer(ifreq)
-    _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), buffer))
+    buffer = (c_char * len(ifreq)).from_buffer(ifreq)
+    _check(_libc.ioctl(c_int(fd), c_ulong(request), buffer))
 

@@ -25,9 +25,10 @@ What an execve would have reset, and what this does instead, in this order:
   (jailer.zero_exec.preloader) froze what existed once it had imported the standard
   library, so this collection walks only what came after; what it froze of the launcher
   and is unreachable once the frames are cleared (the functions and dicts of the few jailer
-  modules imported before the preloader was made) is never collected. A program that unfreezes can list
-  those, but no object of a jailer type and no string of the launcher's (the profile's
-  path, its environment) is among them (tests/test_zero_exec.py counts both);
+  modules imported before the preloader was made, and the C library functions
+  jailer.layers.syscalls loaded) is never collected. A program that unfreezes can list
+  those, but no other object of a jailer type and no string of the launcher's (the
+  profile's path, its environment) is among them (tests/test_zero_exec.py counts both);
 - the signal dispositions: every handled signal back to SIG_DFL (ignored ones stay
   ignored, as across execve), then what CPython's start-up sets (SIGPIPE and SIGXFSZ
   ignored, SIGINT raising KeyboardInterrupt); no wake-up fd;
@@ -158,16 +159,14 @@ def _show_in_proc(layout: dict, argv, environment) -> None:
     environ from a new mapping holding the program's, NUL-terminated as execve lays them out
     (the program's may be longer than the launcher's blocks). The mapping lives as long as
     the process."""
-    import ctypes
-
     from jailer.layers import syscalls
 
     for start, end in ((layout["arg_start"], layout["arg_end"]), (layout["env_start"], layout["env_end"])):
-        ctypes.memset(start, 0, end - start)
+        syscalls.zero_memory(start, end - start)
     arguments = b"".join(string + b"\0" for string in argv)
     variables = b"".join(string + b"\0" for string in environment)
     start = syscalls.map_anonymous(len(arguments) + len(variables) or 1)
-    ctypes.memmove(start, arguments + variables, len(arguments) + len(variables))
+    syscalls.write_memory(start, arguments + variables)
     middle, end = start + len(arguments), start + len(arguments) + len(variables)
     syscalls.set_mm_map(**{**layout, "arg_start": start, "arg_end": middle, "env_start": middle, "env_end": end,
                            "brk": syscalls.program_break()})
@@ -194,17 +193,15 @@ def _become(module, script, args, argv, environment, site, exec_pipe, sock_fd, l
 def _forget_callers() -> None:
     """Clear the locals of every function frame below _become's: what the launcher held
     (the plan, its objects) becomes unreachable, and is collected."""
-    import ctypes
+    from jailer.layers import syscalls
 
-    locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
-    locals_to_fast.argtypes = (ctypes.py_object, ctypes.c_int)
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_name != "<module>":    # (a module's locals are its globals)
             names = frame.f_locals
             for name in names:
                 names[name] = None
-            locals_to_fast(frame, 1)
+            syscalls.store_frame_locals(frame)
         frame = frame.f_back
 
 
