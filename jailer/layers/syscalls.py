@@ -21,50 +21,11 @@ import _signal as signal   # the C module: `signal` imports enum, ~6 ms on the s
 from _ctypes import POINTER, Structure, byref, get_errno, sizeof
 
 
-class c_int(_ctypes._SimpleCData):
-    _type_ = "i"
-
-
-class c_uint(_ctypes._SimpleCData):
-    _type_ = "I"
-
-
-class c_long(_ctypes._SimpleCData):
-    _type_ = "l"
-
-
-class c_ulong(_ctypes._SimpleCData):
-    _type_ = "L"
-
-
-class c_uint8(_ctypes._SimpleCData):
-    _type_ = "B"
-
-
-class c_uint16(_ctypes._SimpleCData):
-    _type_ = "H"
-
-
-class c_uint64(_ctypes._SimpleCData):
-    _type_ = "Q"
-
-
-class c_char(_ctypes._SimpleCData):
-    _type_ = "c"
-
-
-class c_char_p(_ctypes._SimpleCData):
-    _type_ = "z"
-
-
-class c_void_p(_ctypes._SimpleCData):
-    _type_ = "P"
-
-
-class _PyObject(_ctypes._SimpleCData):
-    _type_ = "O"
-
-
+# The C types of these calls, by ctypes' type codes (what ctypes.c_int and the rest are).
+c_int, c_uint, c_long, c_ulong, c_uint8, c_uint16, c_uint64, c_char, c_char_p, c_void_p, _PyObject = (
+    type(name, (_ctypes._SimpleCData,), {"_type_": code}) for name, code in (
+        ("c_int", "i"), ("c_uint", "I"), ("c_long", "l"), ("c_ulong", "L"), ("c_uint8", "B"), ("c_uint16", "H"),
+        ("c_uint64", "Q"), ("c_char", "c"), ("c_char_p", "z"), ("c_void_p", "P"), ("_PyObject", "O")))
 c_int32, c_uint32, c_size_t = c_int, c_uint, c_ulong
 
 
