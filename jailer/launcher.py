@@ -111,6 +111,7 @@ _BUILD_TIMEOUT = 5.0   # seconds the namespaces built beside the preloader may t
 _NS_FILES = {"mount_namespace": "mnt", "net_namespace": "net", "ipc_namespace": "ipc", "uts_namespace": "uts"}
 HAND_OVER_AFTER = 0.1   # seconds a program without start-up notifications runs before the monitor takes over
 _GRAB_PAUSES = (0.00005, 0.0001, 0.0002, 0.0005)   # seconds between pidfd_getfd attempts, then poll's 1 ms
+_GRAB_SPIN = 0.0003   # seconds of attempts without a pause first: the filter loads ~0.1 ms after "ready"
 _GRAB_FIX = ("pidfd_getfd needs ptrace access to the sandbox: run the launcher with CAP_SYS_PTRACE (or, "
              "unprivileged, with kernel.yama.ptrace_scope <= 1), and not under an outer seccomp filter that "
              "refuses pidfd_getfd (a container runtime's default profile does); else set report = false and "
@@ -654,28 +655,37 @@ class _Launch:
     def _try_grab(self, sock, poller):
         """Take the program's seccomp listener (pidfd_getfd) as soon as its filter is loaded.
 
-        The filter loads within tens of microseconds of "ready"; until then pidfd_getfd
-        fails with EBADF and this sleeps in short steps (select, no spinning), leaving the
-        CPU to the child. Any other failure will not change: the child would wait forever
-        for its go-ahead, so the sandbox is stopped with a LayerError."""
+        The filter loads about 0.1 ms after "ready"; until then pidfd_getfd fails with EBADF.
+        This tries again at once for _GRAB_SPIN (the child runs on another CPU, and a sleep
+        here would halt this one: a VM's vCPU wakes 0.1 ms or more late, and the exec of
+        jailer-monitor, which the program's first notified syscall waits for, with it), then
+        sleeps in short steps (select). Any other failure will not change: the child would
+        wait forever for its go-ahead, so the sandbox is stopped with a LayerError."""
         from jailer.layers import seccomp, syscalls
 
         pidfd, number, deadline = self.grab
         fd = None
         failure = None
-        for pause in _GRAB_PAUSES:
+        spin_until = time.monotonic() + _GRAB_SPIN
+        pauses = iter(_GRAB_PAUSES)
+        while True:
             try:
                 fd = syscalls.pidfd_getfd(pidfd, number)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     failure = f"pidfd_getfd: {exc.strerror}"
                     break
-                select.select((), (), (), pause)
+            else:
+                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify":
+                    break
+                os.close(fd)
+                fd = None
+            if time.monotonic() < spin_until:
                 continue
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify":
+            pause = next(pauses, None)
+            if pause is None:
                 break
-            os.close(fd)
-            fd = None
+            select.select((), (), (), pause)
         if fd is None:
             if failure is None and time.monotonic() > deadline:
                 failure = "the program's filter did not appear in time"
