@@ -200,12 +200,28 @@ static char *rest_of_line(char *line, int words)
 	return p ? strdup(p) : NULL;
 }
 
+/* A copy of a syscall name in one static pool rather than a malloc each (~370 of them, read
+   while the program may wait for the monitor's first answer). NULL once it is full. */
+static char *pooled(const char *name)
+{
+	static char pool[16384];
+	static size_t used;
+	size_t length = strlen(name) + 1;
+	if (length > sizeof pool - used)
+		return NULL;
+	memcpy(pool + used, name, length);
+	used += length;
+	return pool + used - length;
+}
+
 static int load_state(int fd)
 {
+	static char buffer[65536];   /* the whole state (~9 KB) in one read, not musl's 1 KB at a time */
 	FILE *file = fdopen(fd, "r");
 	char line[8192];
 	if (!file)
 		return -1;
+	setvbuf(file, buffer, _IOFBF, sizeof buffer);
 	while (fgets(line, sizeof line, file)) {
 		char key[16], word[64];
 		long a, b;
@@ -221,7 +237,7 @@ static int load_state(int fd)
 			long nr = strtol(number, &end, 10);
 			if (end != number && *end == ' ' && nr >= 0 && nr < NR_LIMIT && strlen(end + 1) < sizeof word
 			    && end[1] && !strchr(end + 1, ' '))
-				names[nr] = strdup(end + 1);
+				names[nr] = pooled(end + 1);
 		} else if (!strcmp(key, "pid") && sscanf(line, "%*s %ld", &a) == 1) program = a;
 		else if (!strcmp(key, "pidfd") && sscanf(line, "%*s %ld", &a) == 1) pidfd = a;
 		else if (!strcmp(key, "listener") && sscanf(line, "%*s %ld", &a) == 1) listener = a;
