@@ -471,12 +471,8 @@ class _Launch:
         the setup child would (_run_builder). [(layer, fd of the namespace)], or None when the
         plan does not allow it or anything failed: the preloader then does it all itself,
         which reports the failure."""
-        from jailer.layers import syscalls
-
         plan = self.plan
-        both = syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWPID
-        if not (preloader.pid and preloader.cloned & both == both and plan.namespaces.mount
-                and plan.network.mode != "veth"):
+        if not (preloader.pid and builds_beside(plan, preloader.cloned)):
             return None
         self.bind_sources = self._check_bind_sources()
         if self.bind_sources[1] is not None:
@@ -1083,12 +1079,16 @@ def _drain(fd):
         pass
 
 
-def import_for_child(plan, root: bool) -> None:
+def import_for_child(plan, root: bool, built_beside: bool = False) -> None:
     """Import everything the sandbox's process runs before it is forked: after pivot_root
     jailer's files are gone, and importing once in the parent is cheaper than in a
     copy-on-write child. root: the launcher runs as root (the zero-exec preloader cannot
-    tell by its own ids: it has none yet in its new user namespace)."""
-    from jailer.layers import capabilities, landlock, limits, mounts, seccomp, syscalls  # noqa: F401
+    tell by its own ids: it has none yet in its new user namespace). built_beside: the
+    zero-exec preloader's root is built beside it (builds_beside), so that the mount layer
+    is imported, before pivot_root, only if that fails."""
+    from jailer.layers import capabilities, landlock, limits, syscalls  # noqa: F401
+    if not built_beside:
+        from jailer.layers import mounts  # noqa: F401
     if plan.network.mode != "none":
         from jailer.layers import network  # noqa: F401
     if plan.program.start == "zero-exec":
@@ -1097,6 +1097,15 @@ def import_for_child(plan, root: bool) -> None:
         from jailer.layers import cgroups  # noqa: F401
     if getattr(plan.identity, "host_ids", "shared") != "shared" and root:
         from jailer.host import identity  # noqa: F401
+
+
+def builds_beside(plan, cloned: int) -> bool:
+    """Whether _Launch._build_beside builds the namespaces and root of a zero-exec preloader
+    cloned into the namespaces `cloned` (clone flags) for this plan (it may still fail)."""
+    from jailer.layers import syscalls
+
+    both = syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWPID
+    return cloned & both == both and bool(plan.namespaces.mount) and plan.network.mode != "veth"
 
 
 def _run_builder(plan, sock_fd: int, user_fd: int, pid_fd: int, bind_sources: tuple, launcher_pid: int) -> int:
@@ -1426,9 +1435,9 @@ class _Child:
         _send(self.sock_fd, "ready", self.enforcement.applied, self.enforcement.skipped, listener_number,
               self.sock_fd)
         if self.bpf:
-            from jailer.layers import seccomp
+            from jailer.layers import syscalls
 
-            self.enforcement.attempt("seccomp", lambda: seccomp.load(self.bpf, report),
+            self.enforcement.attempt("seccomp", lambda: syscalls.seccomp_load(self.bpf, new_listener=report),
                                      "use a kernel with seccomp filters (and user notification, Linux >= 5.0)")
             if "seccomp" in self.enforcement.skipped:
                 _send(self.sock_fd, "skipped", "seccomp", self.enforcement.skipped["seccomp"])

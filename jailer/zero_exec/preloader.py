@@ -175,7 +175,7 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int
     gc.freeze()   # the standard library stays: the reset's collection (jailer.zero_exec) need not walk it
     from jailer import launcher
 
-    launcher.import_for_child(plan, root)
+    launcher.import_for_child(plan, root, launcher.builds_beside(plan, cloned))
     message, fds = _receive_request(sock)
     if message is None:
         return 0
