@@ -40,7 +40,8 @@ Processes (outer pids are the launcher's view):
 The documented order, all in single-threaded children between fork and exec:
   1. cgroup: the launcher creates <its cgroup>/<parent>/<name>.<pid> and writes the
      limits; the setup child joins it before unsharing the cgroup namespace (so that
-     namespace is rooted there), moving only itself (see jailer.layers.cgroups.Cgroup.join);
+     namespace is rooted there), moving only itself (see jailer.layers.cgroups.Cgroup.join;
+     on cgroup v2 the launcher moves a zero-exec preloader in while it imports: Cgroup.move);
   2. namespaces: user and pid at the clone (root's supplementary groups dropped for
      it), else user first (alone); then mount, (pid,) net, ipc, uts, cgroup together;
      hostname set;
@@ -402,6 +403,11 @@ class _Launch:
         preloader = self.options.preloader
         self.cgroup = Cgroup.create(cgroup_plan, self.plan.name,
                                     companions=[preloader.pid] if preloader is not None and preloader.pid else [])
+        if preloader is not None and preloader.pid:
+            try:
+                self.cgroup.move(preloader.pid)
+            except OSError:
+                pass   # (the sandbox's process joins itself, and reports what refuses it)
         return self.cgroup.describe()
 
     def _fork_and_supervise(self, argv, environment, bpf) -> int:
@@ -460,7 +466,8 @@ class _Launch:
         request = {"argv": list(argv), "environment": dict(environment), "bpf": bpf, "listen": self.listen,
                    "applied": self.enforcement.applied, "skipped": self.enforcement.skipped, "host_id": host_id,
                    "specs": [specs.index(spec) for spec, _ in self.manifest.entries], "built": list(layers),
-                   "cgroup": (self.cgroup.directories, self.cgroup.versions) if self.cgroup is not None else None}
+                   "cgroup": ((self.cgroup.directories, self.cgroup.versions, self.cgroup.joined)
+                              if self.cgroup is not None else None)}
         return request, [child_sock.fileno(), exec_w, *(fd for _, fd in self.manifest.entries), *namespace_fds]
 
     def _build_beside(self, preloader) -> list[tuple[str, int]] | None:

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -124,3 +126,59 @@ def test_sandbox_dies_with_the_launcher(invocation):
         finally:
             popen.kill()
             popen.wait()
+
+
+@pytest.fixture
+def cgroup2_hierarchy(tmp_path):
+    """A cgroup v2 hierarchy of this host's (mounted here when the host shows it nowhere else)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a cgroup v2 hierarchy needs root")
+    mounts = [line.split() for line in open("/proc/self/mounts")]
+    existing = next((fields[1] for fields in mounts if fields[2] == "cgroup2"), None)
+    mounted = None
+    if existing is None:
+        mounted = tmp_path / "cgroup2"
+        mounted.mkdir()
+        if subprocess.run(["mount", "-t", "cgroup2", "none", str(mounted)], capture_output=True).returncode != 0:
+            pytest.skip("this kernel cannot mount a cgroup v2 hierarchy here")
+    root = str(mounted or existing)
+    own = open("/proc/self/cgroup").read().split("0::", 1)[1].split("\n", 1)[0]
+    directory = f"{root}{own.rstrip('/')}/jailer-move-test.{os.getpid()}"
+    os.mkdir(directory)
+    try:
+        yield root, own.rstrip("/"), directory
+    finally:
+        for pid in open(f"{directory}/cgroup.procs").read().split():
+            with open(f"{root}{own.rstrip('/') or ''}/cgroup.procs", "w") as back:
+                back.write(pid)
+        os.rmdir(directory)
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], check=True)
+
+
+def test_on_cgroup_v2_the_launcher_moves_the_preloader_and_its_own_join_skips_that_directory(cgroup2_hierarchy):
+    """The move by pid (cgroup.procs) waits for an RCU grace period, so the launcher makes it
+    for the zero-exec preloader while it imports, off the start-up chain (Cgroup.move); the
+    sandbox's process then joins only the v1 directories left (Cgroup.join)."""
+    from jailer.layers.cgroups import Cgroup
+
+    root, own, directory = cgroup2_hierarchy
+    group = Cgroup({"pids": directory, "memory": directory}, {"pids": 2, "memory": 2})
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        group.move(sleeper.pid)
+        assert group.joined == [directory]
+        leaf = directory[len(root):]
+        assert open(f"/proc/{sleeper.pid}/cgroup").read().endswith(f"0::{leaf}\n")
+        joiner = subprocess.run([sys.executable, "-c", f"""
+import sys
+sys.path[:0] = {sys.path!r}
+from jailer.layers.cgroups import Cgroup
+Cgroup({{"pids": {directory!r}}}, {{"pids": 2}}, joined=[{directory!r}]).join()
+print(open("/proc/self/cgroup").read().split("0::", 1)[1].split(chr(10))[0])
+"""], capture_output=True, text=True, timeout=30)
+        assert joiner.returncode == 0, joiner.stderr
+        assert joiner.stdout.strip() == (own or "/")   # joined already: not moved again
+    finally:
+        sleeper.kill()
+        sleeper.wait()
