@@ -272,13 +272,13 @@ def zero_memory(address: int, size: int) -> None:
     _libc.memset(address, 0, size)
 
 
-_python.PyFrame_LocalsToFast.argtypes = (_PyObject, c_int)
-
-
 def store_frame_locals(frame) -> None:
     """Write a frame's f_locals back into its fast locals, clearing those deleted there
-    (PyFrame_LocalsToFast with clear=1): how a caller's variables can be dropped in 3.11-3.12."""
-    _python.PyFrame_LocalsToFast(frame, 1)
+    (PyFrame_LocalsToFast with clear=1): how a caller's variables can be dropped in 3.11-3.12
+    (looked up when first called: later Pythons have no such function)."""
+    function = _python.PyFrame_LocalsToFast
+    function.argtypes = (_PyObject, c_int)
+    function(frame, 1)
 
 
 def sethostname(name: str) -> None:
