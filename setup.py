@@ -31,17 +31,15 @@ def build_monitor(output: str) -> None:
     """Compile monitor.c into `output` (musl-gcc if it can, else gcc), or stop the build with one
     line saying what is missing. setup.sh builds a checkout's monitor with this too."""
     gcc = shutil.which("gcc")
-    musl_gcc = shutil.which("musl-gcc")
-    if gcc is None and musl_gcc is None:
+    if gcc is None:   # (musl-gcc too runs gcc)
         raise CompileError(f"cannot build {TARGET}: gcc is not on PATH; {WHAT_TO_INSTALL}")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     source = os.path.join(HERE, SOURCE)
-    if musl_gcc is not None and gcc is not None:
+    musl_gcc = shutil.which("musl-gcc")
+    if musl_gcc is not None:
         with tempfile.TemporaryDirectory() as headers:
             if _compile([musl_gcc, *GCC_FLAGS, "-isystem", _kernel_headers(gcc, headers)], source, output) is None:
                 return
-    if gcc is None:
-        raise CompileError(f"cannot build {TARGET}: gcc is not on PATH; {WHAT_TO_INSTALL}")
     error = _compile([gcc, *GCC_FLAGS], source, output)
     if error is not None:
         if not _links_static(gcc):
