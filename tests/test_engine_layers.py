@@ -142,14 +142,14 @@ def cgroup2_hierarchy(tmp_path):
         if subprocess.run(["mount", "-t", "cgroup2", "none", str(mounted)], capture_output=True).returncode != 0:
             pytest.skip("this kernel cannot mount a cgroup v2 hierarchy here")
     root = str(mounted or existing)
-    own = open("/proc/self/cgroup").read().split("0::", 1)[1].split("\n", 1)[0]
-    directory = f"{root}{own.rstrip('/')}/jailer-move-test.{os.getpid()}"
+    own = open("/proc/self/cgroup").read().split("0::", 1)[1].split("\n", 1)[0].rstrip("/")
+    directory = f"{root}{own}/jailer-move-test.{os.getpid()}"
     os.mkdir(directory)
     try:
-        yield root, own.rstrip("/"), directory
+        yield root, own, directory
     finally:
         for pid in open(f"{directory}/cgroup.procs").read().split():
-            with open(f"{root}{own.rstrip('/') or ''}/cgroup.procs", "w") as back:
+            with open(f"{root}{own}/cgroup.procs", "w") as back:
                 back.write(pid)
         os.rmdir(directory)
         if mounted is not None:

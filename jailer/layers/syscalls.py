@@ -54,9 +54,10 @@ class _Library:
 
 _libc = _Library("libc.so.6")
 _libc.syscall.restype = c_long
-_libc_holding_gil = _Library("libc.so.6", _CFunctionHoldingGil)   # for clone: no GIL release around it
-_libc_holding_gil.syscall.restype = c_long
-_python = _Library(None, _CFunctionHoldingGil)   # the interpreter's own C API
+# This process's own symbols, CPython's C API and the C library's alike, called holding the
+# GIL: the C API needs it, and clone must not release it around the fork.
+_holding_gil = _Library(None, _CFunctionHoldingGil)
+_holding_gil.syscall.restype = c_long
 _MACHINE = os.uname().machine
 
 # Syscall numbers that differ between the architectures jailer supports; 424 and up are shared.
@@ -150,9 +151,9 @@ def clone_process(flags: int) -> int:
     and no new stack, wrapped in CPython's own before/after-fork steps as os.fork does; returns
     0 in the child and the child's pid in the parent. With CLONE_NEWPID the child is the new
     namespace's pid 1, which unshare() cannot make the calling process."""
-    api = _python
+    api = _holding_gil
     api.PyOS_BeforeFork()
-    result = _libc_holding_gil.syscall(c_long(NR["clone"]), c_ulong(flags | signal.SIGCHLD),
+    result = api.syscall(c_long(NR["clone"]), c_ulong(flags | signal.SIGCHLD),
                                        None, None, None, None)
     if result == 0:
         api.PyOS_AfterFork_Child()
@@ -276,7 +277,7 @@ def store_frame_locals(frame) -> None:
     """Write a frame's f_locals back into its fast locals, clearing those deleted there
     (PyFrame_LocalsToFast with clear=1): how a caller's variables can be dropped in 3.11-3.12
     (looked up when first called: later Pythons have no such function)."""
-    function = _python.PyFrame_LocalsToFast
+    function = _holding_gil.PyFrame_LocalsToFast
     function.argtypes = (_PyObject, c_int)
     function(frame, 1)
 
