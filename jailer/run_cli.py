@@ -5,7 +5,8 @@ profile, keyed on the profile's path, mtime, size and contents, the caller's uid
 the environment variables the profile names, the jailer version and the files of the
 modules that resolve profiles and compile filters; any mismatch or unreadable entry
 falls back to resolving the profile again. toml, click, pyseccomp and pyroute2 are only
-imported on a cache miss or when the plan needs them.
+imported on a cache miss or when the plan needs them. Beside a zero-exec profile's entry
+is the cache of the modules its preloader imports (jailer.zero_exec.module_cache).
 """
 
 from __future__ import annotations
@@ -208,17 +209,29 @@ def _cache_file(directory: str, path: str) -> str:
     return os.path.join(directory, f"{zlib.crc32(path.encode()):08x}-{os.path.basename(path)}.plan")
 
 
-def _read_cache(file: str, key: tuple):
-    """The cached entry when it is ours, private and for exactly this key; else None."""
+def open_private(file: str) -> int | None:
+    """The cache file, opened read-only, when it is this user's and private to it; else None."""
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            return None
-        entry = marshal.loads(_read_all(fd, st.st_size))
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _read_cache(file: str, key: tuple):
+    """The cached entry when it is ours, private and for exactly this key; else None."""
+    fd = open_private(file)
+    if fd is None:
+        return None
+    try:
+        entry = marshal.loads(_read_all(fd, os.fstat(fd).st_size))
         return entry if isinstance(entry, dict) and entry.get("key") == key else None
     except (OSError, EOFError, ValueError, TypeError):
         return None
@@ -237,8 +250,12 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _write_cache(directory: str, file: str, entry: dict) -> None:
+    write_cache_file(directory, file, marshal.dumps(entry), prune=True)
+
+
+def write_cache_file(directory: str, file: str, data: bytes, prune: bool = False) -> None:
     """Best effort: a cache that cannot be written only costs time. The directory is pinned
-    (jailer.host.paths) and must be this user's and private; the entry is written in it
+    (jailer.host.paths) and must be this user's and private; the file is written in it
     atomically (paths.write_in)."""
     from jailer.host import paths
 
@@ -250,8 +267,9 @@ def _write_cache(directory: str, file: str, entry: dict) -> None:
         st = os.fstat(dirfd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             return
-        _prune(dirfd)
-        os.close(paths.write_in(dirfd, os.path.basename(file), marshal.dumps(entry), 0o600))
+        if prune:
+            _prune(dirfd)
+        os.close(paths.write_in(dirfd, os.path.basename(file), data, 0o600))
     except OSError:
         pass
     finally:
@@ -283,14 +301,20 @@ def _view(value):
 
 
 def _prune(dirfd: int, limit: int = 256) -> None:
-    """Drop entries whose profile is gone (temporary profiles would pile up); only on a miss,
-    and only files named as _cache_file names them."""
+    """Drop entries whose profile is gone (temporary profiles would pile up), with the module
+    cache beside each (jailer.zero_exec.module_cache); only on a miss, and only files named
+    as _cache_file names them."""
     listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         names = sorted(os.listdir(listing))[:limit]
     finally:
         os.close(listing)
     for name in names:
+        if name.endswith(".modules") and name[8:9] == "-" and name[:-len(".modules")] + ".plan" not in names:
+            try:
+                os.unlink(name, dir_fd=dirfd)
+            except OSError:
+                pass
         if not name.endswith(".plan") or name[8:9] != "-":
             continue
         try:
@@ -300,10 +324,11 @@ def _prune(dirfd: int, limit: int = 256) -> None:
         except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError):
             profile = None
         if profile is None or not os.path.exists(profile):
-            try:
-                os.unlink(name, dir_fd=dirfd)
-            except OSError:
-                pass
+            for stale in (name, name[:-len(".plan")] + ".modules"):
+                try:
+                    os.unlink(stale, dir_fd=dirfd)
+                except OSError:
+                    pass
 
 
 def resolve(profile: str, use_cache: bool = True):
@@ -359,7 +384,8 @@ def main(argv) -> int:
     if plan.program.start == "zero-exec":   # the sandbox's process starts importing now
         from jailer.zero_exec.preloader import Preloader
 
-        preloader = Preloader.fork(plan)
+        module_cache = _cache_file(cache_dir(), os.path.abspath(args.profile))[:-len(".plan")] + ".modules"
+        preloader = Preloader.fork(plan, module_cache, args.use_cache)
     try:
         code = run_plan(plan, args, bpf, names, carried, preloader)
     finally:

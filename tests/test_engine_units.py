@@ -69,6 +69,8 @@ def test_cache_entry_is_used_only_for_its_key_and_only_when_private(tmp_path):
     gone_file = run_cli._cache_file(directory, str(gone))
     run_cli._write_cache(directory, gone_file, {"key": run_cli._cache_key(str(gone)), "plan": {}, "bpf": None,
                                                 "names": None})
+    for modules in (gone_file, os.path.join(directory, "0000abcd-orphan.toml.plan")):   # (a module cache beside
+        run_cli.write_cache_file(directory, modules[:-len(".plan")] + ".modules", b"x")  # it, or alone, goes too)
     gone.unlink()
     run_cli._write_cache(directory, file, {"key": key, "plan": {"x": 1}, "bpf": None, "names": None})
     assert sorted(os.listdir(directory)) == [os.path.basename(file)]

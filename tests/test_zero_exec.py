@@ -20,6 +20,7 @@ import pytest
 
 from jailer.errors import ProfileError
 from jailer.profile import build_plan
+from engine_sandbox import NOBODY
 from test_e2e_jailed_device import INVOCATIONS, JAILER, scratch  # noqa: F401  (fixture)
 
 PROBE = Path(__file__).with_name("zero_exec_probe.py")
@@ -32,8 +33,10 @@ PRELOAD = ("dataclasses",)   # zero-exec's probe starts with it imported (outsid
 
 
 def readable(path: Path, text: str) -> Path:
-    """`path` holding `text`, readable by the unprivileged invocation too."""
-    path.write_text(text)
+    """`path` holding `text`, readable by the unprivileged invocation too (left as it is when
+    it holds it already: a profile rewritten would not be the cached plan's)."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
     path.chmod(0o644)
     return path
 
@@ -57,14 +60,41 @@ set = {{ LONGER_THAN_THE_LAUNCHERS = "{'x' * LONG}" }}
 """)
 
 
-def run_probe(invocation, directory: Path, start: str, *args, marker=None):
+def run_probe(invocation, directory: Path, start: str, *args, marker=None, cache: Path | None = None):
+    """The probe under `jailer run`, with no cache, or with the caches in `cache`."""
     marker = marker or f"launcher-only-{uuid.uuid4().hex}"
     profile = probe_profile(directory, marker, start)
     command, env = JAILER.command(invocation)
-    result = subprocess.run([*command, "run", "--no-cache", str(profile), "--", marker[::-1], *args],
+    caching = ["--no-cache"] if cache is None else []
+    env = {**env, "JAILER_CACHE_DIR": str(cache)} if cache is not None else env
+    result = subprocess.run([*command, "run", *caching, str(profile), "--", marker[::-1], *args],
                             capture_output=True, text=True, timeout=60, cwd="/",
                             env={"PATH": "/usr/bin:/bin", "JAILER_TEST_MARKER": marker, **env})
     return result
+
+
+def private_cache(directory: Path, invocation) -> Path:
+    cache = directory / f"cache-{invocation}"
+    cache.mkdir(mode=0o700)
+    if invocation == "user" and os.geteuid() == 0:
+        os.chown(cache, NOBODY, NOBODY)
+    return cache
+
+
+def run_with_module_cache(invocation, directory: Path, marker: str) -> tuple[dict, list]:
+    """The zero-exec probe's report from a run whose preloader imports from a module cache
+    (jailer.zero_exec.module_cache) made by the runs before it, and the cache file's
+    (inode, mtime) after each run: the first run resolves the plan (its launcher imports
+    much of what the preloader would), the second writes the whole module cache, the third
+    only reads it."""
+    cache = private_cache(directory, invocation)
+    stamps = []
+    for _ in range(3):
+        result = run_probe(invocation, directory, "zero-exec", marker=marker, cache=cache)
+        assert result.returncode == 0, result.stderr
+        modules = [path for path in cache.iterdir() if path.suffix == ".modules"]
+        stamps.append([(path.stat().st_ino, path.stat().st_mtime_ns) for path in modules])
+    return json.loads(result.stdout), stamps
 
 
 @pytest.fixture
@@ -92,6 +122,7 @@ def reports():
                 result = run_probe(invocation, directory, start, marker=marker)
                 assert result.returncode == 0, result.stderr
                 found[invocation, start] = json.loads(result.stdout)
+            found[invocation, "module cache"] = run_with_module_cache(invocation, directory, marker)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return found
@@ -104,6 +135,24 @@ def test_the_program_sees_what_the_exec_path_gives_it(invocation, reports):
                 "jailer_modules", "foreign_modules", "jailer_objects", "marker_strings", "gc", "atexit", "hooks",
                 "meta_path", "main", "ids", "dont_write_bytecode", "cpus"):
         assert zero[key] == exec_path[key], key
+
+
+@pytest.mark.parametrize("invocation", INVOCATIONS)
+def test_modules_imported_from_the_module_cache_are_what_the_import_system_gives(invocation, reports):
+    """The preloader's module cache changes nothing the program can see: the same report,
+    and every module loaded by a SourceFileLoader from the same files as the exec path's."""
+    exec_path, zero = reports[invocation, "exec"], reports[invocation, "zero-exec"]
+    cached, stamps = reports[invocation, "module cache"]
+    assert len(stamps[1]) == 1 and stamps[2] == stamps[1]   # written once whole, then only read
+    for key in zero:
+        if key not in ("frozen", "loaders"):
+            assert cached[key] == zero[key], key
+    for name, loaded in cached["loaders"].items():   # (which modules the launcher imported depends on the plan cache)
+        assert loaded == zero["loaders"].get(name, exec_path["loaders"].get(name)), name
+        assert loaded[:2] == ["SourceFileLoader", "SourceFileLoader"], name
+    dataclasses = cached["loaders"]["dataclasses"]      # (preloaded, from the cache)
+    assert dataclasses[2] == sys.modules["os"].__file__.replace("os.py", "dataclasses.py") \
+        and dataclasses[4] == [dataclasses[2]]
 
 
 @pytest.mark.parametrize("invocation", INVOCATIONS)

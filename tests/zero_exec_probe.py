@@ -49,6 +49,21 @@ def launcher_frames() -> int:
     return held
 
 
+def loaders() -> dict:
+    """How each module imported from a source file was loaded: the loader's class, the module's
+    paths, and where its functions' code says it comes from."""
+    found = {}
+    for name, module in sorted(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if spec is None or not isinstance(spec.origin, str) or not spec.origin.endswith(".py"):
+            continue
+        filenames = sorted({value.__code__.co_filename for value in vars(module).values()
+                            if getattr(value, "__module__", None) == name and hasattr(value, "__code__")})
+        found[name] = [type(spec.loader).__qualname__, type(module.__loader__).__qualname__, module.__file__,
+                       module.__cached__, filenames]
+    return found
+
+
 def main():
     if sys.argv[2:] == ["execve"]:
         os.execv(sys.executable, [sys.executable, "-S", "-c", "pass"])
@@ -86,6 +101,7 @@ def main():
         "dont_write_bytecode": sys.dont_write_bytecode,
         "cpus": status["Cpus_allowed_list"],
         "preloaded": {name: sys.modules[name].__file__ for name in PRELOADED},
+        "loaders": loaders(),
         "frozen": frozen,
         "uncollected": uncollected,
     }

@@ -14,7 +14,8 @@ moves to another: _keep_this_cpu):
   (jailer.profile refuses anything else), because these imports run before the sandbox
   is built, with the launcher's access to files. They are imported as the program would
   import them: from the standard library's directories only, with the program's
-  environment;
+  environment; from the module cache the launcher opened for it when that is current
+  (jailer.zero_exec.module_cache), and this process reports what it imported otherwise;
 - runpy, which starts the program, and the jailer modules the sandbox's set-up uses.
 
 When the launcher is ready to start the sandbox, it sends this process what a child of its
@@ -47,21 +48,29 @@ _TAKEN = b"taken"   # the preloading process's answer: it is the sandbox's proce
 class Preloader:
     """The launcher's handle on the preloading process."""
 
-    def __init__(self, pid: int, cloned: int, sock: socket.socket):
+    def __init__(self, pid: int, cloned: int, sock: socket.socket, module_cache: str | None):
         self.pid = pid
         self.cloned = cloned    # the namespaces it was cloned into (jailer.layers.namespaces.start_child)
         self.sock = sock
+        self.module_cache = module_cache
 
     @classmethod
-    def fork(cls, plan) -> "Preloader | None":
+    def fork(cls, plan, module_cache: str | None = None, use_module_cache: bool = True) -> "Preloader | None":
         """Create the preloading process (which never returns here); None when the system
-        refuses (the launcher then starts the sandbox's process itself)."""
+        refuses (the launcher then starts the sandbox's process itself). module_cache: the
+        file of the compiled modules it imports (jailer.zero_exec.module_cache), read when
+        use_module_cache, written again when the preloader reports it out of date."""
         from jailer.layers import namespaces
 
         try:
             launcher_sock, own_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         except OSError:
             return None
+        cache_fd = None
+        if module_cache is not None and use_module_cache and plan.program.preload:
+            from jailer.run_cli import open_private
+
+            cache_fd = open_private(module_cache)
         launcher_pid, root = os.getpid(), os.geteuid() == 0
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)   # until it ignores them (_serve)
         cpus = _keep_this_cpu()
@@ -75,16 +84,18 @@ class Preloader:
             if os.getpid() == launcher_pid:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 _leave_this_cpu(cpus)
+                if cache_fd is not None:
+                    os.close(cache_fd)
         if pid == 0:
             _set_cpus(cpus)
             launcher_sock.close()
             code = 1
             try:
-                code = _serve(own_sock, plan, launcher_pid, root, cloned)
+                code = _serve(own_sock, plan, launcher_pid, root, cloned, cache_fd)
             finally:
                 os._exit(code)
         own_sock.close()
-        return cls(pid, cloned, launcher_sock)
+        return cls(pid, cloned, launcher_sock, module_cache)
 
     def start_sandbox(self, request: dict, fds: list[int], meanwhile=None) -> tuple[int, int] | None:
         """(pid, clone flags) of the sandbox's first process, which is this preloading process
@@ -98,16 +109,32 @@ class Preloader:
                               socket.MSG_NOSIGNAL)
             if meanwhile is not None:
                 meanwhile()
-            taken = self.sock.recv(16) == _TAKEN
+            answer = _receive(self.sock)
         except OSError:
-            taken = False
-        if not taken:
+            answer = b""
+        if not answer.startswith(_TAKEN):
             self.stop()
             return None
+        if len(answer) > len(_TAKEN) and self.module_cache is not None:
+            self._write_module_cache(answer[len(_TAKEN):])
         self.sock.close()
         started = self.pid, self.cloned
         self.sock = self.pid = None   # the sandbox's process now: the launcher supervises it
         return started
+
+    def _write_module_cache(self, report: bytes) -> None:
+        """Rewrite the module cache from the modules the preloader reports it imported (best
+        effort, as for the plan cache: it only costs time)."""
+        from jailer import run_cli
+        from jailer.zero_exec import module_cache, standard_library
+
+        try:
+            modules = marshal.loads(report)
+        except (EOFError, ValueError, TypeError):
+            return
+        if isinstance(modules, list):
+            data = module_cache.build(modules, standard_library())
+            run_cli.write_cache_file(os.path.dirname(self.module_cache), self.module_cache, data)
 
     def stop(self) -> None:
         """End and reap the preloading process, unused."""
@@ -166,12 +193,12 @@ def _fd_array(fds: list[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)   # (array imports collections: 3 ms)
 
 
-def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int) -> int | None:
+def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int, cache_fd: int | None) -> int | None:
     """The preloading process: import, wait for the launcher's request, go on as the setup child."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_IGN)   # the launcher decides what reaches the program
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)   # (blocked from before the fork until now)
-    preload(plan.program.preload, plan.environment)
+    report = preload(plan.program.preload, plan.environment, cache_fd)
     gc.freeze()   # the standard library stays: the reset's collection (jailer.zero_exec) need not walk it
     from jailer import launcher
 
@@ -181,11 +208,17 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int
         return 0
     try:
         child = launcher.child_from_request(plan, message, fds, launcher_pid)
-        sock.send(_TAKEN)
+        sock.send(_TAKEN if report is None else _TAKEN + marshal.dumps(report))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return 1
     child.cloned = cloned
     launcher.run_child(child, [sock.detach()])   # (never returns)
+
+
+def _receive(sock: socket.socket) -> bytes:
+    """The next message, whatever its length (SOCK_SEQPACKET truncates to the buffer)."""
+    size = sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+    return sock.recv(max(size, 1))
 
 
 def _receive_request(sock: socket.socket):
@@ -204,17 +237,28 @@ def _receive_request(sock: socket.socket):
         return None, fds
 
 
-def preload(modules, environment) -> None:
+def preload(modules, environment, cache_fd: int | None = None) -> list | None:
     """Import `modules` from the standard library as the program would (its environment, the
     standard library's directories only, no import hooks of jailer's); one that fails is
-    left for the program to import (or fail to) itself."""
+    left for the program to import (or fail to) itself. cache_fd: the module cache
+    (jailer.zero_exec.module_cache), closed here. What the launcher should write in the
+    module cache (the modules imported), or None when the cache served them all."""
     import importlib
 
     from jailer.zero_exec import interpreters_own_finders, standard_library
 
+    library = standard_library()
+    before = set(sys.modules)
     saved = sys.path[:], sys.meta_path[:], dict(os.environ)
-    sys.path[:] = list(standard_library())
+    sys.path[:] = list(library)
     sys.meta_path[:] = interpreters_own_finders()
+    cache = None
+    if cache_fd is not None:
+        from jailer.zero_exec.module_cache import CachedModules
+
+        cache = CachedModules.load(cache_fd)
+        if cache is not None:
+            sys.meta_path.insert(0, cache)
     os.environ.clear()
     os.environ.update(environment)
     try:
@@ -227,3 +271,13 @@ def preload(modules, environment) -> None:
         sys.path[:], sys.meta_path[:] = saved[0], saved[1]
         os.environ.clear()
         os.environ.update(saved[2])
+    if not modules:
+        return None
+    from jailer.zero_exec.module_cache import imported_modules
+
+    served = set(cache.served) if cache is not None else set()
+    stale = cache is None or cache.stale
+    if cache is not None:
+        cache.close()
+    imported = [module for module in imported_modules(library) if module[0] not in before]
+    return imported if imported and (stale or any(name not in served for name, _, _ in imported)) else None
