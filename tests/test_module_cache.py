@@ -28,16 +28,18 @@ def library(tmp_path):
     (lib / "cachemod.py").write_text("VALUE = 1\ndef where():\n    return __file__\n")
     (lib / "cachepkg" / "__init__.py").write_text("NAME = 'package'\n")
     (lib / "cachepkg" / "sub.py").write_text("from cachepkg import NAME\nSUB = NAME + '.sub'\n")
-    for source in ("cachemod.py", "cachepkg/__init__.py", "cachepkg/sub.py"):
+    (lib / "cachepkg" / "inner").mkdir()
+    (lib / "cachepkg" / "inner" / "__init__.py").write_text("INNER = True\n")
+    for source in ("cachemod.py", "cachepkg/__init__.py", "cachepkg/sub.py", "cachepkg/inner/__init__.py"):
         py_compile.compile(str(lib / source), doraise=True)
     past = time.time() - 10   # directories whose mtime a later change visibly moves
-    for directory in (lib, lib / "cachepkg", lib / "lib-dynload"):
+    for directory in (lib, lib / "cachepkg", lib / "cachepkg" / "inner", lib / "lib-dynload"):
         os.utime(directory, (past, past))
     return str(tmp_path / "lib.zip"), str(lib), str(lib / "lib-dynload")
 
 
 MODULES = [("cachemod", "cachemod.py", False), ("cachepkg", "cachepkg/__init__.py", True),
-           ("cachepkg.sub", "cachepkg/sub.py", False)]
+           ("cachepkg.sub", "cachepkg/sub.py", False), ("cachepkg.inner", "cachepkg/inner/__init__.py", True)]
 
 
 def write_cache(library, tmp_path, modules=MODULES) -> str:
@@ -82,8 +84,8 @@ def described(module) -> tuple:
 
 def test_served_modules_are_what_the_import_system_gives(library, tmp_path, importing):
     cache = load(write_cache(library, tmp_path))
-    served = importing(cache, library, "cachemod", "cachepkg.sub")
-    assert sorted(cache.served) == ["cachemod", "cachepkg", "cachepkg.sub"] and not cache.stale
+    served = importing(cache, library, "cachemod", "cachepkg.sub", "cachepkg.inner")
+    assert sorted(cache.served) == ["cachemod", "cachepkg", "cachepkg.inner", "cachepkg.sub"] and not cache.stale
     cache.close()
     served = [*served, sys.modules["cachepkg"]]
     served_described = [described(module) for module in served]
@@ -91,9 +93,9 @@ def test_served_modules_are_what_the_import_system_gives(library, tmp_path, impo
     assert served[0].where.__code__.co_filename == served[0].__file__
     assert served[1].SUB == "package.sub"
     code = served[0].where.__code__.co_code
-    for name in ("cachemod", "cachepkg", "cachepkg.sub"):
+    for name in ("cachemod", "cachepkg", "cachepkg.sub", "cachepkg.inner"):
         del sys.modules[name]
-    plain = importing(None, library, "cachemod", "cachepkg.sub")
+    plain = importing(None, library, "cachemod", "cachepkg.sub", "cachepkg.inner")
     plain = [*plain, sys.modules["cachepkg"]]
     assert served_described == [described(module) for module in plain]
     assert plain[0].where.__code__.co_code == code
@@ -150,6 +152,7 @@ def test_hash_based_bytecode_is_left_to_the_import_system(library, tmp_path):
     py_compile.compile(source, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     cache = load(write_cache(library, tmp_path))
     assert cache.find_spec("cachemod") is None and cache.find_spec("cachepkg") is not None
+    assert cache.left_out == {"cachemod"}   # (its import does not make the preloader ask for a rewrite)
     cache.close()
 
 
@@ -178,3 +181,33 @@ def test_a_damaged_or_foreign_file_is_not_used(library, tmp_path):
         f.write(data)
     os.chmod(path, 0o644)                   # readable by others: not this user's private cache
     assert open_private(path) is None
+
+
+def test_jailers_modules_are_served_only_apart_from_the_standard_librarys(library, tmp_path):
+    """While preloading (the path: the standard library's directories) it serves the library's
+    modules; while the preloader imports jailer's set-up modules (found in jailer's package,
+    whatever the path), only those."""
+    import jailer.layers.limits as limits
+
+    path = tmp_path / "test.modules"
+    path.write_bytes(module_cache.build([("cachemod", os.path.join(library[1], "cachemod.py"), False),
+                                         ("jailer.layers.limits", limits.__file__, False),
+                                         ("jailer.layers.elsewhere", os.path.join(library[1], "cachemod.py"), False)],
+                                        library))
+    path.chmod(0o600)
+    cache = load(str(path))
+    layers = [os.path.dirname(limits.__file__)]
+    assert cache.find_spec("cachemod") is not None and cache.find_spec("jailer.layers.limits", layers) is None
+    cache.own = True
+    assert cache.find_spec("cachemod") is None and cache.find_spec("jailer.layers.limits", layers) is not None
+    assert cache.find_spec("jailer.layers.elsewhere", layers) is None
+    cache.close()
+
+
+def test_a_directory_changed_while_its_modules_were_searched_for_is_not_cached(library, tmp_path):
+    """What the search found before the change may not be what it finds now: no cache."""
+    modules = [(name, os.path.join(library[1], file), package) for name, file, package in MODULES]
+    searched = time.time_ns()
+    assert module_cache.build(modules, library, unchanged_since=searched) is not None
+    open(os.path.join(library[1], "cachepkg", "new.py"), "w").close()
+    assert module_cache.build(modules, library, unchanged_since=searched) is None

@@ -1,24 +1,28 @@
-"""The standard-library modules a zero-exec preloader imports, kept compiled in one file
-beside the profile's cached plan (jailer.run_cli), so that the next preloader imports them
-without the import system's search and without opening a file per module.
+"""The modules a zero-exec preloader imports, the standard library's and jailer's own, kept
+compiled in one file beside the profile's cached plan (jailer.run_cli), so that the next
+preloader imports them without the import system's search and without opening a file per
+module.
 
 Importing program.preload is most of the preloader's work, and all of it is on the way to
 the program's start. About a seventh of it is not the modules' own code: it is the import
 system looking for each module (a scan of, and stats in, every directory on the path) and
 reading its bytecode file. This file keeps, for each module, what that search found (its
 source and bytecode paths, whether it is a package) and the code its bytecode file held;
-the preloader maps the file and puts a finder serving it first while it preloads.
+the preloader maps the file and puts a finder serving it first: for the standard library's
+modules while it preloads (when the path is the standard library's directories only), for
+jailer's while it imports jailer's set-up modules (found in jailer's package only).
 
 A module is served only while nothing the search depends on has changed:
-- the interpreter: its version, bytecode magic and optimisation level, and the standard
-  library's directories (interpreter_key);
+- the interpreter: its version, bytecode magic, optimisation level and pycache prefix, and
+  the standard library's directories (interpreter_key);
 - the directories searched: their mtimes, since adding, removing or renaming a file
   changes them, and the standard library's zip, which must still be absent;
 - the module's source: its mtime and size, the check its bytecode file's header serves.
 
 A module the cache lacks, or does not serve, the interpreter's own finders import as usual.
 The preloader then reports what it imported (imported_modules), and the launcher rewrites
-the file (write). Once preloading is done, each module served gets the SourceFileLoader the
+the file (build), unless the file lists the module as one it cannot hold (a hash-based
+bytecode file, a source outside those directories). Once preloading is done, each module served gets the SourceFileLoader the
 search would have given it (CachedModules.close), so nothing of jailer's stays reachable
 from the program.
 """
@@ -32,6 +36,9 @@ import sys
 from _frozen_importlib_external import MAGIC_NUMBER, SourceFileLoader, cache_from_source, spec_from_file_location
 
 _HEADER_SIZE = 4   # bytes of the little-endian length of the marshalled index that follows
+
+
+OWN_PACKAGE = __name__.partition(".")[0]
 
 
 def interpreter_key() -> tuple:
@@ -60,12 +67,14 @@ class _CachedLoader(SourceFileLoader):
 class CachedModules:
     """A meta path finder serving the modules of one cache file (see the module's docstring)."""
 
-    def __init__(self, mapping, index: dict, start: int):
+    def __init__(self, mapping, index: dict, start: int, left_out: frozenset):
         self._mapping = mapping
         self._index = index
         self._start = start
+        self.left_out = left_out   # names reported before that build could not cache: not worth a rewrite
         self.served = []       # the names imported from here
         self.stale = False     # a module it holds had changed: the launcher should rewrite it
+        self.own = False       # serving jailer's modules (else the standard library's)
 
     @classmethod
     def load(cls, fd: int) -> "CachedModules | None":
@@ -86,7 +95,7 @@ class CachedModules:
             start = _HEADER_SIZE + length
             if header["key"] == interpreter_key() and _well_formed(header["modules"], len(mapping) - start) \
                     and all(_mtime(path) == mtime for path, mtime in header["dirs"]):
-                return cls(mapping, header["modules"], start)
+                return cls(mapping, header["modules"], start, frozenset(header["left_out"]))
         except (EOFError, ValueError, TypeError, KeyError, OSError):
             pass
         mapping.close()
@@ -94,10 +103,11 @@ class CachedModules:
 
     def find_spec(self, name, path=None, target=None):
         entry = self._index.get(name)
-        if entry is None:
+        if entry is None or name.startswith(OWN_PACKAGE + ".") != self.own:
             return None
         origin, cached, is_package, mtime, size, _, _ = entry
-        if path is not None and list(path) != [os.path.dirname(origin)]:
+        directory = os.path.dirname(origin)
+        if path is not None and list(path) != [os.path.dirname(directory) if is_package else directory]:
             return None   # its parent package is not the one cached
         try:
             st = os.stat(origin)
@@ -152,42 +162,59 @@ def _mtime(path: str) -> int | None:
         return None
 
 
-def imported_modules(library) -> list[tuple[str, str, bool]]:
-    """(name, source path, is a package) of every module imported from the standard library's
-    source files (library: jailer.zero_exec.standard_library()), for the launcher's write."""
-    _, stdlib, _ = library
+def own_package() -> str:
+    """jailer's package directory."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def imported_modules(library, names) -> list[tuple[str, str, bool]]:
+    """(name, source path, is a package) of each module of `names` imported from a source file
+    of the standard library (library: jailer.zero_exec.standard_library()) or of jailer's
+    package, for the launcher's write."""
     found = []
-    for name, module in list(sys.modules.items()):
-        spec = getattr(module, "__spec__", None)
+    own = own_package()
+    for name in names:
+        spec = getattr(sys.modules.get(name), "__spec__", None)
         origin = getattr(spec, "origin", None)
         if isinstance(spec.loader if spec else None, SourceFileLoader) and isinstance(origin, str) \
-                and _in_directory(origin, stdlib):
+                and _cacheable(name, origin, library[1], own):
             found.append((name, origin, spec.submodule_search_locations is not None))
     return found
 
 
-def _in_directory(path: str, directory: str) -> bool:
-    return path.startswith(directory + os.sep) and f"{os.sep}site-packages{os.sep}" not in path \
-        and f"{os.sep}dist-packages{os.sep}" not in path and path.endswith(".py")
+def _cacheable(name, origin, stdlib: str, own: str) -> bool:
+    """A source file of the standard library (not of its site-packages) or, for one of
+    jailer's submodules, of jailer's package."""
+    if not (isinstance(name, str) and isinstance(origin, str) and origin.endswith(".py")):
+        return False
+    if name.startswith(OWN_PACKAGE + "."):
+        return origin.startswith(own + os.sep)
+    return origin.startswith(stdlib + os.sep) and f"{os.sep}site-packages{os.sep}" not in origin \
+        and f"{os.sep}dist-packages{os.sep}" not in origin
 
 
-def build(modules, library) -> bytes:
+def build(modules, library, own: str | None = None, unchanged_since: int | None = None) -> bytes | None:
     """The cache file's contents for modules (imported_modules' list): for each one whose
-    source is in the standard library, its bytecode file's code when that file is current
+    source is in the standard library (library: jailer.zero_exec.standard_library()) or in
+    jailer's package (own: its directory), its bytecode file's code when that file is current
     (as the import system checks it), else the code compiled from its source (as the import
-    system would compile it). Modules with hash-based bytecode files are left out."""
+    system would compile it). Modules with hash-based bytecode files are left out.
+    unchanged_since (ns since the epoch): a time before the modules were searched for; None
+    when a directory searched has changed since (what was found there may no longer be)."""
     zipped, stdlib, dynload = library
-    index, blobs, offset = {}, [], 0
+    own = own or own_package()
+    index, blobs, offset, left_out = {}, [], 0, []
     directories = {zipped, stdlib, dynload}
     for name, origin, is_package in modules:
-        if not (isinstance(name, str) and isinstance(origin, str) and _in_directory(origin, stdlib)):
-            continue
-        try:
-            code = _code_of(name, origin)
-            st = os.stat(origin)
-        except (OSError, SyntaxError, ValueError):
-            continue
+        code = None
+        if _cacheable(name, origin, stdlib, own):
+            try:
+                code, st = _code_of(name, origin)
+            except (OSError, SyntaxError, ValueError):
+                code = None
         if code is None:
+            if isinstance(name, str):
+                left_out.append(name)
             continue
         index[name] = (origin, cache_from_source(origin), bool(is_package), st.st_mtime_ns, st.st_size,
                        offset, len(code))
@@ -197,14 +224,17 @@ def build(modules, library) -> bytes:
         directories.add(directory)
         if is_package:
             directories.add(os.path.dirname(directory))
-    header = marshal.dumps({"key": interpreter_key(), "modules": index,
-                            "dirs": tuple((path, _mtime(path)) for path in sorted(directories))})
+    stamps = tuple((path, _mtime(path)) for path in sorted(directories))
+    if unchanged_since is not None and any(mtime is not None and mtime >= unchanged_since for _, mtime in stamps):
+        return None
+    header = marshal.dumps({"key": interpreter_key(), "modules": index, "left_out": tuple(left_out), "dirs": stamps})
     return len(header).to_bytes(_HEADER_SIZE, "little") + header + b"".join(blobs)
 
 
-def _code_of(name: str, origin: str) -> bytes | None:
-    """The module's marshalled code as the import system would load it, or None when its
-    bytecode file is hash-based (the cache's mtime check would not be the import system's)."""
+def _code_of(name: str, origin: str) -> tuple[bytes | None, os.stat_result]:
+    """The module's marshalled code as the import system would load it (None when its
+    bytecode file is hash-based: the cache's mtime check would not be the import system's),
+    and the source's status that code is for."""
     st = os.stat(origin)
     try:
         with open(cache_from_source(origin), "rb") as f:
@@ -213,9 +243,9 @@ def _code_of(name: str, origin: str) -> bytes | None:
         data = b""
     if len(data) >= 16 and data[:4] == MAGIC_NUMBER:
         if int.from_bytes(data[4:8], "little") != 0:
-            return None
+            return None, st
         if int.from_bytes(data[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF \
                 and int.from_bytes(data[12:16], "little") == st.st_size & 0xFFFFFFFF:
-            return data[16:]
+            return data[16:], st
     loader = SourceFileLoader(name, origin)
-    return marshal.dumps(loader.source_to_code(loader.get_data(origin), origin))
+    return marshal.dumps(loader.source_to_code(loader.get_data(origin), origin)), st

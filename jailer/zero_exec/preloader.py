@@ -39,20 +39,23 @@ import gc
 import marshal
 import os
 import sys
+import time
 
 _MAX_FDS = 253   # SCM_MAX_FD
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # (jailer.launcher.FORWARDED_SIGNALS)
 _TAKEN = b"taken"   # the preloading process's answer: it is the sandbox's process from now on
+_MTIME_MARGIN = 1_000_000_000   # ns: a file's mtime may lag the clock by a timer tick (or a server's skew)
 
 
 class Preloader:
     """The launcher's handle on the preloading process."""
 
-    def __init__(self, pid: int, cloned: int, sock: socket.socket, module_cache: str | None):
+    def __init__(self, pid: int, cloned: int, sock: socket.socket, module_cache: str | None, made_at: int):
         self.pid = pid
         self.cloned = cloned    # the namespaces it was cloned into (jailer.layers.namespaces.start_child)
         self.sock = sock
         self.module_cache = module_cache
+        self.made_at = made_at  # (ns since the epoch) before it searched for any module
 
     @classmethod
     def fork(cls, plan, module_cache: str | None = None, use_module_cache: bool = True) -> "Preloader | None":
@@ -67,11 +70,11 @@ class Preloader:
         except OSError:
             return None
         cache_fd = None
-        if module_cache is not None and use_module_cache and plan.program.preload:
+        if module_cache is not None and use_module_cache:
             from jailer.run_cli import open_private
 
             cache_fd = open_private(module_cache)
-        launcher_pid, root = os.getpid(), os.geteuid() == 0
+        launcher_pid, root, made_at = os.getpid(), os.geteuid() == 0, time.time_ns()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)   # until it ignores them (_serve)
         cpus = _keep_this_cpu()
         try:
@@ -95,7 +98,7 @@ class Preloader:
             finally:
                 os._exit(code)
         own_sock.close()
-        return cls(pid, cloned, launcher_sock, module_cache)
+        return cls(pid, cloned, launcher_sock, module_cache, made_at)
 
     def start_sandbox(self, request: dict, fds: list[int], meanwhile=None) -> tuple[int, int] | None:
         """(pid, clone flags) of the sandbox's first process, which is this preloading process
@@ -133,8 +136,9 @@ class Preloader:
         except (EOFError, ValueError, TypeError):
             return
         if isinstance(modules, list):
-            data = module_cache.build(modules, standard_library())
-            run_cli.write_cache_file(os.path.dirname(self.module_cache), self.module_cache, data)
+            data = module_cache.build(modules, standard_library(), unchanged_since=self.made_at - _MTIME_MARGIN)
+            if data is not None:
+                run_cli.write_cache_file(os.path.dirname(self.module_cache), self.module_cache, data)
 
     def stop(self) -> None:
         """End and reap the preloading process, unused."""
@@ -198,11 +202,18 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_IGN)   # the launcher decides what reaches the program
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)   # (blocked from before the fork until now)
-    report = preload(plan.program.preload, plan.environment, cache_fd)
+    cache = _module_cache(cache_fd)
+    before = set(sys.modules)
+    preload(plan.program.preload, plan.environment, cache)
     gc.freeze()   # the standard library stays: the reset's collection (jailer.zero_exec) need not walk it
+    preloaded = set(sys.modules)
+    if cache is not None:
+        cache.own = True
+        sys.meta_path.insert(0, cache)
     from jailer import launcher
 
     launcher.import_for_child(plan, root, launcher.builds_beside(plan, cloned))
+    report = _out_of_date(cache, before, preloaded)
     message, fds = _receive_request(sock)
     if message is None:
         return 0
@@ -237,47 +248,54 @@ def _receive_request(sock: socket.socket):
         return None, fds
 
 
-def preload(modules, environment, cache_fd: int | None = None) -> list | None:
+def _module_cache(cache_fd: int | None):
+    """The finder of the module cache open on cache_fd (jailer.zero_exec.module_cache), or None."""
+    if cache_fd is None:
+        return None
+    from jailer.zero_exec.module_cache import CachedModules
+
+    return CachedModules.load(cache_fd)
+
+
+def _out_of_date(cache, before: set, preloaded: set) -> list | None:
+    """Stop serving from the module cache; what the launcher should write in it when the
+    cache did not serve all it could, else None: the modules imported since `before`, but of
+    those imported since `preloaded` only jailer's (the cache serves the standard library's
+    only while preloading, when the path is the standard library's)."""
+    from jailer.zero_exec import module_cache, standard_library
+
+    served = set(cache.served) | cache.left_out if cache is not None else set()
+    stale = cache is None or cache.stale
+    if cache is not None:
+        sys.meta_path.remove(cache)
+        cache.close()
+    own = module_cache.OWN_PACKAGE + "."
+    new = [name for name in sys.modules if name not in before and (name in preloaded or name.startswith(own))]
+    library = standard_library()
+    if not stale and not module_cache.imported_modules(library, [name for name in new if name not in served]):
+        return None   # (what it did not serve is built in, or an extension module)
+    return module_cache.imported_modules(library, new) or None
+
+
+def preload(modules, environment, cache=None) -> None:
     """Import `modules` from the standard library as the program would (its environment, the
     standard library's directories only, no import hooks of jailer's); one that fails is
-    left for the program to import (or fail to) itself. cache_fd: the module cache
-    (jailer.zero_exec.module_cache), closed here. What the launcher should write in the
-    module cache (the modules imported), or None when the cache served them all."""
-    import importlib
-
+    left for the program to import (or fail to) itself. cache: the module cache's finder
+    (jailer.zero_exec.module_cache), first while importing."""
     from jailer.zero_exec import interpreters_own_finders, standard_library
 
-    library = standard_library()
-    before = set(sys.modules)
     saved = sys.path[:], sys.meta_path[:], dict(os.environ)
-    sys.path[:] = list(library)
-    sys.meta_path[:] = interpreters_own_finders()
-    cache = None
-    if cache_fd is not None:
-        from jailer.zero_exec.module_cache import CachedModules
-
-        cache = CachedModules.load(cache_fd)
-        if cache is not None:
-            sys.meta_path.insert(0, cache)
+    sys.path[:] = list(standard_library())
+    sys.meta_path[:] = [cache, *interpreters_own_finders()] if cache is not None else interpreters_own_finders()
     os.environ.clear()
     os.environ.update(environment)
     try:
         for name in ("runpy", *modules):
             try:
-                importlib.import_module(name)
+                __import__(name)   # (as an import statement: importlib is the program's to import)
             except Exception:   # (the program meets the same error when it imports it)
                 continue
     finally:
         sys.path[:], sys.meta_path[:] = saved[0], saved[1]
         os.environ.clear()
         os.environ.update(saved[2])
-    if not modules:
-        return None
-    from jailer.zero_exec.module_cache import imported_modules
-
-    served = set(cache.served) if cache is not None else set()
-    stale = cache is None or cache.stale
-    if cache is not None:
-        cache.close()
-    imported = [module for module in imported_modules(library) if module[0] not in before]
-    return imported if imported and (stale or any(name not in served for name, _, _ in imported)) else None
