@@ -7,6 +7,8 @@ import sys
 import threading
 from dataclasses import fields, is_dataclass
 
+import pytest
+
 from engine_sandbox import plan_for, run
 from jailer.plan import ArgCondition, CgroupPlan, FdSpec, LimitsPlan, NetworkPlan, Rlimit, SeccompPlan, SeccompRule
 from jailer.run_cli import PlanView
@@ -86,6 +88,11 @@ def test_plan_view_reads_like_the_plan():
     view = PlanView(plan.to_dict())
     assert _same(view, plan)
     assert view.program.argv + ("x",) == plan.program.argv + ("x",)
+    with pytest.raises(AttributeError, match="read-only"):
+        view.program = None
+    with pytest.raises(AttributeError, match="no 'typo'"):
+        view.typo   # noqa: B018
+    assert getattr(view.identity, "host_ids", "shared") == plan.identity.host_ids
 
 
 def test_veth_network_reaches_the_host_end():

@@ -159,7 +159,7 @@ def cgroup2_hierarchy(tmp_path):
 def test_on_cgroup_v2_the_launcher_moves_the_preloader_and_its_own_join_skips_that_directory(cgroup2_hierarchy):
     """The move by pid (cgroup.procs) waits for an RCU grace period, so the launcher makes it
     for the zero-exec preloader while it imports, off the start-up chain (Cgroup.move); the
-    sandbox's process then joins only the v1 directories left (Cgroup.join)."""
+    sandbox's process then joins only the directories left (Cgroup.join)."""
     from jailer.layers.cgroups import Cgroup
 
     root, own, directory = cgroup2_hierarchy
@@ -182,3 +182,26 @@ print(open("/proc/self/cgroup").read().split("0::", 1)[1].split(chr(10))[0])
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_on_cgroup_v1_the_launcher_moves_the_preloaders_one_thread_by_tasks():
+    """On v1 the launcher moves the zero-exec preloader by its pid through `tasks` (which
+    moves that thread, the whole single-threaded process, without cgroup.procs' grace
+    period), and the sandbox's process then joins nothing there itself."""
+    from jailer.layers.cgroups import Cgroup
+
+    hierarchy = "/sys/fs/cgroup/pids"
+    if os.geteuid() != 0 or not os.path.exists(f"{hierarchy}/tasks"):
+        pytest.skip("needs root and a cgroup v1 pids hierarchy")
+    directory = tempfile.mkdtemp(prefix="jailer-test-move.", dir=hierarchy)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        group = Cgroup({"pids": directory}, {"pids": 1})
+        group.move(sleeper.pid)
+        assert group.joined == [directory]
+        assert f":pids:{directory[len(hierarchy):]}\n" in open(f"/proc/{sleeper.pid}/cgroup").read()
+        assert open(f"{directory}/tasks").read().split() == [str(sleeper.pid)]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        os.rmdir(directory)

@@ -160,18 +160,20 @@ class Cgroup:
         writer waits for an RCU grace period, 5 to 20 ms on a VM; on v1, writing 0 to
         `tasks` moves just the calling thread, which is the whole child, without that lock.
         v2 has no such file: there the move pays the wait (14 ms measured here for the first
-        move by cgroup.procs in a while), unless the launcher made it already (move)."""
+        move by cgroup.procs in a while). Directories the launcher moved it into (move) are
+        skipped."""
         for directory in sorted(set(self.directories.values()) - set(self.joined)):
             version = next(self.versions[c] for c, d in self.directories.items() if d == directory)
             _write(f"{directory}/{'tasks' if version == 1 else 'cgroup.procs'}", 0)
 
     def move(self, pid: int) -> None:
-        """Move process `pid` into the v2 directory from outside, which join() then skips: the
-        launcher moves the zero-exec preloader while it still imports, so that the grace
-        period the move waits for (join) is spent beside the sandbox's start-up chain rather
-        than on it. v1 directories stay join()'s, which does without that wait."""
-        for directory in sorted({d for c, d in self.directories.items() if self.versions[c] == 2}):
-            _write(f"{directory}/cgroup.procs", pid)
+        """Move the single-threaded process `pid` into every directory from outside, which
+        join() then skips: the launcher moves the zero-exec preloader while it still imports,
+        so that the moves (and on v2 the grace period they wait for, see join) are made beside
+        the sandbox's start-up chain rather than on it. On v1 its one thread moves by `tasks`."""
+        for directory in sorted(set(self.directories.values())):
+            version = next(self.versions[c] for c, d in self.directories.items() if d == directory)
+            _write(f"{directory}/{'tasks' if version == 1 else 'cgroup.procs'}", pid)
             self.joined.append(directory)
 
     def remove(self, timeout: float = 2.0) -> None:
