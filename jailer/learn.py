@@ -713,7 +713,7 @@ def _launcher_child(plan, given_fds, policy, route_all, status_fd, result_fd, pr
 
     code, recorded, error = 1, None, None
     try:
-        from jailer import launcher
+        from jailer.launch import launcher
 
         learning = {"notification_policy": policy, "route_all_to_notify": route_all} if policy is not None else {}
         options = launcher.Options(given_fds=given_fds, status_fd=status_fd, sockets=program_sockets, **learning)

@@ -414,7 +414,7 @@ def run_plan(plan, args: Arguments, bpf=None, names=None, carried=None, preloade
     """Run an already resolved plan with the command line's fds, status fd and arguments;
     carried: what the run before this one handed on, when this is a restart; preloader: the
     zero-exec sandbox process's head start (jailer.zero_exec.preloader)."""
-    from jailer import launcher
+    from jailer.launch import launcher
 
     restart = plan.restart if args.restart and plan.restart.policy != "no" else None
     options = launcher.Options(given_fds=args.given_fds, socket_path=args.socket_path, status_fd=args.status_fd,

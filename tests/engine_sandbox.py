@@ -73,7 +73,7 @@ class _Runner:
         if invocation == "root":
             return [sys.executable, str(RUNNER)], {}
         if self.user_command is None:
-            python, env, copy = nobody_python("jailer.launcher, pyseccomp")
+            python, env, copy = nobody_python("jailer.launch.launcher, pyseccomp")
             if copy is not None:
                 shutil.copy(RUNNER, copy)
                 os.chmod(Path(copy) / RUNNER.name, 0o644)

@@ -17,7 +17,8 @@ CYCLES = 50
 
 DRIVER = r"""
 import json, os, signal, sys, threading
-from jailer import launcher, run_cli
+from jailer import run_cli
+from jailer.launch import launcher
 
 profile, socket_path, cycles = sys.argv[1], sys.argv[2], int(sys.argv[3])
 

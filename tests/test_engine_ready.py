@@ -118,7 +118,7 @@ def test_steady_rules_do_not_apply_while_the_program_sets_up():
 
 RECORDING_LAUNCH = """
 import sys
-from jailer import launcher
+from jailer.launch import launcher
 from jailer.layers import seccomp
 from jailer.plan import Plan
 import json

@@ -97,7 +97,7 @@ def test_fd_placeholders_expand_and_unknown_ones_are_refused():
 def test_run_imports_stay_off_the_hot_path():
     import subprocess
 
-    code = ("import sys, jailer.run_cli, jailer.launcher; "
+    code = ("import sys, jailer.run_cli, jailer.launch.launcher; "
             "print(sorted(m for m in ('click', 'toml', 'pyseccomp', 'pyroute2', 'json') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

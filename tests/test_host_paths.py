@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jailer import launcher
+from jailer.launch import launcher
 from jailer.layers import fds
 from jailer.errors import UsageError
 from jailer.host import paths

@@ -103,7 +103,7 @@ def test_a_monitor_older_than_its_source_is_not_used(tmp_path, monkeypatch):
 
 EMBEDDED = """
 import json, os, sys
-from jailer import launcher
+from jailer.launch import launcher
 from jailer.plan import Plan
 
 plan = Plan.from_dict(json.load(open(sys.argv[1])))

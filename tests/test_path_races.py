@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from jailer import launcher, run_cli
+from jailer import run_cli
+from jailer.launch import launcher
 from jailer.layers import fds, mounts
 from jailer.errors import JailerError
 from jailer.host import paths

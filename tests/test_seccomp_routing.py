@@ -88,7 +88,7 @@ def test_carving_notifies_every_call_a_steady_rule_matches_and_changes_nothing_e
 
 RECORDING_LAUNCH = """
 import json, sys
-from jailer import launcher
+from jailer.launch import launcher
 from jailer.plan import Plan
 
 class Recording:

@@ -309,7 +309,7 @@ def run_with_preloader(profile: Path, marker: str, kill_preloader: bool):
         "import sys\n"
         "def main():\n"
         "    import os, signal\n"
-        "    from jailer import launcher\n"
+        "    from jailer.launch import launcher\n"
         "    from jailer.profile import build_plan\n"
         "    from jailer.zero_exec.preloader import Preloader\n"
         "    plan = build_plan(sys.argv[1])\n"

@@ -12,7 +12,7 @@ memfd of what the ended run hands on, one "key values..." line each:
                          removed by the last run only (jailer.host.paths.Made)
     restarted T          the CLOCK_MONOTONIC second of each restart so far
 
-Whoever supervises the program decides: the Python launcher (jailer.launcher) or, once it
+Whoever supervises the program decides: the Python launcher (jailer.launch.launcher) or, once it
 has handed over, jailer-monitor (monitor.c), which implements `decide` again in C. The
 rate limit is systemd's StartLimitBurst=/StartLimitIntervalSec=: more than `limit`
 restarts within `interval` seconds gives up. The delay before a restart doubles with each

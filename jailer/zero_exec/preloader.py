@@ -20,7 +20,7 @@ moves to another: _keep_this_cpu):
 
 When the launcher is ready to start the sandbox, it sends this process what a child of its
 own would have inherited: the descriptors (SCM_RIGHTS) and the rest as marshalled data.
-This process acknowledges it and goes on as the launcher's setup child (jailer.launcher):
+This process acknowledges it and goes on as the launcher's setup child (jailer.launch.setup_child):
 it joins the cgroup, enters the mount, net, ipc and uts namespaces the launcher's builder
 made and pivoted meanwhile (or, without them, unshares those itself, waits for its id
 maps and builds the root), unshares the cgroup namespace, and runs the program. Until then it ignores the signals the launcher forwards;
@@ -28,7 +28,7 @@ when the launcher ends first, its end of the socket closes and this process exit
 as it has imported.
 
 A failure here costs only time: if this process is gone, or it cannot take the request,
-the launcher starts the sandbox's process itself (jailer.launcher).
+the launcher starts the sandbox's process itself (jailer.launch.launcher).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import sys
 import time
 
 _MAX_FDS = 253   # SCM_MAX_FD
-_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # (jailer.launcher.FORWARDED_SIGNALS)
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # (jailer.launch.setup_child.FORWARDED_SIGNALS)
 _TAKEN = b"taken"   # the preloading process's answer: it is the sandbox's process from now on
 _MTIME_MARGIN = 1_000_000_000   # ns: a file's mtime may lag the clock by a timer tick (or a server's skew)
 
@@ -210,20 +210,20 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int
     if cache is not None:
         cache.own = True
         sys.meta_path.insert(0, cache)
-    from jailer import launcher
+    from jailer.launch import setup_child
 
-    launcher.import_for_child(plan, root, launcher.builds_beside(plan, cloned))
+    setup_child.import_for_child(plan, root, setup_child.builds_beside(plan, cloned))
     report = _out_of_date(cache, before, preloaded)
     message, fds = _receive_request(sock)
     if message is None:
         return 0
     try:
-        child = launcher.child_from_request(plan, message, fds, launcher_pid)
+        child = setup_child.child_from_request(plan, message, fds, launcher_pid)
         sock.send(_TAKEN if report is None else _TAKEN + marshal.dumps(report))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return 1
     child.cloned = cloned
-    launcher.run_child(child, [sock.detach()])   # (never returns)
+    setup_child.run_child(child, [sock.detach()])   # (never returns)
 
 
 def _receive(sock: socket.socket) -> bytes:
