@@ -12,6 +12,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jailer.run_cli import open_private
 from jailer.zero_exec import module_cache
@@ -211,3 +213,27 @@ def test_a_directory_changed_while_its_modules_were_searched_for_is_not_cached(l
     assert module_cache.build(modules, library, unchanged_since=searched) is not None
     open(os.path.join(library[1], "cachepkg", "new.py"), "w").close()
     assert module_cache.build(modules, library, unchanged_since=searched) is None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_mangled_file_is_refused_or_still_serves_only_what_it_checked(library, tmp_path, data):
+    """Bytes of the file flipped, cut or added anywhere: the finder is refused, or it serves
+    only modules whose source and directories still match (never raises while searching)."""
+    path = write_cache(library, tmp_path)
+    original = bytearray(open(path, "rb").read())
+    mangled = original[:]
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(mangled) - 1))
+        mangled[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        mangled = mangled[:data.draw(st.integers(0, len(mangled)))]
+    with open(path, "wb") as f:
+        f.write(mangled)
+    fd = open_private(path)
+    cache = CachedModules.load(fd) if fd is not None else None
+    if cache is not None:
+        for name in ("cachemod", "cachepkg", "cachepkg.sub", "cachepkg.inner", "other"):
+            spec = cache.find_spec(name, None if "." not in name else [os.path.join(library[1], "cachepkg")])
+            assert spec is None or spec.origin.startswith(library[1] + os.sep)
+        cache.close()

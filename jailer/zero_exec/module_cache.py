@@ -111,7 +111,7 @@ class CachedModules:
             return None   # its parent package is not the one cached
         try:
             st = os.stat(origin)
-        except OSError:
+        except (OSError, ValueError):   # (gone; or a damaged file's path)
             st = None
         if st is None or st.st_mtime_ns != mtime or st.st_size != size:
             self.stale = True
