@@ -41,7 +41,7 @@ The documented order, all in single-threaded children between fork and exec:
   1. cgroup: the launcher creates <its cgroup>/<parent>/<name>.<pid> and writes the
      limits; the setup child joins it before unsharing the cgroup namespace (so that
      namespace is rooted there), moving only itself (see jailer.layers.cgroups.Cgroup.join;
-     the launcher moves a zero-exec preloader in while it imports: Cgroup.move);
+     on cgroup v2 the launcher moves a zero-exec preloader in while it imports: Cgroup.move);
   2. namespaces: user and pid at the clone (root's supplementary groups dropped for
      it), else user first (alone); then mount, (pid,) net, ipc, uts, cgroup together;
      hostname set;
