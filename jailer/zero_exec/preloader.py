@@ -45,6 +45,7 @@ _MAX_FDS = 253   # SCM_MAX_FD
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # (jailer.launch.setup_child.FORWARDED_SIGNALS)
 _TAKEN = b"taken"   # the preloading process's answer: it is the sandbox's process from now on
 _MTIME_MARGIN = 1_000_000_000   # ns: a file's mtime may lag the clock by a timer tick (or a server's skew)
+_MAX_ANSWER = 1 << 16   # bytes: far below a datagram's limit (the socket's buffer): a report of some 900 modules
 
 
 class Preloader:
@@ -219,7 +220,8 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int
         return 0
     try:
         child = setup_child.child_from_request(plan, message, fds, launcher_pid)
-        sock.send(_TAKEN if report is None else _TAKEN + marshal.dumps(report))
+        answer = _TAKEN if report is None else _TAKEN + marshal.dumps(report)
+        sock.send(answer if len(answer) <= _MAX_ANSWER else _TAKEN)   # (too many modules: not cached)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return 1
     child.cloned = cloned
