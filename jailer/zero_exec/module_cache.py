@@ -22,9 +22,10 @@ A module is served only while nothing the search depends on has changed:
 A module the cache lacks, or does not serve, the interpreter's own finders import as usual.
 The preloader then reports what it imported (imported_modules), and the launcher rewrites
 the file (build), unless the file lists the module as one it cannot hold (a hash-based
-bytecode file, a source outside those directories). Once preloading is done, each module served gets the SourceFileLoader the
-search would have given it (CachedModules.close), so nothing of jailer's stays reachable
-from the program.
+bytecode file, a source outside those directories). Once preloading is done, each module
+served gets the SourceFileLoader the search would have given it (CachedModules.close), so
+nothing of jailer's stays reachable from the program. Like a bytecode file, the file has
+no checksum: it is trusted as the private cache directory it is in (the plan cache's).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ import sys
 from _frozen_importlib_external import MAGIC_NUMBER, SourceFileLoader, cache_from_source, spec_from_file_location
 
 _HEADER_SIZE = 4   # bytes of the little-endian length of the marshalled index that follows
-
-
 OWN_PACKAGE = __name__.partition(".")[0]
 
 
