@@ -209,6 +209,11 @@ def _cache_file(directory: str, path: str) -> str:
     return os.path.join(directory, f"{zlib.crc32(path.encode()):08x}-{os.path.basename(path)}.plan")
 
 
+def _modules_beside(plan_file: str) -> str:
+    """The module cache (jailer.zero_exec.module_cache) beside a cached plan's file."""
+    return plan_file[:-len(".plan")] + ".modules"
+
+
 def open_private(file: str) -> int | None:
     """The cache file, opened read-only, when it is this user's and private to it; else None."""
     try:
@@ -318,8 +323,9 @@ def _prune(dirfd: int, limit: int = 256) -> None:
         names = sorted(os.listdir(listing))[:limit]
     finally:
         os.close(listing)
+    beside_plans = {_modules_beside(name) for name in names if name.endswith(".plan")}
     for name in names:
-        if name.endswith(".modules") and name[8:9] == "-" and name[:-len(".modules")] + ".plan" not in names:
+        if name.endswith(".modules") and name[8:9] == "-" and name not in beside_plans:
             try:
                 os.unlink(name, dir_fd=dirfd)
             except OSError:
@@ -333,7 +339,7 @@ def _prune(dirfd: int, limit: int = 256) -> None:
         except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError):
             profile = None
         if profile is None or not os.path.exists(profile):
-            for stale in (name, name[:-len(".plan")] + ".modules"):
+            for stale in (name, _modules_beside(name)):
                 try:
                     os.unlink(stale, dir_fd=dirfd)
                 except OSError:
@@ -393,7 +399,7 @@ def main(argv) -> int:
     if plan.program.start == "zero-exec":   # the sandbox's process starts importing now
         from jailer.zero_exec.preloader import Preloader
 
-        module_cache = _cache_file(cache_dir(), os.path.abspath(args.profile))[:-len(".plan")] + ".modules"
+        module_cache = _modules_beside(_cache_file(cache_dir(), os.path.abspath(args.profile)))
         preloader = Preloader.fork(plan, module_cache, args.use_cache)
     try:
         code = run_plan(plan, args, bpf, names, carried, preloader)

@@ -228,16 +228,19 @@ def _serve(sock: socket.socket, plan, launcher_pid: int, root: bool, cloned: int
     setup_child.run_child(child, [sock.detach()])   # (never returns)
 
 
+def _next_size(sock: socket.socket) -> int:
+    """The next message's length (at least 1), without taking it: SOCK_SEQPACKET truncates a
+    message to the buffer, and a buffer of exactly its size costs no more than it needs."""
+    return max(sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC), 1)
+
+
 def _receive(sock: socket.socket) -> bytes:
-    """The next message, whatever its length (SOCK_SEQPACKET truncates to the buffer)."""
-    size = sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
-    return sock.recv(max(size, 1))
+    return sock.recv(_next_size(sock))
 
 
 def _receive_request(sock: socket.socket):
     try:
-        size = sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)   # (the request's length:
-        data, ancillary, _, _ = sock.recvmsg(max(size, 1), socket.CMSG_SPACE(_MAX_FDS * 4))   # no bigger buffer)
+        data, ancillary, _, _ = sock.recvmsg(_next_size(sock), socket.CMSG_SPACE(_MAX_FDS * 4))
     except OSError:
         return None, []
     fds = []
